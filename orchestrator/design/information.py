@@ -1,0 +1,135 @@
+"""Information-theoretic designs: discriminate between models, then characterize the winner.
+
+Optimisation follows the stimulus space:
+- all-discrete spaces up to `exhaustive_limit` combinations: every candidate scored in one
+  vectorised pass (`optimize_acqf_discrete`);
+- continuous spaces: `optimize_acqf` (L-BFGS-B) from the best of `raw_samples` seeded draws;
+- mixed spaces: `optimize_acqf_mixed` over the discrete combinations when there are at most
+  `mixed_limit`, else a continuous relaxation rounded to the grid.
+Initial points come from the strategy's own seeded RNG, so proposals are deterministic given
+the seed and the observation history.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+from botorch.optim import optimize_acqf, optimize_acqf_discrete, optimize_acqf_mixed
+
+from orchestrator.design.acquisition import ModelDiscriminationMI, ParameterInformation
+from orchestrator.design.base import BaseStrategy, Decision
+from orchestrator.inference import generator
+
+#: model probabilities below this are left out of the discrimination mixture (they cannot matter)
+NEGLIGIBLE = 1e-6
+
+
+class InformationDesign(BaseStrategy):
+    """Mutual-information design. `mode` is "auto" (discriminate, then characterize past the
+    protocol's characterize_threshold), "discriminate", or "characterize" (settings.model or the leader)."""
+
+    name = "mutual_information"
+
+    def __init__(self, protocol: Any, seed: int, settings: dict[str, Any] | None = None, mode: str = "auto") -> None:
+        super().__init__(protocol, seed, settings)
+        s = self.settings
+        self.mode = s.get("mode", mode)
+        if self.mode not in ("auto", "discriminate", "characterize"):
+            raise ValueError(f"design.settings.mode: must be auto, discriminate or characterize, not {self.mode!r}")
+        self.threshold = getattr(protocol.design, "characterize_threshold", None)
+        self.target_model = s.get("model")
+        self.exhaustive_limit = int(s.get("exhaustive_limit", 5000))
+        self.mixed_limit = int(s.get("mixed_limit", 32))
+        discrete_only = not any(d.kind == "continuous" for d in self.space.dims)
+        self.max_components = int(s.get("max_components", 1000 if discrete_only else 256))
+        self.num_restarts = int(s.get("num_restarts", 2))
+        self.raw_samples = int(s.get("raw_samples", 64))
+        self.maxiter = int(s.get("maxiter", 30))
+        if discrete_only and self.space.n_discrete_combinations() <= self.exhaustive_limit:
+            self._choices = self.space.enumerate_discrete()
+        else:
+            self._choices = None
+
+    # -- which question to ask ---------------------------------------------------------------
+    def _acquisition(self, comparison: Any, trial_index: int) -> tuple[Any, str, str]:
+        names = comparison.model_names
+        logp = comparison.log_probabilities()
+        probs = logp.exp()
+        lead = int(torch.argmax(probs))
+        gen = generator(self.seed, trial_index, 0xACE)
+        characterize = self.mode == "characterize" or (
+            self.mode == "auto" and self.threshold is not None and float(probs[lead]) >= self.threshold)
+        alive = [i for i in range(len(names)) if float(probs[i]) >= NEGLIGIBLE]
+        if not characterize and len(alive) < 2:
+            characterize = True
+        if characterize:
+            target = names.index(self.target_model) if self.target_model in names else lead
+            view = comparison.posteriors[target].predictive(self.max_components, gen)
+            acq = ParameterInformation(view, self.space, comparison.candidates[target].likelihood)
+            why = f"characterize {names[target]} (P={float(probs[target]):.3f}): max parameter information"
+            return acq, why, "parameter_estimation"
+        views = [comparison.posteriors[i].predictive(self.max_components, gen) for i in alive]
+        acq = ModelDiscriminationMI(views, logp[alive], self.space, comparison.candidates[0].likelihood)
+        ptxt = ", ".join(f"P({names[i]})={float(probs[i]):.3f}" for i in alive)
+        return acq, f"discriminate models ({ptxt}): max I(model; response)", "mutual_information"
+
+    # -- where to ask it ---------------------------------------------------------------------
+    def _optimize(self, acq: Any, trial_index: int) -> tuple[torch.Tensor, float]:
+        q = self.batch_size
+        if self._choices is not None:
+            with torch.no_grad():
+                x, val = optimize_acqf_discrete(acq, q=q, choices=self._choices, max_batch_size=4096,
+                                                unique=q <= self._choices.shape[0])
+            return x, float(acq(x.unsqueeze(0)).reshape(-1)[0]) if q > 1 else float(val.reshape(-1)[0])
+        bounds = self.space.design_bounds()
+        rng = self.rng(trial_index)
+        disc = self.space.discrete_dims()
+        # seeded raw samples -> best num_restarts as initial conditions (deterministic)
+        raw = self.space.random_design(rng, self.raw_samples * q).reshape(self.raw_samples, q, self.space.d)
+        with torch.no_grad():
+            vals = acq(raw)
+        init = raw[torch.argsort(vals, descending=True)[: self.num_restarts]]
+        options = {"maxiter": self.maxiter}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if disc and self.space.n_discrete_combinations() <= self.mixed_limit:
+                grid = self.space.enumerate_discrete_subset(disc)
+                fixed = [{i: float(v[k]) for k, i in enumerate(disc)} for v in grid]
+                x, val = optimize_acqf_mixed(acq, bounds=bounds, q=q, num_restarts=self.num_restarts,
+                                             raw_samples=self.raw_samples, fixed_features_list=fixed,
+                                             options={**options, "seed": int(rng.integers(2**31))})
+            else:
+                x, val = optimize_acqf(acq, bounds=bounds, q=q, num_restarts=self.num_restarts,
+                                       batch_initial_conditions=init, options=options)
+                if disc:  # relaxed integer/categorical dims: round, then rescore
+                    x = x.clone()
+                    x[..., disc] = x[..., disc].round()
+                    with torch.no_grad():
+                        val = acq(x.unsqueeze(0) if x.dim() == 2 else x)
+        # never worse than the best raw sample (L-BFGS-B can stall on flat regions)
+        best_raw = float(vals.max())
+        v = float(torch.as_tensor(val).reshape(-1)[0])
+        if best_raw > v:
+            x, v = raw[int(torch.argmax(vals))], best_raw
+        return x.reshape(q, self.space.d), v
+
+    def propose(self, comparison: Any, trial_index: int) -> Decision:
+        t0 = time.perf_counter()
+        acq, why, strategy = self._acquisition(comparison, trial_index)
+        x, score = self._optimize(acq, trial_index)
+        return self.finish(x, f"{why} = {score:.4f} nats", score, t0, strategy=strategy)
+
+
+class ParameterEstimationDesign(InformationDesign):
+    """Always characterize (settings.model, default the current leader)."""
+
+    name = "parameter_estimation"
+
+    def __init__(self, protocol: Any, seed: int, settings: dict[str, Any] | None = None) -> None:
+        super().__init__(protocol, seed, settings, mode="characterize")
+
+
+__all__ = ["InformationDesign", "ParameterEstimationDesign", "math"]

@@ -1,0 +1,209 @@
+"""The closed loop. One short function a reader can follow:
+
+    propose stimulus -> safety check -> record planned trial -> dispatch (with retries)
+    -> record response -> update models -> record model state -> check stopping
+
+Every named part lives in its own module (design, inference, transport, store); this file only
+orders them. The database is written ahead: a trial is planned before it is dispatched and its
+response is committed before the models see it, so a crash at any point loses nothing and
+``resume`` can rebuild the exact state by replaying the completed trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol as TypingProtocol
+
+from orchestrator.design import Decision, make_design
+from orchestrator.inference import ModelComparison
+from orchestrator.protocol import InvalidResponse, LoadedProtocol
+from orchestrator.store import TrialStore
+
+log = logging.getLogger("cloop.engine")
+
+
+class RigPool(TypingProtocol):
+    """What the engine needs from the transport (orchestrator.transport.RigServer provides it)."""
+
+    def run_trial(self, cmd: Any, timeout_s: float) -> Any: ...
+
+
+class SessionControl(TypingProtocol):
+    """Asked at every trial boundary whether to go on (pause/stop from another terminal, Ctrl-C)."""
+
+    def checkpoint(self, session_id: str) -> str:
+        """Return "run" to continue or "stop" to end the session now; may block while paused."""
+        ...
+
+
+@dataclass(frozen=True)
+class TrialReport:
+    """What the engine tells its observer after each trial (progress display, logs)."""
+
+    index: int
+    status: str
+    stimulus: dict[str, Any]
+    response: float | None
+    probabilities: dict[str, float]
+    decision: Decision
+    attempts: int
+    error: str | None = None
+
+
+@dataclass
+class SessionResult:
+    session_id: str
+    status: str
+    trials_completed: int
+    trials_failed: int
+    trials_invalid: int
+    probabilities: dict[str, float]
+    stop_reason: str
+    reports: list[TrialReport] = field(default_factory=list)
+
+
+class _AlwaysRun:
+    def checkpoint(self, session_id: str) -> str:
+        return "run"
+
+
+def replay_history(store: TrialStore, session_id: str, comparison: ModelComparison) -> int:
+    """Feed every valid completed trial back into fresh models; return the next trial index.
+
+    This is how a resumed session rebuilds its state: the models are a deterministic function of the
+    protocol, the seed and the ordered observations, all of which are in the database.
+    """
+    next_index = 0
+    for trial in store.trials(session_id):
+        next_index = max(next_index, int(trial["index"]) + 1)
+        if trial["status"] == "completed" and trial.get("value") is not None:
+            comparison.update(trial["stimulus"], float(trial["value"]))
+    return next_index
+
+
+def run_session(
+    loaded: LoadedProtocol,
+    *,
+    store: TrialStore,
+    rigs: RigPool,
+    session_id: str,
+    seed: int,
+    max_trials: int | None = None,
+    design_override: str | None = None,
+    control: SessionControl | None = None,
+    on_trial: Callable[[TrialReport], None] | None = None,
+) -> SessionResult:
+    """Run (or continue) a session until a stopping rule fires; return its summary."""
+    protocol = loaded.protocol
+    control = control or _AlwaysRun()
+    limit = max_trials if max_trials is not None else protocol.stopping.max_trials
+    comparison = ModelComparison.from_protocol(protocol, seed)
+    design = make_design(protocol, seed, design_override)
+    start_index = replay_history(store, session_id, comparison)
+    counts = store.trial_counts(session_id)
+    store.set_session_status(session_id, "running")
+    result = SessionResult(session_id, "running", counts.get("completed", 0), counts.get("failed", 0),
+                           counts.get("invalid", 0), comparison.probabilities(), "")
+
+    index = start_index
+    while True:
+        reason = _stop_reason(protocol, comparison, result.trials_completed, index, limit)
+        if reason is None and control.checkpoint(session_id) == "stop":
+            reason = "stopped by the experimenter"
+        if reason is not None:
+            result.stop_reason = reason
+            break
+
+        decision = design.propose(comparison, index)
+        protocol.check_safe(decision.stimulus)  # defence in depth: an unsafe stimulus is never sent
+        trial_id = store.plan_trial(session_id, index, decision)
+        outcome, attempts, error = _dispatch(loaded, store, rigs, session_id, trial_id, index, decision)
+
+        value: float | None = None
+        if outcome is None:
+            status = "failed"
+            result.trials_failed += 1
+        else:
+            try:
+                value = protocol.response.validate(outcome.response)
+                status, error = "completed", None
+            except InvalidResponse as exc:
+                status, error = "invalid", str(exc)
+            store.complete_trial(trial_id, outcome, value, error)  # committed before the models see it
+            if status == "completed":
+                comparison.update(decision.stimulus, value)
+                result.trials_completed += 1
+            else:
+                log.warning("trial %d: invalid response stored, models not updated: %s", index, error)
+                result.trials_invalid += 1
+        probabilities = comparison.probabilities()
+        store.record_model_state(trial_id, probabilities, comparison.summary(), decision)
+        report = TrialReport(index, status, decision.stimulus, value, probabilities, decision, attempts, error)
+        result.reports.append(report)
+        if on_trial is not None:
+            on_trial(report)
+        index += 1
+
+    result.probabilities = comparison.probabilities()
+    result.status = "stopped" if result.stop_reason == "stopped by the experimenter" else "completed"
+    store.set_session_status(session_id, result.status, stopped=True)
+    return result
+
+
+def _stop_reason(protocol: Any, comparison: ModelComparison, completed: int, index: int, limit: int) -> str | None:
+    """The first stopping rule that fires, in words, or None to go on."""
+    if index >= limit:
+        return f"reached max_trials={limit}"
+    threshold = protocol.stopping.model_probability
+    if threshold is not None and completed >= protocol.stopping.min_trials:
+        name, p = max(comparison.probabilities().items(), key=lambda kv: kv[1])
+        if p >= threshold:
+            return f"model {name!r} reached P={p:.4f} >= {threshold}"
+    return None
+
+
+def _dispatch(
+    loaded: LoadedProtocol,
+    store: TrialStore,
+    rigs: RigPool,
+    session_id: str,
+    trial_id: int,
+    index: int,
+    decision: Decision,
+) -> tuple[Any | None, int, str | None]:
+    """Send the trial to a rig, retrying on rig loss/timeout up to the protocol's limit.
+
+    The wire trial id is derived from (session, index), so after a crash or a retry the worker
+    recognises a trial it already presented and returns its stored result instead of presenting again.
+    """
+    from orchestrator.transport import RigLost, TrialCommand, TrialTimeout
+
+    protocol = loaded.protocol
+    first_attempt = store.attempts(trial_id) + 1
+    last_error: str | None = None
+    for attempt in range(first_attempt, first_attempt + protocol.rig.max_attempts):
+        cmd = TrialCommand(
+            trial_id=f"{session_id}:{index}",
+            attempt=attempt,
+            index=index,
+            session_id=session_id,
+            stimulus=decision.stimulus,
+            stimulus_type=protocol.stimulus.type,
+            response_kind=protocol.response.kind,
+            timeout_s=protocol.response.timeout_s,
+        )
+        store.mark_dispatched(trial_id, attempt, None)
+        started = time.perf_counter()
+        try:
+            outcome = rigs.run_trial(cmd, timeout_s=protocol.response.timeout_s)
+        except (RigLost, TrialTimeout) as exc:
+            last_error = f"attempt {attempt}: {type(exc).__name__}: {exc}"
+            log.warning("trial %d %s (%.0f ms)", index, last_error, 1000 * (time.perf_counter() - started))
+            store.record_attempt_failure(trial_id, attempt, last_error)
+            continue
+        return outcome, attempt, None
+    reason = f"no response after {protocol.rig.max_attempts} attempts; last: {last_error}"
+    store.fail_trial(trial_id, reason)
+    return None, first_attempt + protocol.rig.max_attempts - 1, reason

@@ -1,0 +1,196 @@
+"""Built-in encoding models (one small class each). Angles are in degrees; orientation has period 180."""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from orchestrator.models.base import EncodingModel, register_model
+
+T = Mapping[str, torch.Tensor]
+DEG = math.pi / 180.0
+
+
+def _von_mises(theta: torch.Tensor, pref: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """Orientation tuning in (0, 1], peak 1 at `pref` (period 180 deg)."""
+    return torch.exp(kappa * (torch.cos(2 * (theta - pref) * DEG) - 1))
+
+
+def _circ_diff(theta: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
+    """Smallest orientation difference in degrees (period 180), differentiable almost everywhere."""
+    d = torch.remainder(theta - pref + 90.0, 180.0) - 90.0
+    return d
+
+
+def _naka_rushton(c: torch.Tensor, c50: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    cn = c.clamp_min(0) ** n
+    return cn / (cn + c50 ** n)
+
+
+# ---------------------------------------------------------------- memory retention
+@register_model
+class RetentionPower(EncodingModel):
+    id = "retention_power"
+    parameters = ("a", "b")
+    variables = ("t",)
+    doc = "p = a (t+1)^-b  (Wickelgren-style power forgetting)"
+
+    def mean(self, x: T, th: T) -> torch.Tensor:
+        return th["a"] * (x["t"] + 1.0) ** (-th["b"])
+
+
+@register_model
+class RetentionExponential(EncodingModel):
+    id = "retention_exponential"
+    parameters = ("a", "b")
+    variables = ("t",)
+    doc = "p = a exp(-b t)"
+
+    def mean(self, x: T, th: T) -> torch.Tensor:
+        return th["a"] * torch.exp(-th["b"] * x["t"])
+
+
+# ---------------------------------------------------------------- orientation tuning
+@register_model
+class OrientationVonMises(EncodingModel):
+    id = "orientation_von_mises"
+    parameters = ("baseline", "amplitude", "kappa", "pref")
+    variables = ("theta",)
+    doc = "r = baseline + amplitude exp(kappa (cos 2(theta-pref) - 1))"
+
+    def mean(self, x: T, th: T) -> torch.Tensor:
+        return th["baseline"] + th["amplitude"] * _von_mises(x["theta"], th["pref"], th["kappa"])
+
+
+@register_model
+class OrientationGaussian(EncodingModel):
+    id = "orientation_gaussian"
+    parameters = ("baseline", "amplitude", "width", "pref")
+    variables = ("theta",)
+    doc = "r = baseline + amplitude exp(-d^2 / (2 width^2)), d circular orientation difference"
+
+    def mean(self, x: T, th: T) -> torch.Tensor:
+        d = _circ_diff(x["theta"], th["pref"])
+        return th["baseline"] + th["amplitude"] * torch.exp(-0.5 * (d / th["width"]) ** 2)
+
+
+# ---------------------------------------------------------------- contrast response
+@register_model
+class ContrastNakaRushton(EncodingModel):
+    id = "contrast_naka_rushton"
+    parameters = ("baseline", "rmax", "c50", "n")
+    variables = ("c",)
+    doc = "r = baseline + rmax c^n / (c^n + c50^n)"
+
+    def mean(self, x: T, th: T) -> torch.Tensor:
+        return th["baseline"] + th["rmax"] * _naka_rushton(x["c"], th["c50"], th["n"])
+
+
+@register_model
+class ContrastLinearThreshold(EncodingModel):
+    id = "contrast_linear_threshold"
+    parameters = ("baseline", "slope", "threshold")
+    variables = ("c",)
+    doc = "r = baseline + slope max(c - threshold, 0) (softplus-smoothed for gradients)"
+
+    def mean(self, x: T, th: T) -> torch.Tensor:
+        # a very sharp softplus keeps the gradient in the stimulus non-zero for the optimizer
+        return th["baseline"] + th["slope"] * torch.nn.functional.softplus(x["c"] - th["threshold"], beta=200.0)
+
+
+# ---------------------------------------------------------------- orientation x contrast
+@register_model
+class OrientationContrast(EncodingModel):
+    id = "orientation_contrast"
+    parameters = ("baseline", "rmax", "kappa", "pref", "c50", "n")
+    variables = ("theta", "c")
+    doc = "r = baseline + rmax vonMises(theta; pref, kappa) c^n/(c^n + c50^n)  (separable tuning x contrast)"
+
+    def mean(self, x: T, th: T) -> torch.Tensor:
+        tune = _von_mises(x["theta"], th["pref"], th["kappa"])
+        return th["baseline"] + th["rmax"] * tune * _naka_rushton(x["c"], th["c50"], th["n"])
+
+
+@register_model
+class DivisiveNormalization(EncodingModel):
+    id = "divisive_normalization"
+    parameters = ("baseline", "rmax", "kappa", "pref", "sigma", "n")
+    variables = ("theta", "c")
+    doc = "r = baseline + rmax (c vonMises)^n / (sigma^n + c^n): tuned drive over an untuned pool"
+
+    def mean(self, x: T, th: T) -> torch.Tensor:
+        c = x["c"].clamp_min(0)
+        drive = (c * _von_mises(x["theta"], th["pref"], th["kappa"])) ** th["n"]
+        return th["baseline"] + th["rmax"] * drive / (th["sigma"] ** th["n"] + c ** th["n"])
+
+
+# ---------------------------------------------------------------- psychometric functions
+class _Psychometric(EncodingModel):
+    parameters = ("threshold", "slope", "guess", "lapse")
+    variables = ("x",)
+
+    def core(self, x: torch.Tensor, th: T) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mean(self, x: T, th: T) -> torch.Tensor:
+        return th["guess"] + (1 - th["guess"] - th["lapse"]) * self.core(x["x"], th)
+
+
+@register_model
+class PsychometricLogistic(_Psychometric):
+    id = "psychometric_logistic"
+    doc = "p = guess + (1-guess-lapse) / (1 + exp(-slope (x - threshold)))"
+
+    def core(self, x: torch.Tensor, th: T) -> torch.Tensor:
+        return torch.sigmoid(th["slope"] * (x - th["threshold"]))
+
+
+@register_model
+class PsychometricWeibull(_Psychometric):
+    id = "psychometric_weibull"
+    doc = "p = guess + (1-guess-lapse) (1 - exp(-(x/threshold)^slope)), x > 0"
+
+    def core(self, x: torch.Tensor, th: T) -> torch.Tensor:
+        return 1 - torch.exp(-((x.clamp_min(0) / th["threshold"]) ** th["slope"]))
+
+
+@register_model
+class PsychometricCumulativeNormal(_Psychometric):
+    id = "psychometric_cumulative_normal"
+    doc = "p = guess + (1-guess-lapse) Phi(slope (x - threshold))"
+
+    def core(self, x: torch.Tensor, th: T) -> torch.Tensor:
+        return 0.5 * (1 + torch.erf(th["slope"] * (x - th["threshold"]) / math.sqrt(2)))
+
+
+# ---------------------------------------------------------------- delay discounting
+class _Discounting(EncodingModel):
+    parameters = ("k", "tau")
+    variables = ("r_ss", "t_ss", "r_ll", "t_ll")
+
+    def discount(self, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mean(self, x: T, th: T) -> torch.Tensor:
+        v_ll = x["r_ll"] * self.discount(x["t_ll"], th["k"])
+        v_ss = x["r_ss"] * self.discount(x["t_ss"], th["k"])
+        return torch.sigmoid(th["tau"] * (v_ll - v_ss))
+
+
+@register_model
+class DiscountingExponential(_Discounting):
+    id = "discounting_exponential"
+    doc = "P(choose later-larger) = sigmoid(tau (r_ll e^{-k t_ll} - r_ss e^{-k t_ss}))"
+
+    def discount(self, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-k * t)
+
+
+@register_model
+class DiscountingHyperbolic(_Discounting):
+    id = "discounting_hyperbolic"
+    doc = "P(choose later-larger) = sigmoid(tau (r_ll/(1+k t_ll) - r_ss/(1+k t_ss)))"
+
+    def discount(self, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return 1.0 / (1.0 + k * t)

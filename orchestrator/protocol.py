@@ -1,0 +1,571 @@
+"""Protocol files: the pydantic schema of `protocols/*.yaml`, loading with line numbers, safety limits.
+
+A protocol is the experimenter's whole contract with cloop: what may be shown (stimulus space and its
+hard safety limits), what comes back (response kind), which hypotheses compete (encoding models with
+priors), how stimuli are chosen (design), when to stop, and what the rig must provide. Everything that
+is wrong with a file is reported at once, one line per problem, as ``FILE:LINE: field.path: message``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "Protocol",
+    "LoadedProtocol",
+    "Problem",
+    "ProtocolError",
+    "SafetyViolation",
+    "InvalidResponse",
+    "load_protocol",
+    "parse_protocol_text",
+]
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]*$"
+
+
+class _Strict(BaseModel):
+    """Base for every schema node: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------- stimulus
+
+
+class ContinuousParameter(_Strict):
+    kind: Literal["continuous"]
+    low: float
+    high: float
+    units: str = ""
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ContinuousParameter":
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite numbers")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got low={self.low}")
+        return self
+
+
+class IntegerParameter(_Strict):
+    kind: Literal["integer"]
+    low: int
+    high: int
+    units: str = ""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "IntegerParameter":
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class CategoricalParameter(_Strict):
+    kind: Literal["categorical"]
+    choices: list[Union[str, int, float]] = Field(min_length=1)
+    units: str = ""
+
+    @field_validator("choices")
+    @classmethod
+    def _unique(cls, choices: list[Any]) -> list[Any]:
+        if len(set(map(str, choices))) != len(choices):
+            raise ValueError("choices must be unique")
+        return choices
+
+
+StimulusParameter = Annotated[
+    Union[ContinuousParameter, IntegerParameter, CategoricalParameter], Field(discriminator="kind")
+]
+
+
+class StimulusSpace(_Strict):
+    type: str = "abstract"
+    parameters: dict[str, StimulusParameter] = Field(min_length=1)
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    """Stimulus-type parameters that are held constant (e.g. size, spatial frequency)."""
+    duration_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("parameters")
+    @classmethod
+    def _names(cls, parameters: dict[str, Any]) -> dict[str, Any]:
+        for name in parameters:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"parameter name {name!r} must be an identifier")
+        return parameters
+
+
+# ----------------------------------------------------------------------------------------- response
+
+
+class InvalidResponse(ValueError):
+    """A response that must not reach the models (NaN, wrong type, out of range)."""
+
+
+class ResponseSpec(_Strict):
+    kind: Literal["bernoulli", "binomial", "poisson", "gaussian"]
+    n: int | None = Field(default=None, ge=1)
+    timeout_s: float = Field(default=30.0, gt=0)
+    low: float | None = None
+    """Gaussian only: optional plausible range; values outside are invalid."""
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _n_for_binomial(self) -> "ResponseSpec":
+        if self.kind == "binomial" and self.n is None:
+            raise ValueError("binomial responses need n (number of sub-trials)")
+        if self.kind != "binomial" and self.n is not None:
+            raise ValueError(f"n is only meaningful for binomial responses, not {self.kind}")
+        if (self.low is not None or self.high is not None) and self.kind != "gaussian":
+            raise ValueError("low/high are only meaningful for gaussian responses")
+        return self
+
+    def validate(self, payload: Any) -> float:
+        """Return the response value as a float, or raise InvalidResponse saying what is wrong."""
+        if not isinstance(payload, dict) or "value" not in payload:
+            raise InvalidResponse("response must be a mapping with a 'value' field")
+        value = payload["value"]
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            raise InvalidResponse(f"response.value must be a number, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise InvalidResponse(f"response.value is not finite ({value})")
+        if self.kind in ("bernoulli", "binomial", "poisson") and value != int(value):
+            raise InvalidResponse(f"{self.kind} response must be a whole number, got {value}")
+        if self.kind == "bernoulli" and value not in (0.0, 1.0):
+            raise InvalidResponse(f"bernoulli response must be 0 or 1, got {value:g}")
+        if self.kind == "binomial" and not 0 <= value <= (self.n or 0):
+            raise InvalidResponse(f"binomial response must be in 0..{self.n}, got {value:g}")
+        if self.kind == "poisson" and value < 0:
+            raise InvalidResponse(f"poisson count must be >= 0, got {value:g}")
+        if self.kind == "gaussian":
+            if self.low is not None and value < self.low:
+                raise InvalidResponse(f"response {value:g} is below response.low={self.low:g}")
+            if self.high is not None and value > self.high:
+                raise InvalidResponse(f"response {value:g} is above response.high={self.high:g}")
+        return value
+
+
+# ----------------------------------------------------------------------------------------- priors
+
+
+class _Prior(_Strict):
+    def median_hint(self) -> float | None:  # pragma: no cover - overridden where closed form exists
+        return None
+
+
+class UniformPrior(_Prior):
+    dist: Literal["uniform"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ok(self) -> "UniformPrior":
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class NormalPrior(_Prior):
+    dist: Literal["normal"]
+    mean: float
+    sd: float = Field(gt=0)
+
+
+class LogNormalPrior(_Prior):
+    dist: Literal["lognormal"]
+    mu: float
+    sigma: float = Field(gt=0)
+
+
+class BetaPrior(_Prior):
+    dist: Literal["beta"]
+    alpha: float = Field(gt=0)
+    beta: float = Field(gt=0)
+
+
+class GammaPrior(_Prior):
+    dist: Literal["gamma"]
+    shape: float = Field(gt=0)
+    rate: float = Field(gt=0)
+
+
+class HalfNormalPrior(_Prior):
+    dist: Literal["halfnormal"]
+    scale: float = Field(gt=0)
+
+
+class TruncNormalPrior(_Prior):
+    dist: Literal["truncnormal"]
+    mean: float
+    sd: float = Field(gt=0)
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ok(self) -> "TruncNormalPrior":
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+Prior = Annotated[
+    Union[UniformPrior, NormalPrior, LogNormalPrior, BetaPrior, GammaPrior, HalfNormalPrior, TruncNormalPrior],
+    Field(discriminator="dist"),
+]
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+class ModelSpec(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    builtin: str | None = None
+    formula: str | None = None
+    inputs: dict[str, str] = Field(default_factory=dict)
+    """Model variable -> stimulus parameter; variables not listed use the parameter of the same name."""
+    prior_probability: float | None = Field(default=None, gt=0)
+    priors: dict[str, Prior] = Field(default_factory=dict)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_definition(self) -> "ModelSpec":
+        if (self.builtin is None) == (self.formula is None):
+            raise ValueError("give exactly one of 'builtin' or 'formula'")
+        if self.formula is not None and not self.formula.strip():
+            raise ValueError("formula is empty")
+        return self
+
+
+class DesignSpec(_Strict):
+    strategy: str = "random"
+    settings: dict[str, Any] = Field(default_factory=dict)
+    characterize_threshold: float | None = Field(default=None, gt=0, lt=1)
+    batch_size: int = Field(default=1, ge=1)
+
+
+class StoppingSpec(_Strict):
+    max_trials: int = Field(default=100, ge=1)
+    model_probability: float | None = Field(default=None, gt=0.5, le=1)
+    min_trials: int = Field(default=0, ge=0)
+
+
+class RigSpec(_Strict):
+    capabilities: list[str] = Field(default_factory=lambda: ["simulated"])
+    count: int = Field(default=1, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    wait_for_rig_s: float = Field(default=60.0, gt=0)
+
+
+class NumericLimit(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ok(self) -> "NumericLimit":
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class CategoricalLimit(_Strict):
+    allowed: list[Union[str, int, float]] = Field(min_length=1)
+
+
+class SafetyViolation(ValueError):
+    """A stimulus outside the protocol's hard limits. It is never sent to a rig."""
+
+
+class Protocol(_Strict):
+    """A validated protocol. Immutable: a session's behaviour is a function of it and the seed."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str
+    description: str = ""
+    stimulus: StimulusSpace
+    response: ResponseSpec
+    models: list[ModelSpec] = Field(min_length=2)
+    design: DesignSpec = Field(default_factory=DesignSpec)
+    stopping: StoppingSpec = Field(default_factory=StoppingSpec)
+    rig: RigSpec = Field(default_factory=RigSpec)
+    safety: dict[str, Union[NumericLimit, CategoricalLimit]] = Field(default_factory=dict)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) else value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Protocol":
+        problems: list[str] = []
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            problems.append(f"models: duplicate model names {duplicates}")
+        for i, model in enumerate(self.models):
+            for variable, parameter in model.inputs.items():
+                if parameter not in self.stimulus.parameters:
+                    problems.append(
+                        f"models.{i}.inputs.{variable}: {parameter!r} is not a stimulus parameter "
+                        f"(known: {sorted(self.stimulus.parameters)})"
+                    )
+        for name, limit in self.safety.items():
+            spec = self.stimulus.parameters.get(name)
+            if spec is None:
+                problems.append(
+                    f"safety.{name}: not a stimulus parameter (known: {sorted(self.stimulus.parameters)})"
+                )
+            elif isinstance(spec, CategoricalParameter):
+                if not isinstance(limit, CategoricalLimit):
+                    problems.append(f"safety.{name}: categorical parameter needs 'allowed: [...]'")
+                else:
+                    unknown = [c for c in limit.allowed if c not in spec.choices]
+                    if unknown:
+                        problems.append(f"safety.{name}.allowed: {unknown} are not among the choices")
+            elif isinstance(limit, CategoricalLimit):
+                problems.append(f"safety.{name}: numeric parameter needs min/max, not 'allowed'")
+            else:
+                lo = spec.low if limit.min is None else max(spec.low, limit.min)
+                hi = spec.high if limit.max is None else min(spec.high, limit.max)
+                if lo > hi:
+                    problems.append(
+                        f"safety.{name}: limits [{limit.min}, {limit.max}] leave nothing of the "
+                        f"parameter range [{spec.low}, {spec.high}]"
+                    )
+        if self.stopping.min_trials > self.stopping.max_trials:
+            problems.append("stopping.min_trials: must not exceed stopping.max_trials")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # -- safety ------------------------------------------------------------------------------
+
+    def safety_limits(self) -> dict[str, tuple[float, float]]:
+        """Effective numeric limits per parameter: the parameter range intersected with `safety`."""
+        limits: dict[str, tuple[float, float]] = {}
+        for name, spec in self.stimulus.parameters.items():
+            if isinstance(spec, CategoricalParameter):
+                continue
+            lo, hi = float(spec.low), float(spec.high)
+            limit = self.safety.get(name)
+            if isinstance(limit, NumericLimit):
+                lo = lo if limit.min is None else max(lo, limit.min)
+                hi = hi if limit.max is None else min(hi, limit.max)
+            limits[name] = (lo, hi)
+        return limits
+
+    def allowed_choices(self, name: str) -> list[Any]:
+        """Categorical choices a stimulus may use (the safety allow-list, if any)."""
+        spec = self.stimulus.parameters[name]
+        assert isinstance(spec, CategoricalParameter)
+        limit = self.safety.get(name)
+        return list(limit.allowed) if isinstance(limit, CategoricalLimit) else list(spec.choices)
+
+    def check_safe(self, stimulus: dict[str, Any]) -> None:
+        """Raise SafetyViolation unless `stimulus` names exactly the protocol's parameters, all in limits."""
+        expected = set(self.stimulus.parameters)
+        given = set(stimulus)
+        if given != expected:
+            missing, extra = sorted(expected - given), sorted(given - expected)
+            raise SafetyViolation(f"stimulus parameters mismatch: missing {missing}, unexpected {extra}")
+        limits = self.safety_limits()
+        for name, spec in self.stimulus.parameters.items():
+            value = stimulus[name]
+            if isinstance(spec, CategoricalParameter):
+                if value not in self.allowed_choices(name):
+                    raise SafetyViolation(f"stimulus.{name}={value!r} is not an allowed choice")
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SafetyViolation(f"stimulus.{name}={value!r} is not a finite number")
+            if isinstance(spec, IntegerParameter) and value != int(value):
+                raise SafetyViolation(f"stimulus.{name}={value!r} must be an integer")
+            lo, hi = limits[name]
+            if not lo <= value <= hi:
+                raise SafetyViolation(f"stimulus.{name}={value!r} is outside the safety limits [{lo:g}, {hi:g}]")
+
+    def model(self, name: str) -> ModelSpec:
+        """The model spec called `name` (KeyError lists the known names)."""
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"unknown model {name!r}; the protocol defines {[m.name for m in self.models]}")
+
+    def model_prior_probabilities(self) -> dict[str, float]:
+        """Prior model probabilities, normalised; unspecified ones share what is left equally."""
+        given = {m.name: m.prior_probability for m in self.models}
+        fixed = sum(p for p in given.values() if p is not None)
+        free = [n for n, p in given.items() if p is None]
+        rest = max(1.0 - fixed, 0.0) / len(free) if free else 0.0
+        raw = {n: (p if p is not None else rest) for n, p in given.items()}
+        if any(v <= 0 for v in raw.values()):
+            raw = {n: (p if p is not None else 1.0 / len(raw)) for n, p in given.items()}
+        total = sum(raw.values())
+        return {n: v / total for n, v in raw.items()}
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a protocol file, located by field path and line."""
+
+    source: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line is not None else self.source
+        return f"{where}: {self.path or '<root>'}: {self.message}"
+
+
+class ProtocolError(ValueError):
+    """A protocol file that cannot be used; `problems` holds every problem found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class LoadedProtocol:
+    """A validated protocol together with its exact text (stored verbatim) and content hash."""
+
+    protocol: Protocol
+    text: str
+    sha256: str
+    source: str
+
+
+def load_protocol(path: str | Path) -> LoadedProtocol:
+    """Read and validate a protocol file; raise ProtocolError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProtocolError([Problem(str(path), None, "", f"cannot read file: {exc}")]) from exc
+    return parse_protocol_text(text, source=str(path))
+
+
+def parse_protocol_text(text: str, source: str = "<string>") -> LoadedProtocol:
+    """Validate protocol YAML text; raise ProtocolError listing every problem with its line."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        message = getattr(exc, "problem", None) or str(exc)
+        raise ProtocolError([Problem(source, line, "", f"YAML syntax error: {message}")]) from exc
+    if node is None:
+        raise ProtocolError([Problem(source, 1, "", "file is empty")])
+    lines: dict[tuple[str, ...], int] = {}
+    problems: list[Problem] = []
+    _index_lines(node, (), lines, problems, source)
+    if problems:
+        raise ProtocolError(problems)
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ProtocolError([Problem(source, lines.get((), 1), "", "top level must be a mapping of protocol fields")])
+    try:
+        protocol = Protocol.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError(_problems_from_validation(exc, lines, source)) from None
+    extra = _semantic_problems(protocol, lines, source)
+    if extra:
+        raise ProtocolError(extra)
+    return LoadedProtocol(protocol, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), source)
+
+
+def _index_lines(
+    node: yaml.Node, path: tuple[str, ...], lines: dict[tuple[str, ...], int], problems: list[Problem], source: str
+) -> None:
+    """Record the 1-based line of every field path; report duplicate keys (YAML silently keeps the last)."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in seen:
+                problems.append(
+                    Problem(source, key_node.start_mark.line + 1, ".".join(path + (key,)), "duplicate key")
+                )
+            seen.add(key)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            _index_lines(value_node, path + (key,), lines, problems, source)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_lines(item, path + (str(i),), lines, problems, source)
+
+
+def _line_for(path: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> int | None:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return lines.get(())
+
+
+_UNION_TAGS = {"continuous", "integer", "categorical", "NumericLimit", "CategoricalLimit"} | {
+    "uniform", "normal", "lognormal", "beta", "gamma", "halfnormal", "truncnormal",
+}
+
+
+def _problems_from_validation(exc: ValidationError, lines: dict[tuple[str, ...], int], source: str) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: set[tuple[str, str]] = set()
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"] if str(part) not in _UNION_TAGS)
+        message = error["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check spelling)"
+        elif error["type"] == "union_tag_invalid":
+            ctx = error.get("ctx", {})
+            message = (
+                f"unknown {ctx.get('discriminator', 'kind').strip(chr(39))} {ctx.get('tag')!r}; "
+                f"expected one of {ctx.get('expected_tags')}"
+            )
+        if loc == () and ": " in message:
+            # Cross-field checks from Protocol._cross_checks carry their own field paths.
+            for part in message.split("; "):
+                field, _, text = part.partition(": ")
+                problems.append(Problem(source, _line_for(tuple(field.split(".")), lines), field, text))
+            continue
+        key = (".".join(loc), message)
+        if key in seen:
+            continue
+        seen.add(key)
+        problems.append(Problem(source, _line_for(loc, lines), ".".join(loc), message))
+    return problems
+
+
+def _semantic_problems(protocol: Protocol, lines: dict[tuple[str, ...], int], source: str) -> list[Problem]:
+    """Checks owned by other modules (model formulas, stimulus types, design names), run if present."""
+    found: list[tuple[str, str]] = []
+    for module_name in ("orchestrator.models", "orchestrator.design", "stimuli"):
+        try:
+            module = __import__(module_name, fromlist=["check_protocol"])
+        except ImportError:
+            continue
+        checker = getattr(module, "check_protocol", None)
+        if checker is not None:
+            found.extend(checker(protocol))
+    return [Problem(source, _line_for(tuple(path.split(".")), lines), path, message) for path, message in found]

@@ -1,0 +1,157 @@
+"""A session's life around the closed loop: register it, open the rig server, wait for rigs, run, close.
+
+Shared by the Prefect flow (orchestrator.flows), `cloop run` without Prefect, and `cloop demo`, so
+all three behave the same. The engine itself (orchestrator.engine) knows nothing of sockets or flows.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol as TypingProtocol
+
+from orchestrator import code_version
+from orchestrator.engine import SessionControl, SessionResult, TrialReport, run_session
+from orchestrator.protocol import LoadedProtocol, load_protocol
+from orchestrator.store import TrialStore, upgrade
+
+log = logging.getLogger("cloop.session")
+
+
+class SessionObserver(TypingProtocol):
+    """Watches a session in this process (live progress, the demo starting its rig)."""
+
+    def waiting(self, endpoint: str, message: str) -> None: ...
+
+    def trial(self, report: TrialReport) -> None: ...
+
+
+_observers: list[SessionObserver] = []
+
+
+@contextmanager
+def observing(observer: SessionObserver) -> Iterator[None]:
+    """Attach an observer to every session run in this process, also inside a Prefect flow."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
+
+class NoRigError(RuntimeError):
+    """No rig with the required capabilities connected in time."""
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """Everything `cloop run` was asked; stored with the session so it can be resumed as it was."""
+
+    protocol_path: str
+    db_url: str
+    bind: str = "tcp://127.0.0.1:5555"
+    subject: str = "anonymous"
+    seed: int | None = None
+    max_trials: int | None = None
+    design: str | None = None
+    keys_dir: str | None = None
+    insecure: bool = False
+    wait_for_rig_s: float | None = None
+
+
+def new_seed() -> int:
+    """A fresh 31-bit seed; recorded with the session so the session can be reproduced."""
+    return secrets.randbelow(2**31 - 1)
+
+
+def register_session(request: SessionRequest, loaded: LoadedProtocol) -> tuple[str, int]:
+    """Migrate the database, store protocol/subject/session rows; return (session id, seed)."""
+    upgrade(request.db_url)
+    store = TrialStore(request.db_url)
+    try:
+        seed = request.seed if request.seed is not None else new_seed()
+        protocol_id = store.add_protocol(loaded)
+        subject_id = store.subject(request.subject)
+        session_id = store.create_session(
+            protocol_id=protocol_id,
+            subject_id=subject_id,
+            seed=seed,
+            bind=request.bind,
+            design=request.design or loaded.protocol.design.strategy,
+            code_version=code_version(),
+        )
+        return session_id, seed
+    finally:
+        store.close()
+
+
+def execute_session(
+    request: SessionRequest,
+    session_id: str,
+    seed: int,
+    *,
+    loaded: LoadedProtocol | None = None,
+    on_waiting: Callable[[str], None] | None = None,
+    on_trial: Callable[[TrialReport], None] | None = None,
+    control: SessionControl | None = None,
+) -> SessionResult:
+    """Open the rig server, wait for the rigs the protocol needs, and run the loop to its end."""
+    from orchestrator.transport import RigServer
+
+    loaded = loaded or load_protocol(request.protocol_path)
+    protocol = loaded.protocol
+    store = TrialStore(request.db_url)
+    timeout = request.wait_for_rig_s if request.wait_for_rig_s is not None else protocol.rig.wait_for_rig_s
+    try:
+        with RigServer(request.bind, keys_dir=request.keys_dir, insecure=request.insecure) as rigs:
+            rigs.set_session(session_id, loaded.text)
+            message = (
+                f"waiting up to {timeout:g} s for {protocol.rig.count} rig(s) with any of "
+                f"capabilities {protocol.rig.capabilities} on {rigs.endpoint} "
+                f"(start one with: cloop rig --connect {rigs.endpoint} --adapter ...)"
+            )
+            log.info(message)
+            if on_waiting is not None:
+                on_waiting(message)
+            for observer in list(_observers):
+                observer.waiting(rigs.endpoint, message)
+            store.set_session_status(session_id, "waiting_for_rig")
+            try:
+                found = rigs.wait_for_rigs(protocol.rig.capabilities, protocol.rig.count, timeout)
+            except Exception as exc:
+                if type(exc).__name__ != "NoRigError":
+                    raise
+                store.set_session_status(session_id, "no_rig", stopped=True)
+                raise NoRigError(
+                    f"no rig with capabilities {protocol.rig.capabilities} connected to {rigs.endpoint} "
+                    f"within {timeout:g} s; session {session_id} was not started"
+                ) from exc
+            for rig in found:
+                store.upsert_rig(rig if isinstance(rig, dict) else vars(rig))
+            def notify(report: TrialReport) -> None:
+                if on_trial is not None:
+                    on_trial(report)
+                for observer in list(_observers):
+                    observer.trial(report)
+
+            return run_session(
+                loaded,
+                store=store,
+                rigs=rigs,
+                session_id=session_id,
+                seed=seed,
+                max_trials=request.max_trials,
+                design_override=request.design,
+                control=control,
+                on_trial=notify,
+            )
+    except BaseException:
+        # Leave a truthful status behind; a resumable session stays resumable.
+        status = store.session(session_id).get("status") if hasattr(store, "session") else None
+        if status in ("running", "waiting_for_rig"):
+            store.set_session_status(session_id, "interrupted")
+        raise
+    finally:
+        store.close()

@@ -1,0 +1,464 @@
+"""The rig PC's side of the rig network: a DEALER worker that keeps itself connected.
+
+Threads: the process's main thread runs the adapter (PsychoPy needs it); a background I/O thread
+owns the DEALER socket, answers heartbeats, detects a dead orchestrator (Paranoid Pirate: no traffic
+for ``heartbeat_s * liveness``) and reconnects by itself with exponential backoff.
+
+Exactly-once presentation per rig: results are kept in a journal keyed by (session, trial id),
+written and fsync'ed *before* the result is sent. A trial id seen again (a retry after a lost
+connection, or after this worker was killed and restarted with the same ``--state-dir``) gets the
+stored result with ``cached=True`` and is not presented again.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import socket as pysocket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from orchestrator import keys as keyfiles
+from orchestrator import messages as m
+from rig_adapters.base import Adapter, AdapterResult, SessionInfo
+
+log = logging.getLogger("cloop.worker")
+
+
+def software_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("cloop")
+    except Exception:
+        return "0+unknown"
+
+
+def default_rig_id(adapter_name: str) -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", pysocket.gethostname())[:40] or "rig"
+    return f"{host}-{adapter_name}"
+
+
+class ResultJournal:
+    """Results by (session, trial id); optionally persisted as fsync'ed JSON lines in ``state_dir``."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._results: dict[tuple[str, str], dict[str, Any]] = {}
+        self._started: dict[tuple[str, str], int] = {}
+        self._fh = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                self._load(path)
+            self._fh = open(path, "a", encoding="utf-8")
+
+    @staticmethod
+    def key(session_id: str, trial_id: Any) -> tuple[str, str]:
+        return (session_id, f"{type(trial_id).__name__}:{trial_id}")
+
+    def _load(self, path: Path) -> None:
+        bad = 0
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                    k = (rec["session_id"], rec["key"])
+                    if rec["event"] == "result":
+                        self._results[k] = rec["result"]
+                    elif rec["event"] == "start":
+                        self._started[k] = self._started.get(k, 0) + 1
+                except Exception:
+                    bad += 1  # a line torn by a crash mid-write: ignore it
+        if bad:
+            log.warning("ignored %d unreadable line(s) in %s", bad, path)
+        log.info("journal %s: %d stored result(s)", path, len(self._results))
+
+    def _write(self, rec: dict[str, Any], durable: bool) -> None:
+        if self._fh is None:
+            return
+        self._fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        self._fh.flush()
+        if durable:
+            os.fsync(self._fh.fileno())
+
+    def get(self, key: tuple[str, str]) -> dict[str, Any] | None:
+        with self._lock:
+            return self._results.get(key)
+
+    def times_started(self, key: tuple[str, str]) -> int:
+        with self._lock:
+            return self._started.get(key, 0)
+
+    def started(self, key: tuple[str, str], attempt: int) -> None:
+        with self._lock:
+            self._started[key] = self._started.get(key, 0) + 1
+            self._write({"event": "start", "session_id": key[0], "key": key[1], "attempt": attempt,
+                         "pid": os.getpid(), "t": time.time()}, durable=False)
+
+    def store(self, key: tuple[str, str], attempt: int, result: dict[str, Any]) -> None:
+        with self._lock:
+            self._results[key] = result
+            self._write({"event": "result", "session_id": key[0], "key": key[1], "attempt": attempt,
+                         "pid": os.getpid(), "t": time.time(), "result": result}, durable=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+class RigWorker:
+    """Connects an adapter to an orchestrator and serves trials until stopped."""
+
+    def __init__(self, connect: str, adapter: Adapter, *, rig_id: str | None = None,
+                 keys_dir: Path | str | None = None, key_name: str | None = None, insecure: bool = False,
+                 state_dir: Path | str | None = None, heartbeat_s: float = 0.25, liveness: int = 3,
+                 backoff_initial_s: float = 0.05, backoff_max_s: float = 2.0) -> None:
+        keys_path = Path(keys_dir) if keys_dir is not None else None
+        keyfiles.require_security(connect, keys_path, insecure, role="rig")
+        self.curve = None
+        if keys_path is not None:
+            if not key_name:
+                raise keyfiles.SecurityError("--keys DIR needs --name NAME (the rig's key pair DIR/NAME.key_secret)")
+            self.curve = keyfiles.worker_keys(keys_path, key_name)
+        self.connect = connect
+        self.adapter = adapter
+        self.rig_id = rig_id or key_name or default_rig_id(adapter.name)
+        caps = adapter.capabilities()
+        self._hello_fields = dict(rig_id=self.rig_id, adapters=[adapter.name],
+                                  capabilities=m.Capabilities(stimulus_types=list(caps["stimulus_types"]),
+                                                              response_kinds=list(caps["response_kinds"])),
+                                  software_version=software_version(), pid=os.getpid(),
+                                  hostname=pysocket.gethostname()[:255])
+        self._hello()  # fail now, not after connecting, if the rig id or capabilities are invalid
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        journal_path = Path(state_dir) / f"{self.rig_id}.journal.jsonl" if state_dir is not None else None
+        self.journal = ResultJournal(journal_path)
+        self._ctx = zmq.Context()
+        self._stop = threading.Event()
+        self._tasks: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._outbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._pipe_addr = f"inproc://cloop-worker-{id(self)}"
+        self._pipe_in = self._ctx.socket(zmq.PAIR)
+        self._pipe_in.bind(self._pipe_addr)
+        self._pipe_out = self._ctx.socket(zmq.PAIR)
+        self._pipe_out.connect(self._pipe_addr)
+        self.session: SessionInfo | None = None
+        self._session_error: str | None = None
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.connected = threading.Event()  # set while registered (welcome received)
+
+    # ------------------------------------------------------------------ main thread
+    def run(self, *, install_signal_handlers: bool = False) -> int:
+        """Serve until :meth:`stop` (or SIGTERM/SIGINT if asked to install handlers); return 0."""
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        io = threading.Thread(target=self._io_main, name="cloop-worker-io", daemon=True)
+        io.start()
+        try:
+            while not self._stop.is_set():
+                try:
+                    kind, payload = self._tasks.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if kind == "session":
+                    self._start_session(payload)
+                elif kind == "trial":
+                    self._present(payload)
+        finally:
+            self._stop.set()
+            self._wake()
+            io.join(timeout=5)
+            try:
+                self.adapter.close()
+            finally:
+                self.journal.close()
+                self._pipe_out.close(0)
+                self._ctx.term()
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _start_session(self, info: SessionInfo) -> None:
+        try:
+            self.adapter.start(info)
+            self.session = info
+            self._session_error = None
+            log.info("session %s started on adapter %s", info.session_id, self.adapter.name)
+        except Exception as exc:
+            self.session = info
+            self._session_error = f"adapter {self.adapter.name} could not start session {info.session_id}: {exc}"
+            log.error("%s", self._session_error)
+            self._post(("error", (None, None, "session_failed", self._session_error)))
+
+    def _present(self, msg: m.Trial) -> None:
+        key = ResultJournal.key(msg.session_id, msg.trial_id)
+        if self._session_error:
+            self._post(("error", (key, msg, "session_failed", self._session_error)))
+            return
+        if self.session is None or self.session.session_id != msg.session_id:
+            self._post(("error", (key, msg, "session_mismatch",
+                                  f"trial for session {msg.session_id}, rig is in "
+                                  f"{self.session.session_id if self.session else 'no session'}")))
+            return
+        previous = self.journal.times_started(key)
+        self.journal.started(key, msg.attempt)
+        try:
+            res: AdapterResult = self.adapter.present(msg)
+            result = {"response": dict(res.response), "timing": dict(res.timing), "meta": dict(res.meta),
+                      "presented_attempt": msg.attempt, "interrupted_before": previous}
+            m.Result(trial_id=msg.trial_id, attempt=msg.attempt, session_id=msg.session_id,
+                     response=result["response"], timing=result["timing"], meta=result["meta"])
+        except Exception as exc:
+            log.exception("trial %r attempt %d failed on adapter %s", msg.trial_id, msg.attempt, self.adapter.name)
+            self._post(("error", (key, msg, "adapter_failed", f"{type(exc).__name__}: {exc}")))
+            return
+        self.journal.store(key, msg.attempt, result)
+        self.stats["presented"] += 1
+        self._post(("result", (key, msg, result)))
+
+    def _post(self, item: tuple[str, Any]) -> None:
+        self._outbox.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._pipe_out.send(b"", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # ------------------------------------------------------------------ I/O thread
+    def _hello(self) -> m.Hello:
+        return m.Hello(clock=m.ClockInfo(time=time.time()), **self._hello_fields)
+
+    def _new_socket(self) -> tuple[zmq.Socket, zmq.Socket]:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.backoff_max_s * 1000))
+        sock.setsockopt(zmq.MAXMSGSIZE, 16 * m.MAX_MESSAGE_BYTES)
+        if self.curve is not None:
+            sock.curve_secretkey = self.curve.pair.secret
+            sock.curve_publickey = self.curve.pair.public
+            sock.curve_serverkey = self.curve.server_public
+        mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
+        sock.connect(self.connect)
+        return sock, mon
+
+    def _io_main(self) -> None:
+        try:
+            self._io_loop()
+        except Exception:
+            log.exception("worker I/O thread crashed")
+            self._stop.set()
+        finally:
+            self._pipe_in.close(0)
+
+    def _io_loop(self) -> None:
+        backoff = self.backoff_initial_s
+        hb_s, liveness = self.heartbeat_s, self.liveness
+        active: dict[tuple[str, str], int] = {}  # trials queued or being presented -> latest attempt asked
+        session_id: str | None = None
+        while not self._stop.is_set():
+            sock, mon = self._new_socket()
+            self.stats["connects"] += 1
+            log.info("rig %s connecting to %s (%s)", self.rig_id, self.connect,
+                     "Curve" if self.curve else "insecure")
+            send = _Sender(sock)
+            send(m.encode(self._hello()))
+            last_recv = time.monotonic()
+            registered = False
+            echo: tuple[float, float] | None = None
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(self._pipe_in, zmq.POLLIN)
+            poller.register(mon, zmq.POLLIN)
+            reason = ""
+            while not self._stop.is_set():
+                events = dict(poller.poll(min(hb_s / 2, 0.1) * 1000))
+                now = time.monotonic()
+                if sock in events:
+                    while True:
+                        try:
+                            data = sock.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        last_recv = now
+                        try:
+                            msg = m.decode(data, sender="orchestrator")
+                        except m.MessageError as exc:
+                            self.stats["bad_messages"] += 1
+                            log.warning("ignored a bad message from the orchestrator: %s", exc)
+                            continue
+                        if msg.type == "welcome":
+                            registered = True
+                            backoff = self.backoff_initial_s
+                            hb_s, liveness = msg.heartbeat_s, msg.liveness
+                            self.connected.set()
+                            if msg.session_id is not None and msg.session_id != session_id:
+                                session_id = msg.session_id
+                                self._tasks.put(("session", SessionInfo(msg.session_id, msg.protocol_text or "",
+                                                                        self.rig_id)))
+                            log.info("rig %s registered with %s (session %s)", self.rig_id, self.connect,
+                                     msg.session_id or "none yet")
+                        elif msg.type == "heartbeat":
+                            echo = (msg.sent_at, time.time())
+                        elif msg.type == "trial":
+                            self._on_trial(msg, send, active, registered, session_id)
+                        elif msg.type == "error":
+                            if msg.code == "not_registered":
+                                registered = False
+                                self.connected.clear()
+                                send(m.encode(self._hello()))
+                            else:
+                                log.warning("orchestrator says: [%s] %s", msg.code, msg.message)
+                        elif msg.type == "bye":
+                            reason = f"orchestrator said bye ({msg.reason})"
+                            break
+                    if reason:
+                        break
+                if self._pipe_in in events:
+                    while True:
+                        try:
+                            self._pipe_in.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                while self._outbox:
+                    self._on_outcome(self._outbox.popleft(), send, active)
+                if mon in events:
+                    self._on_monitor(mon)
+                if echo is not None or now - send.last >= hb_s:
+                    hb = m.Heartbeat(sent_at=time.time(), echo_sent_at=echo[0] if echo else None,
+                                     echo_received_at=echo[1] if echo else None)
+                    send(m.encode(hb))
+                    echo = None
+                if now - last_recv > hb_s * liveness:
+                    reason = (f"no word from the orchestrator for {now - last_recv:.2f} s"
+                              + ("" if registered else " (no welcome: wrong address, orchestrator down, or this "
+                                 "rig's key is not in its allow-list)"))
+                    break
+            self.connected.clear()
+            if self._stop.is_set():
+                try:
+                    sock.send(m.encode(m.Bye(reason="rig worker stopping")), zmq.NOBLOCK)
+                    time.sleep(0.05)
+                except zmq.ZMQError:
+                    pass
+            sock.close(0)
+            mon.close(0)
+            if self._stop.is_set():
+                return
+            self.stats["reconnects"] += 1
+            log.warning("rig %s: %s; reconnecting in %.2f s", self.rig_id, reason, backoff)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, self.backoff_max_s)
+
+    def _on_trial(self, msg: m.Trial, send: "_Sender", active: dict[tuple[str, str], int], registered: bool,
+                  session_id: str | None) -> None:
+        key = ResultJournal.key(msg.session_id, msg.trial_id)
+        if not registered or msg.session_id != session_id:
+            send(m.encode(m.ErrorMessage(code="session_mismatch", trial_id=msg.trial_id, attempt=msg.attempt,
+                                         message=f"trial for session {msg.session_id}, rig has "
+                                                 f"{session_id or 'no session'}")))
+            return
+        if key in active:  # still queued or being presented: answer the newest attempt when done
+            active[key] = max(active[key], msg.attempt)
+            self.stats["duplicates_in_progress"] += 1
+            return
+        stored = self.journal.get(key)
+        if stored is not None:
+            self.stats["replayed"] += 1
+            log.info("trial %r attempt %d already presented (attempt %s): replaying the stored result",
+                     msg.trial_id, msg.attempt, stored.get("presented_attempt"))
+            send(m.encode(self._result_msg(msg, msg.attempt, stored, cached=True)))
+            return
+        active[key] = msg.attempt
+        self._tasks.put(("trial", msg))
+
+    @staticmethod
+    def _result_msg(msg: m.Trial, attempt: int, stored: dict[str, Any], cached: bool) -> m.Result:
+        meta = dict(stored.get("meta", {}))
+        meta["presented_attempt"] = stored.get("presented_attempt")
+        if stored.get("interrupted_before"):
+            meta["interrupted_before"] = stored["interrupted_before"]
+        return m.Result(trial_id=msg.trial_id, attempt=attempt, session_id=msg.session_id,
+                        response=stored["response"], timing=stored["timing"], cached=cached, meta=meta)
+
+    def _on_outcome(self, item: tuple[str, Any], send: "_Sender", active: dict[tuple[str, str], int]) -> None:
+        kind, payload = item
+        if kind == "result":
+            key, msg, stored = payload
+            attempt = active.pop(key, msg.attempt)
+            send(m.encode(self._result_msg(msg, attempt, stored, cached=False)))
+        elif kind == "error":
+            key, msg, code, text = payload
+            attempt = active.pop(key, msg.attempt) if key is not None else None
+            send(m.encode(m.ErrorMessage(code=code, message=text[:4000],
+                                         trial_id=msg.trial_id if msg is not None else None, attempt=attempt)))
+
+    def _on_monitor(self, mon: zmq.Socket) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except Exception:
+                continue
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.stats["auth_failed"] += 1
+                log.error("the orchestrator at %s refused this rig's key: add its public key file to the "
+                          "orchestrator's keys/rigs/ directory", self.connect)
+            elif event["event"] in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self.stats["auth_failed"] += 1
+                log.error("security handshake with %s failed: do both sides use Curve keys (and the right "
+                          "orchestrator.key)?", self.connect)
+
+
+class _Sender:
+    """Non-blocking send that remembers when something last went out (for idle heartbeats)."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.last = 0.0
+
+    def __call__(self, data: bytes) -> bool:
+        try:
+            self.sock.send(data, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        self.last = time.monotonic()
+        return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rig_adapters.worker ...``: the ``cloop rig`` command without the rest of the CLI."""
+    import typer
+
+    from orchestrator.cli_rig import register
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    register(app)
+    app(args=["rig", *(argv if argv is not None else __import__("sys").argv[1:])], prog_name="cloop-rig")
+
+
+if __name__ == "__main__":
+    main()
