@@ -91,6 +91,8 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for noisy in ("alembic", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @app.command()
@@ -145,20 +147,24 @@ def _request(protocol, db_url, bind, subject, seed, max_trials, design, keys, in
 def _run_request(request, loaded, prefect: bool, extra_observer=None):  # noqa: ANN001, ANN202
     """Register the session (printing its id as the first line), then run it with live progress."""
     from orchestrator.progress import ProgressDisplay
-    from orchestrator.session import NoRigError, execute_session, observing, register_session
+    from orchestrator.keys import SecurityError
+    from orchestrator.session import NoRigError, observing, register_session
+    from orchestrator.transport import TransportError
 
     session_id, seed = register_session(request, loaded)
     typer.echo(session_id)
     max_trials = request.max_trials or loaded.protocol.stopping.max_trials
     try:
-        with ProgressDisplay(max_trials) as display, observing(display):
+        with ProgressDisplay(max_trials, trial_lines=not prefect) as display, observing(display):
             if extra_observer is not None:
                 with observing(extra_observer):
                     summary = _execute(request, session_id, seed, loaded, prefect)
             else:
                 summary = _execute(request, session_id, seed, loaded, prefect)
-    except NoRigError as exc:
-        _fail(str(exc), RUN_FAILED)
+    except (NoRigError, TransportError) as exc:
+        _fail(f"{exc} (session {session_id} is resumable: cloop resume {session_id})", RUN_FAILED)
+    except SecurityError as exc:
+        _fail(str(exc), BAD_INPUT)
     except KeyboardInterrupt:
         typer.echo(f"interrupted; session {session_id} can be resumed", err=True)
         raise typer.Exit(130)
@@ -180,9 +186,7 @@ def _execute(request, session_id: str, seed: int, loaded, prefect: bool) -> dict
         from orchestrator.flows import session_flow
 
         return session_flow(request, session_id=session_id, seed=seed)
-    summary = asdict(execute_session(request, session_id, seed, loaded=loaded))
-    summary.pop("reports", None)
-    return summary
+    return asdict(execute_session(request, session_id, seed, loaded=loaded))
 
 
 def _bundled_protocol(name: str) -> Path:

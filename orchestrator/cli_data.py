@@ -165,12 +165,23 @@ def cmd_export(
     fmt: ExportFormat = typer.Option(..., "--format", "-f", help="File format."),
     output: Path = typer.Option(..., "--output", "-o", help="File to write (replaced atomically)."),
     db: Optional[str] = DbOption,
+    species: Optional[str] = typer.Option(None, help="NWB only: subject species, e.g. 'Homo sapiens'."),
+    sex: Optional[str] = typer.Option(None, help="NWB only: subject sex M, F, U (default) or O."),
+    age: Optional[str] = typer.Option(None, help="NWB only: subject age as ISO 8601 duration, e.g. P25Y."),
+    experimenter: Optional[str] = typer.Option(None, help="NWB only: experimenter name."),
+    institution: Optional[str] = typer.Option(None, help="NWB only: institution."),
 ) -> None:
     """Export one session's trials (and metadata) to CSV, Parquet or NWB."""
     from orchestrator import export
 
+    nwb = {"species": species, "sex": sex, "age": age, "experimenter": experimenter, "institution": institution}
+    if fmt is not ExportFormat.nwb and any(v is not None for v in nwb.values()):
+        raise fail("--species/--sex/--age/--experimenter/--institution only apply to --format nwb")
+    if sex is not None and sex not in ("M", "F", "U", "O"):
+        raise fail(f"--sex must be one of M, F, U, O (got {sex!r})")
     with user_errors():
-        path = export.export_session(st.resolve_url(db), session, fmt.value, output)
+        path = export.export_session(st.resolve_url(db), session, fmt.value, output,
+                                     **({k: v for k, v in nwb.items() if v is not None} if fmt is ExportFormat.nwb else {}))
     typer.echo(f"wrote {path}")
 
 

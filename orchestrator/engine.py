@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol as TypingProtocol
 
 from orchestrator.design import Decision, make_design
@@ -61,7 +61,9 @@ class SessionResult:
     trials_invalid: int
     probabilities: dict[str, float]
     stop_reason: str
-    reports: list[TrialReport] = field(default_factory=list)
+
+
+STOPPED_BY_EXPERIMENTER = "stopped by the experimenter"
 
 
 class _AlwaysRun:
@@ -69,18 +71,14 @@ class _AlwaysRun:
         return "run"
 
 
-def replay_history(store: TrialStore, session_id: str, comparison: ModelComparison) -> int:
-    """Feed every valid completed trial back into fresh models; return the next trial index.
+def replay_history(store: TrialStore, session_id: str, comparison: ModelComparison) -> None:
+    """Feed every valid completed trial back into fresh models, in order.
 
     This is how a resumed session rebuilds its state: the models are a deterministic function of the
     protocol, the seed and the ordered observations, all of which are in the database.
     """
-    next_index = 0
-    for trial in store.trials(session_id):
-        next_index = max(next_index, int(trial["index"]) + 1)
-        if trial["status"] == "completed" and trial.get("value") is not None:
-            comparison.update(trial["stimulus"], float(trial["value"]))
-    return next_index
+    for stimulus, value in store.observations(session_id):
+        comparison.update(stimulus, value)
 
 
 def run_session(
@@ -95,30 +93,36 @@ def run_session(
     control: SessionControl | None = None,
     on_trial: Callable[[TrialReport], None] | None = None,
 ) -> SessionResult:
-    """Run (or continue) a session until a stopping rule fires; return its summary."""
+    """Run (or continue after a crash) a session until a stopping rule fires; return its summary."""
     protocol = loaded.protocol
     control = control or _AlwaysRun()
     limit = max_trials if max_trials is not None else protocol.stopping.max_trials
     comparison = ModelComparison.from_protocol(protocol, seed)
     design = make_design(protocol, seed, design_override)
-    start_index = replay_history(store, session_id, comparison)
+    replay_history(store, session_id, comparison)
+    in_flight = store.open_trials(session_id)  # planned/dispatched when the orchestrator died
+    index = store.next_index(session_id) - len(in_flight)
     counts = store.trial_counts(session_id)
     store.set_session_status(session_id, "running")
     result = SessionResult(session_id, "running", counts.get("completed", 0), counts.get("failed", 0),
                            counts.get("invalid", 0), comparison.probabilities(), "")
 
-    index = start_index
     while True:
         reason = _stop_reason(protocol, comparison, result.trials_completed, index, limit)
         if reason is None and control.checkpoint(session_id) == "stop":
-            reason = "stopped by the experimenter"
+            reason = STOPPED_BY_EXPERIMENTER
         if reason is not None:
             result.stop_reason = reason
             break
 
-        decision = design.propose(comparison, index)
+        if in_flight:  # reconcile: same trial id again, so a rig that presented it answers from its cache
+            trial = in_flight.pop(0)
+            trial_id, index = trial["id"], trial["index"]
+            decision = Decision(trial["stimulus"], "resumed", "re-dispatched after an orchestrator restart", None, 0.0)
+        else:
+            decision = design.propose(comparison, index)
+            trial_id = store.plan_trial(session_id, index, decision)
         protocol.check_safe(decision.stimulus)  # defence in depth: an unsafe stimulus is never sent
-        trial_id = store.plan_trial(session_id, index, decision)
         outcome, attempts, error = _dispatch(loaded, store, rigs, session_id, trial_id, index, decision)
 
         value: float | None = None
@@ -139,15 +143,15 @@ def run_session(
                 log.warning("trial %d: invalid response stored, models not updated: %s", index, error)
                 result.trials_invalid += 1
         probabilities = comparison.probabilities()
-        store.record_model_state(trial_id, probabilities, comparison.summary(), decision)
+        store.record_model_state(trial_id, probabilities, comparison.summary(),
+                                 None if decision.strategy == "resumed" else decision)
         report = TrialReport(index, status, decision.stimulus, value, probabilities, decision, attempts, error)
-        result.reports.append(report)
         if on_trial is not None:
             on_trial(report)
         index += 1
 
     result.probabilities = comparison.probabilities()
-    result.status = "stopped" if result.stop_reason == "stopped by the experimenter" else "completed"
+    result.status = "stopped" if result.stop_reason == STOPPED_BY_EXPERIMENTER else "completed"
     store.set_session_status(session_id, result.status, stopped=True)
     return result
 
@@ -177,8 +181,9 @@ def _dispatch(
 
     The wire trial id is derived from (session, index), so after a crash or a retry the worker
     recognises a trial it already presented and returns its stored result instead of presenting again.
+    Returns (outcome or None if every attempt failed, the last attempt number, the failure reason).
     """
-    from orchestrator.transport import RigLost, TrialCommand, TrialTimeout
+    from orchestrator.transport import AttemptFailed, TrialCommand
 
     protocol = loaded.protocol
     first_attempt = store.attempts(trial_id) + 1
@@ -198,11 +203,13 @@ def _dispatch(
         started = time.perf_counter()
         try:
             outcome = rigs.run_trial(cmd, timeout_s=protocol.response.timeout_s)
-        except (RigLost, TrialTimeout) as exc:
-            last_error = f"attempt {attempt}: {type(exc).__name__}: {exc}"
+        except AttemptFailed as exc:  # rig lost, timed out or rejected: retry with the same trial id
+            last_error = f"attempt {attempt} on rig {exc.rig_id}: {type(exc).__name__}: {exc}"
             log.warning("trial %d %s (%.0f ms)", index, last_error, 1000 * (time.perf_counter() - started))
             store.record_attempt_failure(trial_id, attempt, last_error)
             continue
+        # NoRigError (no rig came back in time) propagates: the trial stays open and the session
+        # is left resumable instead of failing every remaining trial.
         return outcome, attempt, None
     reason = f"no response after {protocol.rig.max_attempts} attempts; last: {last_error}"
     store.fail_trial(trial_id, reason)

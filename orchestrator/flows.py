@@ -49,9 +49,7 @@ def run_trials_task(request: SessionRequest, session_id: str, seed: int) -> dict
         )
 
     result = execute_session(request, session_id, seed, on_waiting=logger.info, on_trial=on_trial)
-    summary = asdict(result)
-    summary.pop("reports", None)
-    return summary
+    return asdict(result)
 
 
 def _run_name() -> str:
@@ -63,7 +61,7 @@ def _run_name() -> str:
     return f"{name}/{subject}/{params.get('session_id') or 'new'}"
 
 
-@flow(name="cloop-session", flow_run_name=_run_name, log_prints=True)
+@flow(name="cloop-session", flow_run_name=_run_name)
 def session_flow(request: SessionRequest, session_id: str | None = None, seed: int | None = None) -> dict[str, Any]:
     """One experiment session. With no session id (a Prefect deployment run) it registers one first."""
     migrate_database(request.db_url)

@@ -62,6 +62,7 @@ def _check_plain(value: Any, path: str, depth: int = 0) -> None:
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 Name = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")]
+Tag = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^(\*|[A-Za-z0-9_.:@-]+)$")]
 TrialId = Union[Annotated[StrictInt, Field(ge=0)], Annotated[StrictStr, Field(min_length=1, max_length=128)]]
 Timestamp = Annotated[float, Field(ge=0)]
 
@@ -75,8 +76,8 @@ class Capabilities(BaseModel):
     """What a rig can present (stimulus types, ``*`` = any) and which response kinds it records."""
 
     model_config = _STRICT
-    stimulus_types: list[Name] = Field(max_length=64)
-    response_kinds: list[Name] = Field(max_length=16)
+    stimulus_types: list[Tag] = Field(max_length=64)
+    response_kinds: list[Tag] = Field(max_length=16)
 
 
 class ClockInfo(BaseModel):

@@ -19,9 +19,11 @@ from orchestrator.engine import TrialReport
 class ProgressDisplay:
     """A SessionObserver (see orchestrator.session.observing) that shows progress as trials land."""
 
-    def __init__(self, max_trials: int, stream: TextIO | None = None, live: bool | None = None):
+    def __init__(self, max_trials: int, stream: TextIO | None = None, live: bool | None = None,
+                 trial_lines: bool = True):
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
+        self.trial_lines = trial_lines  # off when something else (a Prefect flow's logger) logs each trial
         self.max_trials = max_trials
         self.rig_status = "waiting for rig"
         self._progress: Progress | None = None
@@ -65,6 +67,8 @@ class ProgressDisplay:
                 self._task_id, completed=report.index + 1, leader=f"{leader} P={p:.3f}", decision=decision,
                 rig=f"{self.rig_status}, {report.attempts} attempt(s)",
             )
+            return
+        if not self.trial_lines:
             return
         stimulus = " ".join(f"{k}={v}" for k, v in report.stimulus.items())
         print(

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import secrets
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Protocol as TypingProtocol
 
 from orchestrator import code_version
 from orchestrator.engine import SessionControl, SessionResult, TrialReport, run_session
-from orchestrator.protocol import LoadedProtocol, load_protocol
+from orchestrator.control import SessionController
+from orchestrator.protocol import LoadedProtocol, parse_protocol_text
 from orchestrator.store import TrialStore, upgrade
 
 log = logging.getLogger("cloop.session")
@@ -81,10 +82,26 @@ def register_session(request: SessionRequest, loaded: LoadedProtocol) -> tuple[s
             bind=request.bind,
             design=request.design or loaded.protocol.design.strategy,
             code_version=code_version(),
+            meta={"request": asdict(request)},
         )
         return session_id, seed
     finally:
         store.close()
+
+
+def request_for_resume(db_url: str, session: str, **overrides: object) -> tuple[SessionRequest, str, int]:
+    """Rebuild the SessionRequest a session was started with (same bind, seed, design); apply overrides."""
+    store = TrialStore(db_url)
+    try:
+        row = store.session(session)
+    finally:
+        store.close()
+    stored = dict((row.get("meta") or {}).get("request") or {})
+    stored.update(db_url=db_url, seed=row["seed"])
+    stored.update({k: v for k, v in overrides.items() if v is not None})
+    known = set(SessionRequest.__dataclass_fields__)
+    request = SessionRequest(**{k: v for k, v in stored.items() if k in known})
+    return request, row["id"], int(row["seed"])
 
 
 def execute_session(
@@ -98,11 +115,14 @@ def execute_session(
     control: SessionControl | None = None,
 ) -> SessionResult:
     """Open the rig server, wait for the rigs the protocol needs, and run the loop to its end."""
+    from orchestrator.transport import NoRigError as TransportNoRig
     from orchestrator.transport import RigServer
 
-    loaded = loaded or load_protocol(request.protocol_path)
-    protocol = loaded.protocol
     store = TrialStore(request.db_url)
+    # The session runs the protocol text stored when it was registered, never a file edited since.
+    loaded = loaded or parse_protocol_text(store.session(session_id)["protocol_text"], source=request.protocol_path)
+    protocol = loaded.protocol
+    controller = control or SessionController(store).install_sigint()
     timeout = request.wait_for_rig_s if request.wait_for_rig_s is not None else protocol.rig.wait_for_rig_s
     try:
         with RigServer(request.bind, keys_dir=request.keys_dir, insecure=request.insecure) as rigs:
@@ -112,7 +132,7 @@ def execute_session(
                 f"capabilities {protocol.rig.capabilities} on {rigs.endpoint} "
                 f"(start one with: cloop rig --connect {rigs.endpoint} --adapter ...)"
             )
-            log.info(message)
+            log.debug(message)
             if on_waiting is not None:
                 on_waiting(message)
             for observer in list(_observers):
@@ -120,16 +140,14 @@ def execute_session(
             store.set_session_status(session_id, "waiting_for_rig")
             try:
                 found = rigs.wait_for_rigs(protocol.rig.capabilities, protocol.rig.count, timeout)
-            except Exception as exc:
-                if type(exc).__name__ != "NoRigError":
-                    raise
+            except TransportNoRig as exc:
                 store.set_session_status(session_id, "no_rig", stopped=True)
                 raise NoRigError(
                     f"no rig with capabilities {protocol.rig.capabilities} connected to {rigs.endpoint} "
                     f"within {timeout:g} s; session {session_id} was not started"
                 ) from exc
             for rig in found:
-                store.upsert_rig(rig if isinstance(rig, dict) else vars(rig))
+                store.upsert_rig(rig.as_dict())
             def notify(report: TrialReport) -> None:
                 if on_trial is not None:
                     on_trial(report)
@@ -144,14 +162,16 @@ def execute_session(
                 seed=seed,
                 max_trials=request.max_trials,
                 design_override=request.design,
-                control=control,
+                control=controller,
                 on_trial=notify,
             )
     except BaseException:
         # Leave a truthful status behind; a resumable session stays resumable.
-        status = store.session(session_id).get("status") if hasattr(store, "session") else None
-        if status in ("running", "waiting_for_rig"):
+        status = store.session(session_id)["status"]
+        if status not in ("completed", "stopped", "no_rig"):
             store.set_session_status(session_id, "interrupted")
         raise
     finally:
+        if isinstance(controller, SessionController):
+            controller.uninstall_sigint()
         store.close()

@@ -33,6 +33,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -44,7 +45,9 @@ OPEN_STATUSES = ("planned", "dispatched")
 #: Session statuses are checked in Python only (no DB constraint), so the engine can add states
 #: without a migration.
 SESSION_STATUSES = ("created", "waiting_for_rig", "running", "completed", "stopped", "interrupted",
-                    "no_rig", "failed", "abandoned")
+                    "no_rig", "failed", "abandoned",
+                    # requests from another terminal (cloop pause|continue|stop), honoured at trial boundaries
+                    "pause_requested", "paused", "continue_requested", "stop_requested")
 ATTEMPT_STATUSES = ("dispatched", "completed", "invalid", "failed")
 
 
@@ -670,6 +673,26 @@ class TrialStore:
             row.status = status
             if stopped:
                 row.stopped_at = utcnow()
+
+    def transition_status(self, session_id: str, expected: tuple[str, ...], status: str,
+                          stopped: bool = False) -> bool:
+        """Atomically set `status` only if the current status is one of `expected` (compare-and-set).
+
+        Pause/continue/stop requests from other processes race with the engine's own transitions;
+        a conditional UPDATE makes the winner well defined on SQLite and PostgreSQL alike.
+        """
+        if status not in SESSION_STATUSES:
+            raise StoreError(f"session status {status!r} not one of {SESSION_STATUSES}")
+        values: dict[str, Any] = {"status": status}
+        if stopped:
+            values["stopped_at"] = utcnow()
+        with self._tx() as s:
+            result = s.execute(
+                update(SessionRow)
+                .where(SessionRow.id == session_id, SessionRow.status.in_(expected))
+                .values(**values)
+            )
+            return bool(result.rowcount)
 
     def resolve_session(self, session: str) -> str:
         """Full session id from an id, a unique id prefix, or "latest"."""

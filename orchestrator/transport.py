@@ -193,6 +193,7 @@ class _Rig:
     clock: _Clock
     inflight: dict[Any, _Pending] = field(default_factory=dict)
     last_dispatch: float = 0.0
+    last_hb: float = 0.0  # heartbeats also go out while busy: each one is a clock sample
 
 
 def _normalise_bind(bind: str) -> str:
@@ -616,6 +617,8 @@ class RigServer:
                  msg.rig_id, list(msg.adapters), list(msg.capabilities.stimulus_types),
                  msg.software_version, msg.pid, key_name or "-")
         self._send_welcome(rig)
+        if self._send(rig.ident, m.encode(m.Heartbeat(sent_at=time.time()))):  # first clock sample now
+            rig.last_hb = now
         self._dispatch()
 
     def _send_welcome(self, rig: _Rig) -> None:
@@ -751,11 +754,11 @@ class RigServer:
                 self._fail(p, TrialTimeout(f"rig {rig.info.rig_id} did not answer trial {p.cmd.trial_id!r} attempt "
                                            f"{p.cmd.attempt} within {p.timeout_s:g} s", trial_id=p.cmd.trial_id,
                                            attempt=p.cmd.attempt, rig_id=rig.info.rig_id))
-            if now - rig.last_sent >= self.heartbeat_s:
+            if now - rig.last_hb >= self.heartbeat_s:
                 if hb is None:
                     hb = m.encode(m.Heartbeat(sent_at=time.time()))
                 if self._send(rig.ident, hb):
-                    rig.last_sent = now
+                    rig.last_sent = rig.last_hb = now
         if self._pending:
             kept: collections.deque[_Pending] = collections.deque()
             for p in self._pending:
@@ -776,7 +779,7 @@ class RigServer:
         now = time.monotonic()
         for rig in list(self._rigs.values()):
             if self._send(rig.ident, hb):
-                rig.last_sent = now
+                rig.last_sent = rig.last_hb = now
 
     def _on_monitor(self) -> None:
         while True:

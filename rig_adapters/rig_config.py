@@ -92,6 +92,8 @@ class DisplayConfig(_Strict):
     dropped_frame_tolerance: float = Field(default=1.2, gt=1.0, le=3.0)
     """A frame interval longer than this many refresh periods counts as a dropped frame."""
     inter_trial_frames: int = Field(default=1, ge=1)
+    software_vsync: bool = False
+    """Pace flips on the nominal refresh grid; only for virtual displays (Xvfb) without vblank."""
 
 
 class KeyboardConfig(_Strict):

@@ -50,22 +50,20 @@ class ParticleMixtureModel(Model):
 
 
 def _log_outcome_probs(views: Sequence[View], X_raw: torch.Tensor, lik: Likelihood,
-                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                       compute_dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per model: log weights (N,) and log P(outcome k | component i, x_j) (N, S, K) on a shared grid."""
     comps = [v(X_raw) for v in views]
     means = torch.cat([m.reshape(-1) for _, m, _ in comps])
-    noise = None
     if lik.kind == "gaussian":
-        noise = torch.cat([(n if n is not None else torch.ones(1)).reshape(-1) for _, _, n in comps])
-        noise_exp = torch.cat([(n.unsqueeze(-1).expand_as(m)).reshape(-1) for _, m, n in comps])  # type: ignore[union-attr]
-        ys, spacing = lik.outcomes(means, noise_exp)
+        noise_all = torch.cat([n.unsqueeze(-1).expand_as(m).reshape(-1) for _, m, n in comps])  # type: ignore[union-attr]
+        ys, spacing = lik.outcomes(means, noise_all)
     else:
         ys, spacing = lik.outcomes(means)
     out_w, out_lp = [], []
     for logw, m, n in comps:
         nn = None if n is None else n.unsqueeze(-1).expand_as(m)
-        out_lp.append(lik.outcome_log_probs(m, ys, nn, spacing))
-        out_w.append(logw)
+        out_lp.append(lik.outcome_log_probs(m, ys, nn, spacing, compute_dtype))
+        out_w.append(logw.to(compute_dtype))
     return out_w, out_lp
 
 
@@ -78,12 +76,16 @@ def _joint(lp: torch.Tensor, q: int) -> torch.Tensor:
     return joint
 
 
-def _mixture_kl_terms(logw: torch.Tensor, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p_mix(y) = logsumexp_i(log w_i + lp_i(y)) -> (b, K); and sum_i w_i KL(p_i || p_mix) -> (b,)."""
-    log_mix = torch.logsumexp(logw.view(-1, 1, 1) + lp, dim=0)
+def _kl(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sum_k p_k (log p_k - log q_k) over the last dim, with 0 log 0 = 0."""
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def _mixture(logw: torch.Tensor, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Component probs p_i(y) (N, b, K) and the weighted mixture log p(y) (b, K) via one matmul."""
     p = lp.exp()
-    kl = (p * (lp - log_mix.unsqueeze(0))).sum(-1)  # (N, b)
-    return log_mix, (logw.exp().unsqueeze(-1) * kl).sum(0)
+    mix = (logw.exp() @ p.reshape(p.shape[0], -1)).reshape(p.shape[1:])
+    return p, torch.log(mix.clamp_min(torch.finfo(p.dtype).tiny))
 
 
 class _OutcomeMI(AcquisitionFunction):
@@ -93,12 +95,14 @@ class _OutcomeMI(AcquisitionFunction):
         self.space = space
         self.likelihood = likelihood
         self.X_pending: torch.Tensor | None = None
+        #: float32 for exhaustive scoring of discrete candidates (no gradients needed), else float64
+        self.compute_dtype = torch.float64
 
     def _per_point(self, X: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int]:
         """Outcome log-probs per model reshaped to (N, b, q, K)."""
         b, q, d = X.shape
         raw = self.space.design_to_raw(X.reshape(b * q, d))
-        ws, lps = _log_outcome_probs(self.views, raw, self.likelihood)
+        ws, lps = _log_outcome_probs(self.views, raw, self.likelihood, self.compute_dtype)
         return ws, [lp.reshape(lp.shape[0], b, q, lp.shape[-1]) for lp in lps], b, q
 
     def _stack_q(self, lps: list[torch.Tensor], q: int) -> tuple[list[torch.Tensor], bool]:
@@ -128,11 +132,12 @@ class ModelDiscriminationMI(_OutcomeMI):
         return sum(self._mi(ws, [lp[:, :, j, :] for lp in stacked]) for j in range(q))  # type: ignore[return-value]
 
     def _mi(self, ws: list[torch.Tensor], lps: list[torch.Tensor]) -> torch.Tensor:
-        logmix_m = [torch.logsumexp(w.view(-1, 1, 1) + lp, 0) for w, lp in zip(ws, lps)]  # each (b, K)
-        stack = torch.stack(logmix_m)  # (M, b, K)
-        log_total = torch.logsumexp(self.log_probs.view(-1, 1, 1) + stack, 0)  # (b, K)
-        kl = (stack.exp() * (stack - log_total.unsqueeze(0))).sum(-1)  # (M, b)
-        return (self.log_probs.exp().unsqueeze(-1) * kl).sum(0).clamp_min(0.0)
+        stack = torch.stack([_mixture(w, lp)[1] for w, lp in zip(ws, lps)])  # (M, b, K) log p_m(y)
+        pm = stack.exp()
+        pi = self.log_probs.exp().to(pm.dtype)
+        log_total = torch.log(torch.einsum("m,mbk->bk", pi, pm).clamp_min(torch.finfo(pm.dtype).tiny))
+        kl = _kl(pm, stack, log_total.unsqueeze(0))  # (M, b)
+        return (pi.unsqueeze(-1) * kl).sum(0).clamp_min(0.0).to(torch.float64)
 
 
 class ParameterInformation(_OutcomeMI):
@@ -147,8 +152,14 @@ class ParameterInformation(_OutcomeMI):
         ws, lps, b, q = self._per_point(X)
         stacked, exact = self._stack_q(lps, q)
         if exact:
-            return _mixture_kl_terms(ws[0], stacked[0])[1].clamp_min(0.0)
-        return sum(_mixture_kl_terms(ws[0], stacked[0][:, :, j, :])[1] for j in range(q)).clamp_min(0.0)  # type: ignore[union-attr]
+            return self._info(ws[0], stacked[0])
+        return sum(self._info(ws[0], stacked[0][:, :, j, :]) for j in range(q))  # type: ignore[return-value]
+
+    @staticmethod
+    def _info(logw: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+        p, log_mix = _mixture(logw, lp)
+        kl = _kl(p, lp, log_mix.unsqueeze(0))  # (N, b)
+        return (logw.exp().unsqueeze(-1) * kl).sum(0).clamp_min(0.0).to(torch.float64)
 
 
 def entropy_nats(p: torch.Tensor) -> float:

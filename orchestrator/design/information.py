@@ -80,6 +80,7 @@ class InformationDesign(BaseStrategy):
     def _optimize(self, acq: Any, trial_index: int) -> tuple[torch.Tensor, float]:
         q = self.batch_size
         if self._choices is not None:
+            acq.compute_dtype = torch.float32  # ranking a finite set: float32 is ample and 2x faster
             with torch.no_grad():
                 x, val = optimize_acqf_discrete(acq, q=q, choices=self._choices, max_batch_size=4096,
                                                 unique=q <= self._choices.shape[0])

@@ -90,18 +90,46 @@ class Likelihood:
         return grid, grid[1] - grid[0]
 
     def outcome_log_probs(self, mean: torch.Tensor, ys: torch.Tensor, noise: torch.Tensor | None = None,
-                          spacing: torch.Tensor | None = None) -> torch.Tensor:
-        """log P(outcome k | mean) on the grid `ys` (last dim K); rows sum to 1 (Poisson tail folded)."""
-        lp = self.log_prob(ys, mean.unsqueeze(-1), None if noise is None else noise.unsqueeze(-1))
+                          spacing: torch.Tensor | None = None,
+                          compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """log P(outcome k | mean) on the grid `ys` (last dim K); rows sum to 1 (Poisson tail folded).
+
+        Each kind's log density is linear in a few features of the mean (e.g. binomial:
+        y logit(p) + n log(1-p) + log C(n, y)), so the whole (..., K) table is one matrix product.
+        """
+        shape = mean.shape
+        if self.kind in ("bernoulli", "binomial"):
+            p = mean.clamp(EPS, 1 - EPS)
+            log1mp = torch.log1p(-p)
+            feats = torch.stack([torch.log(p) - log1mp, log1mp], -1)
+            basis = torch.stack([ys, torch.full_like(ys, float(self.n))])
+            n = torch.as_tensor(float(self.n), dtype=ys.dtype)
+            const = torch.lgamma(n + 1) - torch.lgamma(ys + 1) - torch.lgamma(n - ys + 1)
+        elif self.kind == "poisson":
+            lam = mean.clamp_min(EPS)
+            feats = torch.stack([torch.log(lam), -lam], -1)
+            basis = torch.stack([ys, torch.ones_like(ys)])
+            const = -torch.lgamma(ys + 1)
+        elif self.kind == "gaussian":
+            assert noise is not None and spacing is not None
+            s = noise.clamp_min(EPS)
+            inv = 1.0 / (s * s)
+            feats = torch.stack([-0.5 * inv, mean * inv, -0.5 * mean * mean * inv - torch.log(s)], -1)
+            basis = torch.stack([ys * ys, ys, torch.ones_like(ys)])
+            const = torch.zeros_like(ys)
+        else:
+            raise ValueError(f"unknown response kind {self.kind!r}")
+        ones = torch.ones(feats.shape[:-1] + (1,), dtype=feats.dtype)
+        feats = torch.cat([feats, ones], -1).reshape(-1, basis.shape[0] + 1)
+        basis = torch.cat([basis, const.unsqueeze(0)], 0)
+        lp = (feats.to(compute_dtype) @ basis.to(compute_dtype)).reshape(*shape, ys.shape[0])
         if self.kind == "poisson":
             # fold the tail mass P(Y >= K-1) into the last outcome so each row is a distribution
             head = torch.logsumexp(lp[..., :-1], dim=-1, keepdim=True)
             tail = torch.log1p(-head.exp().clamp(max=1 - 1e-12))
             lp = torch.cat([lp[..., :-1], tail], dim=-1)
         elif self.kind == "gaussian":
-            assert spacing is not None
-            lp = lp + torch.log(spacing)
-            lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+            lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)  # normalise the discretised density
         return lp
 
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import distributions as D
-from torch.distributions import constraints, transforms
+from torch.distributions import constraint_registry, constraints, transforms
 
 DTYPE = torch.float64
 
@@ -128,7 +128,7 @@ class Prior:
 
     def to_unconstrained(self) -> transforms.Transform:
         """Bijection real line -> support (call `.inv` to go to the real line)."""
-        return transforms.biject_to(self.support())
+        return constraint_registry.biject_to(self.support())
 
 
 def make_prior(spec: Any, path: str) -> Prior:

@@ -86,6 +86,12 @@ class StimulusEncoding:
         grids = torch.meshgrid(*axes, indexing="ij")
         return torch.stack([g.reshape(-1) for g in grids], dim=-1)
 
+    def enumerate_discrete_subset(self, dims: list[int]) -> torch.Tensor:
+        """All combinations of the given discrete dims (values in design coordinates), (n, len(dims))."""
+        axes = [torch.arange(int(self.dims[i].lo), int(self.dims[i].hi) + 1, dtype=DTYPE) for i in dims]
+        grids = torch.meshgrid(*axes, indexing="ij")
+        return torch.stack([g.reshape(-1) for g in grids], dim=-1)
+
     # -- conversions -------------------------------------------------------------------------
     def design_to_raw(self, z: torch.Tensor) -> torch.Tensor:
         """Design coordinates (..., d) -> raw model values (..., d); differentiable in continuous dims."""
