@@ -161,7 +161,9 @@ def _run_request(request, loaded, prefect: bool, extra_observer=None):  # noqa: 
                     summary = _execute(request, session_id, seed, loaded, prefect)
             else:
                 summary = _execute(request, session_id, seed, loaded, prefect)
-    except (NoRigError, TransportError) as exc:
+    except NoRigError as exc:
+        _fail(str(exc), RUN_FAILED)
+    except TransportError as exc:
         _fail(f"{exc} (session {session_id} is resumable: cloop resume {session_id})", RUN_FAILED)
     except SecurityError as exc:
         _fail(str(exc), BAD_INPUT)

@@ -189,12 +189,13 @@ def cmd_report(
     session: str = typer.Argument(..., help="Session id, unique id prefix, or 'latest'."),
     output: Path = typer.Option(..., "--output", "-o", help="HTML file to write (replaced atomically)."),
     db: Optional[str] = DbOption,
+    png_dir: Optional[Path] = typer.Option(None, "--png-dir", help="Also save each plot as PNG in this directory."),
 ) -> None:
     """Write a self-contained HTML report with plots for one session."""
     from orchestrator import report
 
     with user_errors():
-        path = report.write_report(st.resolve_url(db), session, output)
+        path = report.write_report(st.resolve_url(db), session, output, png_dir=png_dir)
     typer.echo(f"wrote {path}")
 
 

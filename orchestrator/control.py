@@ -34,13 +34,38 @@ def request(store: TrialStore, session: str, command: str) -> str:
         if store.transition_status(session_id, ("running", "waiting_for_rig", "continue_requested", *PAUSED_STATES),
                                    "stop_requested"):
             return "stop_requested"
-        # Nobody is running it (the orchestrator died): stopping just closes the books.
-        if store.transition_status(session_id, ("interrupted", "created"), "stopped", stopped=True):
+        # Nobody is running it (the orchestrator died, or no rig came): stopping just closes the books;
+        # a trial left in flight can no longer be reconciled, so it is marked abandoned, not deleted.
+        if store.transition_status(session_id, ("interrupted", "created", "no_rig", "failed"), "stopped",
+                                   stopped=True):
+            store.abandon_open_trials(session_id, "session stopped while no orchestrator was running it")
             return "stopped"
     else:
         raise ValueError(f"unknown command {command!r}")
     status = store.session(session_id)["status"]
     raise ValueError(f"cannot {command} session {session_id}: its status is {status!r}")
+
+
+#: What each request waits for with `wait_for` (`cloop pause --wait`): the state that proves it was honoured.
+HONOURED = {
+    "pause": ("paused", "stopped", "completed", "interrupted"),
+    "continue": ("running", "stopped", "completed", "interrupted"),
+    "stop": ("stopped", "completed", "interrupted"),
+}
+
+
+def wait_for(store: TrialStore, session_id: str, statuses: tuple[str, ...], timeout_s: float,
+             poll_s: float = 0.2) -> str:
+    """Poll the session's status until it is one of `statuses`; return it (raise TimeoutError)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = store.session(session_id)["status"]
+        if status in statuses:
+            return status
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"session {session_id} is still {status!r} after {timeout_s:g} s "
+                               f"(waiting for {' / '.join(statuses)}); is its orchestrator running?")
+        time.sleep(poll_s)
 
 
 class SessionController:
@@ -92,14 +117,12 @@ class SessionController:
             f"session {session_id} paused at a trial boundary; `cloop continue {session_id[:8]}` resumes, "
             f"`cloop stop {session_id[:8]}` (or Ctrl-C) stops"
         )
-        paused_by_ctrl_c = self.interrupts == 1
         while True:
             status = self.store.session(session_id)["status"]
             if self.interrupts >= 2 or status == "stop_requested":
                 return "stop"
             if status in ("continue_requested", "running"):
-                if paused_by_ctrl_c:
-                    self.interrupts = 0
+                self.interrupts = 0  # a continue also forgives a Ctrl-C pressed while paused
                 self.store.transition_status(session_id, ("continue_requested",), "running")
                 self.announce(f"session {session_id} continues")
                 return "run"

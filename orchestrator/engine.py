@@ -103,13 +103,15 @@ def run_session(
     in_flight = store.open_trials(session_id)  # planned/dispatched when the orchestrator died
     index = store.next_index(session_id) - len(in_flight)
     counts = store.trial_counts(session_id)
-    store.set_session_status(session_id, "running")
+    # Not a blind set: a pause/stop requested while waiting for rigs (or before a crash) must survive.
+    store.transition_status(session_id, ("created", "waiting_for_rig", "interrupted", "no_rig", "failed"), "running")
     result = SessionResult(session_id, "running", counts.get("completed", 0), counts.get("failed", 0),
                            counts.get("invalid", 0), comparison.probabilities(), "")
 
     while True:
         reason = _stop_reason(protocol, comparison, result.trials_completed, index, limit)
-        if reason is None and control.checkpoint(session_id) == "stop":
+        # An in-flight trial from before a crash is reconciled first: the rig may have presented it.
+        if reason is None and not in_flight and control.checkpoint(session_id) == "stop":
             reason = STOPPED_BY_EXPERIMENTER
         if reason is not None:
             result.stop_reason = reason

@@ -36,25 +36,29 @@ class MessageError(ValueError):
         self.reason = message
 
 
-def _check_plain(value: Any, path: str, depth: int = 0) -> None:
-    """Refuse anything but JSON-like data, so payloads can be stored as JSON unchanged."""
+def _check_plain(value: Any, path: str, depth: int = 0, allow_nonfinite: bool = False) -> None:
+    """Refuse anything but JSON-like data, so payloads can be stored as JSON unchanged.
+
+    ``allow_nonfinite`` is for responses only: a rig whose sensor yields NaN must still deliver it,
+    so the orchestrator can store the trial as invalid (with the raw value) instead of losing it.
+    """
     if depth > MAX_DEPTH:
         raise ValueError(f"{path}: nested deeper than {MAX_DEPTH} levels")
     if value is None or isinstance(value, (bool, int, str)):
         return
     if isinstance(value, float):
-        if not math.isfinite(value):
+        if not (allow_nonfinite or math.isfinite(value)):
             raise ValueError(f"{path}: non-finite number {value!r}")
         return
     if isinstance(value, list):
         for i, item in enumerate(value):
-            _check_plain(item, f"{path}[{i}]", depth + 1)
+            _check_plain(item, f"{path}[{i}]", depth + 1, allow_nonfinite)
         return
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ValueError(f"{path}: key {key!r} is not a string")
-            _check_plain(item, f"{path}.{key}", depth + 1)
+            _check_plain(item, f"{path}.{key}", depth + 1, allow_nonfinite)
         return
     raise ValueError(f"{path}: type {type(value).__name__} is not allowed (JSON-like values only)")
 
@@ -113,7 +117,7 @@ class Result(_Base):
     @field_validator("response")
     @classmethod
     def _response(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _check_plain(value, "response")
+        _check_plain(value, "response", allow_nonfinite=True)
         if "value" not in value:
             raise ValueError("must contain the key 'value'")
         return value

@@ -137,7 +137,9 @@ def execute_session(
                 on_waiting(message)
             for observer in list(_observers):
                 observer.waiting(rigs.endpoint, message)
-            store.set_session_status(session_id, "waiting_for_rig")
+            # Keeps a pending stop/pause request (e.g. a stop asked before a crash) for the engine to honour.
+            store.transition_status(session_id, ("created", "running", "interrupted", "no_rig", "failed"),
+                                    "waiting_for_rig")
             try:
                 found = rigs.wait_for_rigs(protocol.rig.capabilities, protocol.rig.count, timeout)
             except TransportNoRig as exc:

@@ -490,9 +490,12 @@ def split_timing(timing: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
         worker = {}
     if not isinstance(mapped, dict):
         mapped = {}
+    explicit = bool(mapped)
     worker = dict(worker)
     mapped = dict(mapped)
     for key, val in timing.items():
+        if explicit:  # nested form: flat keys (clock offset, rtt, ...) stay only in trials.timing
+            break
         if isinstance(val, dict):
             continue
         if key.startswith("worker_"):

@@ -295,6 +295,11 @@ class RigServer:
         with self._cond:
             return [self._snapshot(r) for r in self._rigs.values()]
 
+    def in_flight(self) -> dict[str, list[Any]]:
+        """Trial ids currently dispatched to each rig (for monitoring and tests)."""
+        with self._cond:
+            return {r.info.rig_id: list(r.inflight) for r in self._rigs.values()}
+
     def wait_for_rigs(self, capabilities: list[str], count: int = 1, timeout_s: float = 60.0,
                       *, progress: Callable[[str], None] | None = None) -> list[RigInfo]:
         """Block until ``count`` rigs offering any of ``capabilities`` are registered.

@@ -237,9 +237,16 @@ class PsychoPyDisplayAdapter(Adapter):
         flips: list[float] = []
         screenshot: str | None = None
         payload: dict[str, Any] | None = None
+        period = 1.0 / self.refresh_hz
+        tolerance = self.rig.display.dropped_frame_tolerance
         frames.reset()
         frames.flip()  # align to a frame boundary so the onset is a clean frame
         offset = frames.offset()
+        # PsychoPy's own dropped-frame count over the same flips, as a cross-check of ours
+        self.win.refreshThreshold = tolerance * period
+        self.win.frameIntervals = []
+        dropped_before = self.win.nDroppedFrames
+        self.win.recordFrameIntervals = True  # the onset flip starts the record (not an interval)
         for f in range(n_frames):
             drawable.draw(f)
             self._draw_photodiode(True)
@@ -253,11 +260,12 @@ class PsychoPyDisplayAdapter(Adapter):
                 payload = self.response.poll(time.time())
         self._draw_photodiode(False)
         t_off = frames.flip()
+        self.win.recordFrameIntervals = False
+        psychopy_dropped = self.win.nDroppedFrames - dropped_before
         onset, offset_t = flips[0] + offset, t_off + offset
 
         intervals = [b - a for a, b in zip(flips, flips[1:] + [t_off])]
-        period = 1.0 / self.refresh_hz
-        dropped = sum(1 for d in intervals if d > self.rig.display.dropped_frame_tolerance * period)
+        dropped = sum(1 for d in intervals if d > tolerance * period)
         # wait for the response, keeping the background up and the keyboard polled
         deadline = onset + cmd.timeout_s
         while payload is None:
@@ -284,6 +292,7 @@ class PsychoPyDisplayAdapter(Adapter):
             "frames_requested": float(n_frames),
             "frames_measured": float(round((offset_t - onset) / period)),
             "dropped_frames": float(dropped),
+            "dropped_frames_psychopy": float(psychopy_dropped),
             "frame_interval_mean_ms": statistics.fmean(intervals) * 1000.0,
             "frame_interval_max_ms": max(intervals) * 1000.0,
             "frame_interval_sd_ms": (statistics.pstdev(intervals) * 1000.0) if len(intervals) > 1 else 0.0,
@@ -301,6 +310,7 @@ class PsychoPyDisplayAdapter(Adapter):
             self._keys()
         except TrialAborted:
             assert self.frames is not None
+            self.win.recordFrameIntervals = False
             self._draw_photodiode(False)
             self.frames.flip()  # take the stimulus off before reporting
             raise

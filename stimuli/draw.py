@@ -109,24 +109,33 @@ class _Plaid:
 
 
 class _Dots:
-    """PsychoPy DotStim; speed is converted from deg/s to deg/frame with the refresh rate."""
+    """PsychoPy DotStim; speed is converted from deg/s to deg/frame with the refresh rate.
+
+    DotStim.draw() moves the dots itself, once per call, and a second time on legacy-GL windows
+    (``_drawLegacyGL`` updates again; seen with PsychoPy 2026.2 under Mesa/Xvfb). The step size and
+    dot life are scaled by the number of updates per draw so the dots move at ``speed`` either way.
+    """
 
     def __init__(self, win: Any, p: dict[str, Any], refresh_hz: float) -> None:
         from psychopy import visual
 
+        self.updates_per_draw = 2 if getattr(win, "USE_LEGACY_GL", False) else 1
+        k = self.updates_per_draw
+        life = int(p["dot_life"])
         self.stim = visual.DotStim(
             win, units="deg", nDots=int(p["n_dots"]), coherence=p["coherence"],
             fieldPos=(p["x"], p["y"]), fieldSize=p["field_size"], fieldShape="circle",
-            dotSize=p["dot_size"], dotLife=int(p["dot_life"]), dir=p["direction"],
-            speed=p["speed"] / refresh_hz, color=luminance_to_rgb(p["luminance"]), colorSpace="rgb",
+            dotSize=p["dot_size"], dotLife=life * k if life > 0 else life, dir=p["direction"],
+            speed=p["speed"] / refresh_hz / k, color=luminance_to_rgb(p["luminance"]), colorSpace="rgb",
             signalDots="same", noiseDots="direction",
         )
         self.drawn = 0
 
     def draw(self, frame: int) -> None:
-        # DotStim moves its dots once per draw(); catch up if frames were skipped.
+        # catch up if frames were skipped, so position is a function of the frame index
         while self.drawn < frame:
-            self.stim._update_dotsXY()
+            for _ in range(self.updates_per_draw):
+                self.stim._update_dotsXY()
             self.drawn += 1
         self.stim.draw()
         self.drawn += 1

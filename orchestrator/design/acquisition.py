@@ -53,7 +53,12 @@ def _log_outcome_probs(views: Sequence[View], X_raw: torch.Tensor, lik: Likeliho
                        compute_dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per model: log weights (N,) and log P(outcome k | component i, x_j) (N, S, K) on a shared grid."""
     comps = [v(X_raw) for v in views]
-    means = torch.cat([m.reshape(-1) for _, m, _ in comps])
+    if lik.kind == "poisson":
+        # size the count grid by components with non-negligible weight (Gauss-Hermite tail nodes of
+        # the GP would otherwise demand thousands of outcomes); the tail beyond is folded in exactly
+        means = torch.cat([m[(w - torch.logsumexp(w, 0)) > math.log(1e-4)].reshape(-1) for w, m, _ in comps])
+    else:
+        means = torch.cat([m.reshape(-1) for _, m, _ in comps])
     if lik.kind == "gaussian":
         noise_all = torch.cat([n.unsqueeze(-1).expand_as(m).reshape(-1) for _, m, n in comps])  # type: ignore[union-attr]
         ys, spacing = lik.outcomes(means, noise_all)

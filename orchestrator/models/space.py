@@ -111,6 +111,21 @@ class StimulusEncoding:
             cols.append(c)
         return torch.stack(cols, dim=-1)
 
+    def raw_to_unit(self, X: torch.Tensor) -> torch.Tensor:
+        """Raw values (..., d) -> [0, 1] per dim (log scale for log dims); input space of the GP."""
+        cols = []
+        for i, dim in enumerate(self.dims):
+            c = X[..., i]
+            if dim.kind == "categorical":
+                lo, hi = min(dim.codes), max(dim.codes)
+                cols.append((c - lo) / (hi - lo) if hi > lo else c * 0)
+            elif dim.log:
+                a, b = math.log(dim.lo), math.log(dim.hi)
+                cols.append((torch.log(c.clamp_min(dim.lo * 1e-3)) - a) / (b - a) if b > a else c * 0)
+            else:
+                cols.append((c - dim.lo) / (dim.hi - dim.lo) if dim.hi > dim.lo else c * 0)
+        return torch.stack(cols, dim=-1)
+
     def design_to_stimulus(self, z: torch.Tensor) -> dict[str, Any]:
         """One design point (d,) -> stimulus dict, clipped into the safety limits and rounded."""
         out: dict[str, Any] = {}

@@ -1,0 +1,221 @@
+"""A session's lifecycle from the command line: ``resume``, ``pause``, ``continue``, ``stop``, ``deploy``.
+
+An animal in the rig cannot repeat a session, so these commands never guess: ``resume`` continues
+from what the database holds (the engine replays completed trials and reconciles the one in flight
+with the rig); ``pause``/``continue``/``stop`` only ask, through the session's status in the
+database, and the orchestrator honours the request at the next trial boundary. SESSION is a full
+id, a unique id prefix, or ``latest``. Anything the user can fix (unknown session, a session that
+is already finished) is one ``error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+import typer
+
+from orchestrator import store as st
+
+DB_HELP = "Database URL (default: $CLOOP_DB, else sqlite:///./cloop.db)."
+BAD_INPUT = 2
+RUN_FAILED = 1
+#: Sessions that are over: resuming them would add trials to a finished record.
+FINISHED = ("completed", "stopped", "abandoned")
+
+
+def _fail(message: str, code: int = BAD_INPUT) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _open(db: Optional[str]) -> st.TrialStore:
+    try:
+        return st.TrialStore(st.resolve_url(db))
+    except st.StoreError as exc:
+        raise _fail(str(exc)) from None
+
+
+# -- pause / continue / stop ----------------------------------------------------------------------
+
+
+def _request(command: str, session: str, db: Optional[str], wait: float) -> None:
+    from orchestrator import control
+
+    store = _open(db)
+    try:
+        try:
+            session_id = store.resolve_session(session)
+            status = control.request(store, session_id, command)
+        except (st.StoreError, ValueError) as exc:
+            raise _fail(str(exc)) from None
+        meaning = {
+            "pause_requested": "pause requested; the orchestrator pauses at the next trial boundary",
+            "continue_requested": "continue requested",
+            "stop_requested": "stop requested; the orchestrator stops at the next trial boundary",
+            "stopped": "stopped (no orchestrator was running it; any trial left in flight is marked abandoned)",
+        }[status]
+        typer.echo(f"session {session_id}: {meaning}")
+        if wait > 0 and status != "stopped":
+            try:
+                final = control.wait_for(store, session_id, control.HONOURED[command], wait)
+            except TimeoutError as exc:
+                raise _fail(str(exc), RUN_FAILED) from None
+            typer.echo(f"session {session_id}: {final}")
+    finally:
+        store.close()
+
+
+SessionArg = typer.Argument(..., help="Session id, unique id prefix, or 'latest'.")
+DbOpt = typer.Option(None, "--db", help=DB_HELP, show_default=False)
+WaitOpt = typer.Option(0.0, "--wait", min=0, help="Seconds to wait until the orchestrator has honoured it (0: don't).")
+
+
+def cmd_pause(session: str = SessionArg, db: Optional[str] = DbOpt, wait: float = WaitOpt) -> None:
+    """Pause a running session at the next trial boundary (the trial in flight finishes and is recorded)."""
+    _request("pause", session, db, wait)
+
+
+def cmd_continue(session: str = SessionArg, db: Optional[str] = DbOpt, wait: float = WaitOpt) -> None:
+    """Continue a paused session."""
+    _request("continue", session, db, wait)
+
+
+def cmd_stop(session: str = SessionArg, db: Optional[str] = DbOpt, wait: float = WaitOpt) -> None:
+    """Stop a session at the next trial boundary; its status becomes 'stopped' and it cannot be resumed."""
+    _request("stop", session, db, wait)
+
+
+# -- resume ---------------------------------------------------------------------------------------
+
+
+def cmd_resume(
+    session: str = SessionArg,
+    db: Optional[str] = DbOpt,
+    bind: Optional[str] = typer.Option(
+        None, "--bind", help="Endpoint for the rigs (default: the session's own address, where its rigs reconnect)."),
+    keys: Optional[str] = typer.Option(None, "--keys", help="CurveZMQ key directory (default: as the session ran)."),
+    insecure: Optional[bool] = typer.Option(None, "--insecure/--secure", help="Override the stored security mode."),
+    wait_for_rig: Optional[float] = typer.Option(None, "--wait-for-rig", min=0.1, help="Seconds to wait for rigs."),
+    prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or directly."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Continue a session after the orchestrator died (crash, SIGKILL, power loss) or was interrupted.
+
+    Rebuilds every model from the trials in the database, reconciles a trial that was in flight
+    with the rig (the rig answers from its result cache if it presented it), and carries on with the
+    same seed, so the stimuli chosen are those an uninterrupted session would have chosen.
+    """
+    from orchestrator.protocol import parse_protocol_text
+    from orchestrator.session import request_for_resume
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    url = st.resolve_url(db)
+    store = _open(db)
+    try:
+        try:
+            row = store.session(session)
+        except st.StoreError as exc:
+            raise _fail(str(exc)) from None
+        if row["status"] in FINISHED:
+            raise _fail(f"session {row['id']} is already {row['status']}; nothing to resume")
+        open_trials = store.open_trials(row["id"])
+        # An explicit resume means "run": a pause from before the crash is dropped, a stop is kept
+        # (the engine reconciles the trial in flight, then stops).
+        store.transition_status(row["id"], ("paused", "pause_requested", "continue_requested"), "interrupted")
+    finally:
+        store.close()
+    try:
+        request, session_id, seed = request_for_resume(
+            url, row["id"], bind=bind, keys_dir=keys, insecure=insecure, wait_for_rig_s=wait_for_rig)
+    except (st.StoreError, TypeError, ValueError) as exc:
+        raise _fail(f"cannot rebuild session {row['id']}'s request: {exc}") from None
+    loaded = parse_protocol_text(row["protocol_text"], source=request.protocol_path)
+    typer.echo(session_id)
+    typer.echo(
+        f"resuming session {session_id} ({row['protocol']}, subject {row['subject']}, seed {seed}): "
+        f"{row['counts']['completed']} completed trial(s) to replay, {len(open_trials)} in flight to "
+        f"reconcile, rigs reconnect to {request.bind}", err=True)
+    _run(request, session_id, seed, loaded, prefect)
+
+
+def _run(request, session_id: str, seed: int, loaded, prefect: bool) -> None:  # noqa: ANN001
+    """Run with the same live progress and exit codes as `cloop run`."""
+    import zmq
+
+    from orchestrator.cli import _execute
+    from orchestrator.keys import SecurityError
+    from orchestrator.progress import ProgressDisplay
+    from orchestrator.session import NoRigError, observing
+
+    max_trials = request.max_trials or loaded.protocol.stopping.max_trials
+    try:
+        with ProgressDisplay(max_trials) as display, observing(display):
+            summary = _execute(request, session_id, seed, loaded, prefect)
+    except NoRigError as exc:
+        raise _fail(str(exc), RUN_FAILED) from None
+    except SecurityError as exc:
+        raise _fail(str(exc)) from None
+    except zmq.ZMQError as exc:
+        raise _fail(f"cannot bind {request.bind}: {exc}; is an orchestrator still running session "
+                    f"{session_id}? (`cloop sessions` shows its status; give --bind to use another address)",
+                    RUN_FAILED) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; session {session_id} can be resumed with `cloop resume {session_id[:8]}`", err=True)
+        raise typer.Exit(130)
+    probabilities = ", ".join(f"{k}={v:.4f}" for k, v in summary["probabilities"].items())
+    typer.echo(
+        f"session {session_id} {summary['status']}: {summary['trials_completed']} completed, "
+        f"{summary['trials_invalid']} invalid, {summary['trials_failed']} failed trial(s); "
+        f"{summary['stop_reason']}; P({probabilities})"
+    )
+
+
+# -- deploy ---------------------------------------------------------------------------------------
+
+
+def cmd_deploy(
+    name: str = typer.Option(..., "--name", help="Deployment name, e.g. the rig room or protocol ('retention-room2')."),
+    pool: str = typer.Option(..., "--pool", help="Prefect work pool (a process pool is created if missing)."),
+    protocol: str = typer.Option("protocols/retention.yaml", "--protocol",
+                                 help="Protocol file, relative to --source or absolute on the worker."),
+    db: Optional[str] = typer.Option(None, "--db", help="Database URL baked into the deployment "
+                                     "(default: none; the worker's $CLOOP_DB is used, keeping passwords out of Prefect)."),
+    bind: str = typer.Option("tcp://127.0.0.1:5555", "--bind", help="Endpoint the rigs connect to, on the worker."),
+    subject: str = typer.Option("anonymous", "--subject", help="Default subject (override per run)."),
+    keys: Optional[str] = typer.Option(None, "--keys", help="CurveZMQ key directory on the worker."),
+    insecure: bool = typer.Option(False, "--insecure", help="No Curve (loopback binds only)."),
+    max_trials: Optional[int] = typer.Option(None, "--max-trials", min=1),
+    wait_for_rig: Optional[float] = typer.Option(None, "--wait-for-rig", min=0.1),
+    source: Optional[str] = typer.Option(None, "--source", help="Code location the worker runs from: a directory "
+                                         "on the worker or a git URL (default: this checkout)."),
+) -> None:
+    """Register a Prefect deployment of cloop sessions on a work pool (needs PREFECT_API_URL).
+
+    Then start workers with `prefect worker start --pool POOL` and sessions with
+    `prefect deployment run cloop-lab-session/NAME -p subject=...` (or from the Prefect UI).
+    """
+    from orchestrator import deploy
+
+    parameters = {"protocol": protocol, "subject": subject, "db": db, "bind": bind, "keys_dir": keys,
+                  "insecure": insecure, "max_trials": max_trials, "wait_for_rig_s": wait_for_rig}
+    try:
+        deployment_id = deploy.deploy(name=name, pool=pool, parameters=parameters, source=source)
+    except deploy.DeployError as exc:
+        raise _fail(str(exc)) from None
+    full = f"{deploy.flow_name()}/{name}"
+    typer.echo(f"deployment {full} ({deployment_id}) on work pool {pool!r}")
+    typer.echo(f"  start a worker:  prefect worker start --pool {pool}")
+    typer.echo(f"  run a session:   prefect deployment run {full} -p subject=SUBJECT")
+    typer.echo(f"  resume one:      prefect deployment run {full} -p resume=SESSION")
+
+
+def register(app: typer.Typer) -> None:
+    """Add resume/pause/continue/stop/deploy to the `cloop` app."""
+    app.command("resume")(cmd_resume)
+    app.command("pause")(cmd_pause)
+    app.command("continue")(cmd_continue)
+    app.command("stop")(cmd_stop)
+    app.command("deploy")(cmd_deploy)

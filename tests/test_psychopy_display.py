@@ -1,0 +1,195 @@
+"""The PsychoPy display adapter in a real window under Xvfb: timing, photodiode, keyboard, abort.
+
+Key presses are real X events injected through the XTEST extension (xdotool), read back by
+PsychoPy's keyboard (psychtoolbox backend), exactly as a physical key would be.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from orchestrator.messages import Trial
+from rig_adapters.base import AdapterError, SessionInfo
+from rig_adapters.responses import KeyboardResponse, ResponseTimeout, SimulatedResponse, TrialAborted
+from rig_adapters.rig_config import RigConfig
+from xvfb import press_key, xvfb_display
+
+pytestmark = pytest.mark.display
+
+ROOT = Path(__file__).resolve().parent.parent
+ORIENTATION = (ROOT / "protocols" / "orientation_tuning.yaml").read_text()
+
+
+def rig_config(tmp_path: Path, refresh: float = 60.0, **display: Any) -> RigConfig:
+    return RigConfig.model_validate({
+        "monitor": {"distance_cm": 57, "width_cm": 40, "resolution": [1024, 768], "refresh_hz": refresh},
+        "display": {"size": [400, 300], "software_vsync": True,
+                    "photodiode": {"enabled": True, "corner": "bottom-right", "size_px": 30},
+                    "screenshot_dir": str(tmp_path / "shots"), **display},
+        "keyboard": {"keys": {"left": 0, "right": 1}},
+    })
+
+
+def trial(index: int, timeout_s: float = 5.0, **stimulus: Any) -> Trial:
+    stimulus = stimulus or {"orientation": 45.0, "contrast": 0.8}
+    return Trial(trial_id=f"s1:{index}", attempt=1, index=index, session_id="s1", stimulus=stimulus,
+                 stimulus_type="grating", response_kind="poisson", timeout_s=timeout_s)
+
+
+SESSION = SessionInfo(session_id="s1", protocol_text=ORIENTATION, rig_id="test-rig")
+
+
+@pytest.fixture
+def make_adapter() -> Iterator[Any]:
+    xvfb_display()
+    from rig_adapters.psychopy_display import PsychoPyDisplayAdapter
+
+    made: list[PsychoPyDisplayAdapter] = []
+
+    def make(rig: RigConfig, source: Any) -> PsychoPyDisplayAdapter:
+        adapter = PsychoPyDisplayAdapter(rig, source)
+        made.append(adapter)
+        return adapter
+
+    yield make
+    for adapter in made:
+        adapter.close()
+
+
+def test_orientation_trial_with_simulated_subject(make_adapter: Any, tmp_path: Path) -> None:
+    adapter = make_adapter(rig_config(tmp_path), SimulatedResponse("von_mises", seed=3))
+    assert "grating" in adapter.capabilities()["stimulus_types"]
+    adapter.start(SESSION)
+    res = adapter.present(trial(0))
+    t = res.timing
+    # 0.5 s at 60 Hz = 30 frames, onset and offset are flip times on the epoch clock
+    assert t["frames_requested"] == 30
+    assert t["offset_flip"] - t["onset_flip"] == pytest.approx(0.5, abs=0.034)
+    assert t["presented_at"] == t["onset_flip"] <= t["responded_at"]
+    assert abs(t["presented_at"] - time.time()) < 5
+    assert t["dropped_frames"] == t["dropped_frames_psychopy"]
+    assert t["frame_interval_mean_ms"] == pytest.approx(1000 / 60, abs=1.5)
+    # a Poisson spike count from the ground-truth model, reproducible from (seed, index)
+    value = res.response["value"]
+    assert isinstance(value, int) and value >= 0
+    again = make_adapter(rig_config(tmp_path / "b"), SimulatedResponse("von_mises", seed=3))
+    again.start(SESSION)
+    assert again.present(trial(0)).response["value"] == value
+    # the protocol's fixed parameters were applied
+    assert res.meta["resolved_stimulus"]["sf"] == 0.04 and res.meta["resolved_stimulus"]["size"] == 8
+
+
+def test_screenshot_and_photodiode(make_adapter: Any, tmp_path: Path) -> None:
+    from PIL import Image
+
+    adapter = make_adapter(rig_config(tmp_path), SimulatedResponse("von_mises", seed=1))
+    adapter.start(SESSION)
+    res = adapter.present(trial(7, orientation=30.0, contrast=1.0))
+    shot = np.asarray(Image.open(res.meta["screenshot"]).convert("L")).astype(float)
+    assert shot.shape == (300, 400)
+    assert shot[-10:, -10:].min() == 255  # photodiode patch white while the stimulus is on
+    assert shot[:10, :10].max() == pytest.approx(127, abs=1)  # background corner is mean grey
+    assert shot[150 - 60:150 + 60, 200 - 60:200 + 60].std() > 5  # the grating is there
+    after = np.asarray(adapter.win.getMovieFrame(buffer="front").convert("L")).astype(float)
+    adapter.win.movieFrames.clear()
+    assert after[-10:, -10:].max() == 0  # and black once it is off
+    assert after[150 - 60:150 + 60, 200 - 60:200 + 60].std() == 0  # the screen is blank again
+
+
+def _press_later(key: str, delay_s: float) -> threading.Thread:
+    t = threading.Thread(target=lambda: (time.sleep(delay_s), press_key(key)), daemon=True)
+    t.start()
+    return t
+
+
+def test_keyboard_response_with_real_key_events(make_adapter: Any, tmp_path: Path) -> None:
+    source = KeyboardResponse(rig_config(tmp_path).keyboard)
+    adapter = make_adapter(rig_config(tmp_path), source)
+    adapter.start(SESSION)
+    presser = _press_later("Right", 0.25)
+    res = adapter.present(trial(0))
+    presser.join()
+    assert res.response["value"] == 1 and res.response["key"] == "right"
+    assert 0.1 < res.response["rt_s"] < 1.0
+    assert res.timing["responded_at"] - res.timing["presented_at"] == pytest.approx(res.response["rt_s"], abs=1e-6)
+    # a response after the stimulus went off is collected too
+    presser = _press_later("Left", 0.8)
+    res = adapter.present(trial(1))
+    presser.join()
+    assert res.response["value"] == 0 and res.response["rt_s"] > 0.5
+
+
+def test_escape_aborts_then_session_continues(make_adapter: Any, tmp_path: Path) -> None:
+    source = KeyboardResponse(rig_config(tmp_path).keyboard)
+    adapter = make_adapter(rig_config(tmp_path), source)
+    adapter.start(SESSION)
+    presser = _press_later("Escape", 0.2)
+    t0 = time.time()
+    with pytest.raises(TrialAborted) as info:
+        adapter.present(trial(0))
+    presser.join()
+    assert info.value.code == "aborted"
+    assert time.time() - t0 < 2.0  # aborted at once, not after the response timeout
+    after = np.asarray(adapter.win.getMovieFrame(buffer="front").convert("L")).astype(float)
+    adapter.win.movieFrames.clear()
+    assert after[100:200, 150:250].std() == 0  # stimulus taken off the screen
+    presser = _press_later("Left", 0.2)
+    res = adapter.present(trial(1))
+    presser.join()
+    assert res.response["value"] == 0
+
+
+def test_no_response_times_out(make_adapter: Any, tmp_path: Path) -> None:
+    source = KeyboardResponse(rig_config(tmp_path).keyboard)
+    adapter = make_adapter(rig_config(tmp_path), source)
+    adapter.start(SESSION)
+    with pytest.raises(ResponseTimeout, match="no response within 0.8 s"):
+        adapter.present(trial(0, timeout_s=0.8))
+
+
+def test_bad_trials_are_clear_errors(make_adapter: Any, tmp_path: Path) -> None:
+    adapter = make_adapter(rig_config(tmp_path), SimulatedResponse("von_mises"))
+    adapter.start(SESSION)
+    with pytest.raises(AdapterError, match="grating.contrast: 3 is above the maximum 1"):
+        adapter.present(trial(0, orientation=10.0, contrast=3.0))
+    bad_type = trial(1).model_copy(update={"stimulus_type": "pulse_train"})
+    with pytest.raises(AdapterError, match="cannot present 'pulse_train'"):
+        adapter.present(bad_type)
+    abstract = ORIENTATION.replace("type: grating", "type: abstract").replace("  fixed:\n    sf: 0.04\n    size: 8\n", "")
+    with pytest.raises(AdapterError, match="draws visual stimuli; 'abstract'"):
+        adapter.start(SessionInfo(session_id="s2", protocol_text=abstract, rig_id="r"))
+
+
+def test_frame_timing_300_presentations(make_adapter: Any, tmp_path: Path) -> None:
+    """300 short presentations: every flip timestamped, dropped frames counted (ours == PsychoPy's)."""
+    refresh = 120.0
+    rig = rig_config(tmp_path, refresh=refresh, screenshots=0)
+    adapter = make_adapter(rig, SimulatedResponse("von_mises", seed=0))
+    adapter.start(SESSION)
+    adapter.configure(stimulus_type="grating", fixed={"sf": 2.0, "size": 6}, duration_s=2 / refresh)
+    rows = []
+    t0 = time.monotonic()
+    for i in range(300):
+        res = adapter.present(trial(i, orientation=float(i % 180), contrast=0.5))
+        rows.append(res.timing)
+    elapsed = time.monotonic() - t0
+    durations = [r["offset_flip"] - r["onset_flip"] for r in rows]
+    dropped = sum(r["dropped_frames"] for r in rows)
+    assert all(r["frames_requested"] == 2 for r in rows)
+    assert all(r["dropped_frames"] == r["dropped_frames_psychopy"] for r in rows)
+    onsets = [r["onset_flip"] for r in rows]
+    assert all(b > a for a, b in zip(onsets, onsets[1:]))
+    exact = sum(1 for r in rows if r["frames_measured"] == 2)
+    assert exact >= 0.9 * len(rows), f"only {exact}/300 presentations lasted exactly 2 frames"
+    assert statistics.median(durations) == pytest.approx(2 / refresh, abs=0.001)
+    print(f"\nframe timing: 300 presentations in {elapsed:.1f} s; duration median "
+          f"{statistics.median(durations) * 1000:.3f} ms (nominal {2000 / refresh:.3f}), "
+          f"sd {statistics.pstdev(durations) * 1000:.3f} ms, max {max(durations) * 1000:.3f} ms; "
+          f"exact {exact}/300; dropped frames {dropped:g}")

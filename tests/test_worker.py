@@ -1,0 +1,272 @@
+"""Rig workers as real processes: crashes, freezes, orchestrator restarts, Curve, 16 rigs at once."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from orchestrator import keys as keyfiles
+from orchestrator.transport import AttemptFailed, RigLost, RigServer, TrialOutcome
+from rig_adapters.base import AdapterError, SessionInfo, available_adapters, build_adapter, load_adapter_class
+from rig_adapters.simulated import NullAdapter, SimulatedAdapter
+from test_transport_helpers import Workers, cmd, free_port, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+RETENTION = (REPO / "protocols" / "retention.yaml").read_text()
+
+
+def journal(state_dir: Path, rig_id: str) -> list[dict[str, Any]]:
+    path = state_dir / f"{rig_id}.journal.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_with_retries(srv: RigServer, i: int, attempts: list[tuple[int, int, str]], *, max_attempts: int = 10,
+                     session: str = "s1") -> TrialOutcome:
+    """What the engine does: same trial id, attempt + 1 after each failed attempt, every attempt noted."""
+    for attempt in range(1, max_attempts + 1):
+        try:
+            out = srv.run_trial(cmd(i, attempt=attempt, session=session), timeout_s=10, rig_wait_s=20)
+            attempts.append((i, attempt, "ok"))
+            return out
+        except AttemptFailed as exc:
+            attempts.append((i, attempt, type(exc).__name__))
+    raise AssertionError(f"trial {i} failed {max_attempts} times")
+
+
+# ----------------------------------------------------------------------------- adapters
+def test_entry_point_discovery() -> None:
+    assert available_adapters()["simulated"] == "rig_adapters.simulated:SimulatedAdapter"
+    assert load_adapter_class("simulated") is SimulatedAdapter
+    assert load_adapter_class("rig_adapters.simulated:NullAdapter") is NullAdapter
+    with pytest.raises(AdapterError, match="not an Adapter subclass"):
+        load_adapter_class("os:path")
+    with pytest.raises(AdapterError, match="needs --truth"):
+        build_adapter("simulated", {})
+    with pytest.raises(AdapterError, match="no option"):
+        build_adapter("simulated", {"truth": "power", "colour": "red"})
+
+
+def test_simulated_adapter_draws_from_the_truth_with_per_trial_seeds() -> None:
+    from orchestrator.models import build_truth
+    from orchestrator.protocol import parse_protocol_text
+    from orchestrator.messages import Trial
+
+    adapter = build_adapter("simulated", {"truth": "power:a=0.9,b=0.5", "seed": "11", "trial_seconds": "0"})
+    with pytest.raises(AdapterError, match="no session"):
+        adapter.present(Trial(trial_id=1, attempt=1, index=1, session_id="s", stimulus={"lag": 1},
+                              stimulus_type="abstract", response_kind="binomial", timeout_s=1.0))
+    adapter.start(SessionInfo("s", RETENTION, "r"))
+    truth = build_truth(parse_protocol_text(RETENTION).protocol, "power:a=0.9,b=0.5")
+    for index, lag in [(0, 0), (1, 5), (2, 50), (3, 5)]:
+        trial = Trial(trial_id=index, attempt=1, index=index, session_id="s", stimulus={"lag": lag},
+                      stimulus_type="abstract", response_kind="binomial", timeout_s=1.0)
+        got = adapter.present(trial)
+        assert got.response["value"] == truth.sample({"lag": lag}, np.random.default_rng([11, index]))
+        assert isinstance(got.response["value"], int) and 0 <= got.response["value"] <= 10
+        assert got.timing["presented_at"] <= got.timing["responded_at"]
+        assert adapter.present(trial).response == got.response  # same index, same answer
+    with pytest.raises(AdapterError, match="unknown model"):
+        SimulatedAdapter("nosuch:a=1").start(SessionInfo("s", RETENTION, "r"))
+
+
+def test_simulated_worker_process_serves_a_session(tmp_path: Path) -> None:
+    from orchestrator.models import build_truth
+    from orchestrator.protocol import parse_protocol_text
+
+    truth = build_truth(parse_protocol_text(RETENTION).protocol, "exponential:a=0.95,b=0.02")
+    with RigServer("tcp://127.0.0.1:0", insecure=True) as srv, Workers(tmp_path) as workers:
+        srv.set_session("sess", RETENTION)
+        workers.start(srv.endpoint, "sim", adapter="simulated",
+                      options={"truth": "exponential:a=0.95,b=0.02", "seed": 5})
+        [info] = srv.wait_for_rigs(["simulated"], 1, 60)
+        assert info.adapters == ("simulated",)
+        for i, lag in enumerate([0, 10, 60]):
+            c = cmd(i, session="sess", stimulus={"lag": lag})
+            out = srv.run_trial(type(c)(**{**c.__dict__, "response_kind": "binomial"}), timeout_s=60)
+            assert out.response["value"] == truth.sample({"lag": lag}, np.random.default_rng([5, i]))
+
+
+# ----------------------------------------------------------------------------- crash and restart
+def test_sigkill_mid_trial_repeatedly_loses_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    attempts: list[tuple[int, int, str]] = []
+    outcomes: dict[int, TrialOutcome] = {}
+    kills = 0
+    with RigServer("tcp://127.0.0.1:0", insecure=True) as srv, Workers(tmp_path) as workers:
+        srv.set_session("s1", "x")
+        procs = {rig: workers.start(srv.endpoint, rig, state_dir=state, options={"trial_seconds": 0.15})
+                 for rig in ("rig-a", "rig-b")}
+        srv.wait_for_rigs(["null"], 2, 30)
+        done = threading.Event()
+
+        def engine(indices: range) -> None:
+            for i in indices:
+                outcomes[i] = run_with_retries(srv, i, attempts)
+
+        threads = [threading.Thread(target=engine, args=(r,)) for r in (range(0, 20), range(20, 40))]
+        for t in threads:
+            t.start()
+        rng = random.Random(1)
+        try:
+            while kills < 5 and any(t.is_alive() for t in threads):
+                rig = rng.choice(["rig-a", "rig-b"])
+                if not wait_until(lambda: bool(srv.in_flight().get(rig)), 5):
+                    continue
+                time.sleep(rng.uniform(0.0, 0.1))  # somewhere inside the 150 ms presentation
+                procs[rig].send_signal(signal.SIGKILL)
+                procs[rig].wait()
+                kills += 1
+                time.sleep(0.1)
+                procs[rig] = workers.start(srv.endpoint, rig, state_dir=state, options={"trial_seconds": 0.15})
+                time.sleep(0.6)
+        finally:
+            for t in threads:
+                t.join(timeout=120)
+            done.set()
+        assert kills == 5
+        assert sorted(outcomes) == list(range(40)), "every trial completed"
+        failed = [a for a in attempts if a[2] != "ok"]
+        assert len(failed) >= 1 and all(a[2] == "RigLost" for a in failed)
+        assert len([a for a in attempts if a[2] == "ok"]) == 40
+        # Each trial id answered by its final attempt, and attempts were numbered 1, 2, ... per trial.
+        per_trial = collections.defaultdict(list)
+        for i, attempt, _ in attempts:
+            per_trial[i].append(attempt)
+        assert all(v == list(range(1, len(v) + 1)) for v in per_trial.values())
+        assert all(outcomes[i].attempt == per_trial[i][-1] for i in outcomes)
+    # No worker (same rig id, any incarnation) presented a trial to completion twice.
+    for rig in ("rig-a", "rig-b"):
+        results = collections.Counter(r["key"] for r in journal(state, rig) if r["event"] == "result")
+        assert results and max(results.values()) == 1, results
+        pids = {r["pid"] for r in journal(state, rig)}
+        assert len(pids) >= 1
+    presented = {r["key"] for rig in ("rig-a", "rig-b") for r in journal(state, rig) if r["event"] == "result"}
+    assert presented >= {f"str:s1:{i}" for i in range(40)} - {f"str:s1:{i}" for i in outcomes if outcomes[i].cached}
+
+
+def test_restarted_worker_replays_stored_result_instead_of_presenting_again(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with RigServer("tcp://127.0.0.1:0", insecure=True) as srv, Workers(tmp_path) as workers:
+        srv.set_session("s1", "x")
+        p = workers.start(srv.endpoint, "r", state_dir=state)
+        srv.wait_for_rigs(["null"], 1, 30)
+        first = srv.run_trial(cmd(1))
+        assert not first.cached and first.meta["presented_attempt"] == 1
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p2 = workers.start(srv.endpoint, "r", state_dir=state)
+        assert wait_until(lambda: [r.pid for r in srv.rigs()] == [p2.pid], 30)
+        again = srv.run_trial(cmd(1, attempt=2))
+        assert again.cached and again.attempt == 2 and again.meta["presented_attempt"] == 1
+        assert again.response == first.response and again.timing == first.timing
+        fresh = srv.run_trial(cmd(2))
+        assert not fresh.cached
+    results = [r for r in journal(state, "r") if r["event"] == "result"]
+    assert [r["key"] for r in results] == ["str:s1:1", "str:s1:2"]
+    assert {r["pid"] for r in results} == {p.pid, p2.pid}
+
+
+def test_frozen_worker_is_noticed_within_a_second_and_rejoins(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with RigServer("tcp://127.0.0.1:0", insecure=True) as srv, Workers(tmp_path) as workers:
+        srv.set_session("s1", "x")
+        p = workers.start(srv.endpoint, "r", state_dir=state, options={"trial_seconds": 1.0})
+        srv.wait_for_rigs(["null"], 1, 30)
+        fut = srv.submit(cmd(1))
+        assert wait_until(lambda: srv.in_flight().get("r") == ["s1:1"], 5)
+        p.send_signal(signal.SIGSTOP)  # frozen: the TCP connection stays open, only heartbeats stop
+        stopped = time.monotonic()
+        with pytest.raises(RigLost, match="silent for"):
+            fut.result(timeout=5)
+        noticed = time.monotonic() - stopped
+        assert noticed <= 1.0, noticed
+        p.send_signal(signal.SIGCONT)
+        assert wait_until(lambda: [r.pid for r in srv.rigs()] == [p.pid], 10), workers.logs()
+        retry = srv.run_trial(cmd(1, attempt=2))
+        assert retry.attempt == 2 and retry.meta["presented_attempt"] == 1  # finished once, not re-presented
+    results = [r for r in journal(state, "r") if r["event"] == "result"]
+    assert len(results) == 1
+
+
+ORCH_SCRIPT = """
+import sys, time
+from orchestrator.transport import RigServer
+srv = RigServer(sys.argv[1], insecure=True)
+srv.set_session("s1", "x")
+srv.wait_for_rigs(["null"], 1, 30)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_workers_reconnect_after_the_orchestrator_is_killed_or_restarted(tmp_path: Path) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Workers(tmp_path) as workers:
+        p = workers.start(endpoint, "r")  # starts before any orchestrator exists: keeps retrying
+        orch = subprocess.Popen([sys.executable, "-c", ORCH_SCRIPT, endpoint], stdout=subprocess.PIPE, text=True)
+        try:
+            assert orch.stdout.readline().strip() == "ready"
+        finally:
+            orch.send_signal(signal.SIGKILL)  # the orchestrator dies without a word
+            orch.wait()
+        with RigServer(endpoint, insecure=True) as srv:
+            srv.set_session("s1", "x")
+            [info] = srv.wait_for_rigs(["null"], 1, 15)
+            assert info.pid == p.pid and srv.run_trial(cmd(1)).rig_id == "r"
+        # A clean orchestrator shutdown (bye) followed by a new one on the same address.
+        with RigServer(endpoint, insecure=True) as srv:
+            srv.set_session("s2", "x")
+            [info] = srv.wait_for_rigs(["null"], 1, 15)
+            assert info.pid == p.pid and srv.run_trial(cmd(1, session="s2")).rig_id == "r"
+        assert p.poll() is None, "the worker was never restarted"
+
+
+def test_curve_between_processes(tmp_path: Path) -> None:
+    k = tmp_path / "keys"
+    keyfiles.generate(k, "orchestrator")
+    (k / "rigs").mkdir()
+    for name in ("lab1", "rogue"):
+        keyfiles.generate(k, name)
+    (k / "rigs" / "lab1.key").write_bytes((k / "lab1.key").read_bytes())
+    with RigServer("tcp://127.0.0.1:0", keys_dir=k) as srv, Workers(tmp_path) as workers:
+        srv.set_session("s1", "x")
+        workers.start(srv.endpoint, "lab1", insecure=False, keys=k, name="lab1")
+        workers.start(srv.endpoint, "rogue", insecure=False, keys=k, name="rogue")
+        workers.start(srv.endpoint, "keyless", insecure=True)
+        [info] = srv.wait_for_rigs(["null"], 1, 30)
+        assert info.key_name == "lab1"
+        out = srv.run_trial(cmd(1))
+        assert out.rig_id == "lab1"
+        assert wait_until(lambda: srv.stats["auth_failed"] >= 2, 10)
+        time.sleep(1.0)
+        assert [r.rig_id for r in srv.rigs()] == ["lab1"] and srv.stats["registrations"] == 1
+        assert srv.stats["results"] == 1 and srv.stats["rejected"] == 0
+    logs = workers.logs()
+    assert "refused this rig's key" in logs and "security handshake" in logs
+
+
+def test_sixteen_workers_in_one_session(tmp_path: Path) -> None:
+    with RigServer("tcp://127.0.0.1:0", insecure=True) as srv, Workers(tmp_path) as workers:
+        srv.set_session("s1", "x")
+        for n in range(16):
+            workers.start(srv.endpoint, f"rig-{n:02d}", options={"trial_seconds": 0.01})
+        rigs = srv.wait_for_rigs(["null"], 16, 60)
+        assert len({r.rig_id for r in rigs}) == 16 and len({r.pid for r in rigs}) == 16
+        futures = [srv.submit(cmd(i)) for i in range(320)]
+        outs = [f.result(timeout=60) for f in futures]
+        assert sorted(o.trial_id for o in outs) == sorted(f"s1:{i}" for i in range(320))
+        used = collections.Counter(o.rig_id for o in outs)
+        assert len(used) == 16 and min(used.values()) >= 5, used
+        assert all(o.clock_rtt_s is not None and o.clock_rtt_s < 0.1 for o in outs[-16:])
