@@ -33,7 +33,7 @@ TRUTH = "power:a=0.9025,b=0.4861"
 
 #: The retention protocol without the model-probability stopping rule, so every run has exactly
 #: --max-trials trials and the adaptive design (mutual information) depends on the whole history.
-PROTOCOL = """\
+PROTOCOL_TEMPLATE = """\
 name: retention_fixed
 version: "1.0"
 description: retention, fixed length (kill-and-resume harness)
@@ -59,7 +59,7 @@ models:
       a: {dist: beta, alpha: 2, beta: 1}
       b: {dist: beta, alpha: 1, beta: 80}
 design:
-  strategy: mutual_information
+  strategy: {design}
 stopping:
   max_trials: 200
 rig:
@@ -67,6 +67,11 @@ rig:
   max_attempts: 3
   wait_for_rig_s: 60
 """
+
+
+def protocol_text(design: str = "mutual_information") -> str:
+    """The harness protocol with the given design strategy."""
+    return PROTOCOL_TEMPLATE.replace("{design}", design)
 
 
 def free_port() -> int:
@@ -104,13 +109,16 @@ class RunRecord:
 class Harness:
     """Starts rigs and orchestrators as subprocesses in `workdir` and reads their database."""
 
-    def __init__(self, workdir: Path, seed: int, trials: int, *, verbose: bool = False) -> None:
+    def __init__(self, workdir: Path, seed: int, trials: int, *, design: str | None = None,
+                 trial_seconds: float = 0.2, verbose: bool = False) -> None:
         self.workdir = workdir
+        self.design = design
+        self.trial_seconds = trial_seconds
         self.seed = seed
         self.trials = trials
         self.verbose = verbose
         self.protocol = workdir / "retention_fixed.yaml"
-        self.protocol.write_text(PROTOCOL)
+        self.protocol.write_text(protocol_text())
         self.cmd = cloop_cmd()
         self.env = subprocess_env(workdir)
 
@@ -124,7 +132,7 @@ class Harness:
         state = self.workdir / f"rig-{name}"
         return subprocess.Popen(
             [*self.cmd, "rig", "--connect", endpoint, "--adapter", "simulated", "--truth", TRUTH,
-             "--seed", str(self.seed), "--trial-seconds", "0.05", "--insecure", "--rig-id", f"rig-{name}",
+             "--seed", str(self.seed), "--trial-seconds", str(self.trial_seconds), "--insecure", "--rig-id", f"rig-{name}",
              "--state-dir", str(state)],
             env=self.env, stdout=subprocess.DEVNULL, stderr=open(self.workdir / f"rig-{name}.log", "ab"),
         )
@@ -137,7 +145,8 @@ class Harness:
 
     def run_args(self, db: str, endpoint: str) -> list[str]:
         return ["run", str(self.protocol), "--db", db, "--bind", endpoint, "--seed", str(self.seed),
-                "--max-trials", str(self.trials), "--no-prefect", "--insecure", "--wait-for-rig", "30"]
+                "--max-trials", str(self.trials), "--no-prefect", "--insecure", "--wait-for-rig", "30",
+                *(["--design", self.design] if self.design else [])]
 
     # -- database ----------------------------------------------------------------------------
 
@@ -189,8 +198,16 @@ class Harness:
             stop(rig)
         return self.record(db, session_id, "reference")
 
-    def killed(self, db: str, cycles: int, rng: random.Random, poll_s: float = 0.02) -> RunRecord:
-        """Run the session, SIGKILL the orchestrator `cycles` times at random points, resume each time."""
+    def killed(self, db: str, cycles: int, rng: random.Random, poll_s: float = 0.02,
+               in_flight_share: float = 0.5, modes: list[str] | None = None) -> RunRecord:
+        """Run the session, SIGKILL the orchestrator `cycles` times at random points, resume each time.
+
+        Each kill first waits for a random number of completed trials; then, with probability
+        `in_flight_share`, it waits until a trial is dispatched to the rig and kills at once (the rig
+        presents it while no orchestrator listens); otherwise it kills after a random delay, which
+        lands anywhere in plan -> dispatch -> record -> model update (mostly in the design step).
+        `modes` fixes the mode per cycle instead ("in_flight" / "anywhere").
+        """
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         rig = self.start_rig(endpoint, "killed")
         kills: list[dict[str, Any]] = []
@@ -218,13 +235,26 @@ class Harness:
                 if proc.poll() is not None:
                     self.log(f"session ended before kill {cycle + 1}")
                     break
-                time.sleep(rng.uniform(0.0, 0.25))
+                mode = "in_flight" if rng.random() < in_flight_share else "anywhere"
+                if modes is not None:
+                    mode = modes[cycle % len(modes)]
+                if mode == "in_flight":
+                    deadline = time.monotonic() + 60
+                    while proc.poll() is None and time.monotonic() < deadline:
+                        if any(t["status"] == "dispatched" for t in self._open(db, session_id)):
+                            break
+                        time.sleep(poll_s / 2)
+                else:
+                    time.sleep(rng.uniform(0.0, 0.25))
+                if proc.poll() is not None:
+                    self.log(f"session ended before kill {cycle + 1}")
+                    break
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 done, status = self.progress(db, session_id)
                 with_open = [t["index"] for t in self._open(db, session_id)]
-                kills.append({"cycle": cycle + 1, "completed_at_kill": done, "status_at_kill": status,
-                              "open_trials": with_open})
+                kills.append({"cycle": cycle + 1, "mode": mode, "completed_at_kill": done,
+                              "status_at_kill": status, "open_trials": with_open})
                 self.log(f"kill {cycle + 1}: {done} completed, open {with_open}")
                 t0 = time.monotonic()
                 proc = self.start_orchestrator(["resume", session_id[:10], "--db", db, "--no-prefect"], "killed")
@@ -311,26 +341,36 @@ def make_db(kind: str, workdir: Path, name: str) -> tuple[str, Any]:
     return admin.rsplit("/", 1)[0] + f"/{db}", drop
 
 
-def run(cycles: int, trials: int, seed: int, db_kind: str, workdir: Path, verbose: bool = False) -> dict[str, Any]:
-    """Reference run + killed-and-resumed run; return the comparison figures."""
+def run_on(ref_db: str, kill_db: str, cycles: int, trials: int, seed: int, workdir: Path, *,
+           design: str | None = None, trial_seconds: float = 0.2, verbose: bool = False,
+           modes: list[str] | None = None) -> dict[str, Any]:
+    """Reference run on `ref_db`, killed-and-resumed run on `kill_db` (may be the same database)."""
     from orchestrator.store import upgrade
 
-    harness = Harness(workdir, seed, trials, verbose=verbose)
+    harness = Harness(workdir, seed, trials, design=design, trial_seconds=trial_seconds, verbose=verbose)
+    upgrade(ref_db)
+    upgrade(kill_db)
+    t0 = time.monotonic()
+    reference = harness.reference(ref_db)
+    t1 = time.monotonic()
+    killed = harness.killed(kill_db, cycles, random.Random(seed * 7919 + cycles), modes=modes)
+    t2 = time.monotonic()
+    figures = compare(reference, killed, trials)
+    figures.update(seed=seed, design=design or "mutual_information", reference_seconds=round(t1 - t0, 1),
+                   killed_seconds=round(t2 - t1, 1))
+    return figures
+
+
+def run(cycles: int, trials: int, seed: int, db_kind: str, workdir: Path, **options: Any) -> dict[str, Any]:
+    """Like `run_on`, with two fresh databases of `db_kind` (dropped afterwards)."""
     ref_db, drop_ref = make_db(db_kind, workdir, "reference")
     kill_db, drop_kill = make_db(db_kind, workdir, "killed")
     try:
-        upgrade(ref_db)
-        upgrade(kill_db)
-        t0 = time.monotonic()
-        reference = harness.reference(ref_db)
-        t1 = time.monotonic()
-        killed = harness.killed(kill_db, cycles, random.Random(seed * 7919 + cycles))
-        t2 = time.monotonic()
+        figures = run_on(ref_db, kill_db, cycles, trials, seed, workdir, **options)
     finally:
         drop_ref()
         drop_kill()
-    figures = compare(reference, killed, trials)
-    figures.update(db=db_kind, seed=seed, reference_seconds=round(t1 - t0, 1), killed_seconds=round(t2 - t1, 1))
+    figures["db"] = db_kind
     return figures
 
 
@@ -340,6 +380,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30, help="trials per session (must exceed cycles + 1)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--db-kind", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--design", default=None, help="override the design (default: mutual_information)")
+    parser.add_argument("--trial-seconds", type=float, default=0.2, help="simulated presentation time")
     parser.add_argument("--keep", type=Path, default=None, help="work directory to keep (default: a temp dir)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
@@ -347,10 +389,12 @@ def main() -> None:
         parser.error("--trials must be at least --cycles + 2 (each kill lands on a different trial)")
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
-        figures = run(args.cycles, args.trials, args.seed, args.db_kind, args.keep, args.verbose)
+        figures = run(args.cycles, args.trials, args.seed, args.db_kind, args.keep, design=args.design,
+                      trial_seconds=args.trial_seconds, verbose=args.verbose)
     else:
         with tempfile.TemporaryDirectory(prefix="cloop-kill-") as tmp:
-            figures = run(args.cycles, args.trials, args.seed, args.db_kind, Path(tmp), args.verbose)
+            figures = run(args.cycles, args.trials, args.seed, args.db_kind, Path(tmp), design=args.design,
+                          trial_seconds=args.trial_seconds, verbose=args.verbose)
     print(json.dumps(figures, indent=2))
     ok = (figures["trials_lost"] == 0 and figures["trials_duplicated"] == 0 and figures["sequence_equal"]
           and figures["session_status"] == "completed")

@@ -35,7 +35,7 @@ class ExportFormat(str, enum.Enum):
 
 def fail(message: str) -> "typer.Exit":
     """Print a one-line error and return the exit-code-2 exception to raise."""
-    typer.echo(f"error: {message}", err=True)
+    typer.echo("error: " + " ".join(str(message).split()), err=True)  # always exactly one line
     return typer.Exit(code=2)
 
 

@@ -107,11 +107,6 @@ def cmd_resume(
     with the rig (the rig answers from its result cache if it presented it), and carries on with the
     same seed, so the stimuli chosen are those an uninterrupted session would have chosen.
     """
-    from orchestrator.protocol import parse_protocol_text
-    from orchestrator.session import request_for_resume
-
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     url = st.resolve_url(db)
     store = _open(db)
     try:
@@ -127,12 +122,17 @@ def cmd_resume(
         store.transition_status(row["id"], ("paused", "pause_requested", "continue_requested"), "interrupted")
     finally:
         store.close()
+    from orchestrator.protocol import parse_protocol_text  # heavy imports only once the session is known
+    from orchestrator.session import request_for_resume
+
     try:
         request, session_id, seed = request_for_resume(
             url, row["id"], bind=bind, keys_dir=keys, insecure=insecure, wait_for_rig_s=wait_for_rig)
     except (st.StoreError, TypeError, ValueError) as exc:
         raise _fail(f"cannot rebuild session {row['id']}'s request: {exc}") from None
     loaded = parse_protocol_text(row["protocol_text"], source=request.protocol_path)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     typer.echo(session_id)
     typer.echo(
         f"resuming session {session_id} ({row['protocol']}, subject {row['subject']}, seed {seed}): "

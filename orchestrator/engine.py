@@ -76,9 +76,20 @@ def replay_history(store: TrialStore, session_id: str, comparison: ModelComparis
 
     This is how a resumed session rebuilds its state: the models are a deterministic function of the
     protocol, the seed and the ordered observations, all of which are in the database.
+    A crash between recording a response and recording the posterior after it leaves that trial
+    without model state; replay fills it in, so every finished trial has one.
     """
-    for stimulus, value in store.observations(session_id):
-        comparison.update(stimulus, value)
+    missing = {m["trial_id"] for m in store.model_states(session_id)
+               if m["probabilities"] is None and m["status"] in ("completed", "invalid", "failed")}
+    if not missing:
+        for stimulus, value in store.observations(session_id):
+            comparison.update(stimulus, value)
+        return
+    for trial in store.trials(session_id):
+        if trial["status"] == "completed":
+            comparison.update(trial["stimulus"], trial["value"])
+        if trial["id"] in missing:
+            store.record_model_state(trial["id"], comparison.probabilities(), comparison.summary())
 
 
 def run_session(

@@ -86,9 +86,22 @@ class TrialCommand:
     timeout_s: float
 
     def message(self) -> m.Trial:
-        return m.Trial(trial_id=self.trial_id, attempt=self.attempt, index=self.index,
-                       session_id=self.session_id, stimulus=self.stimulus, stimulus_type=self.stimulus_type,
-                       response_kind=self.response_kind, timeout_s=float(self.timeout_s))
+        return m.Trial(trial_id=_plain(self.trial_id), attempt=int(self.attempt), index=int(self.index),
+                       session_id=self.session_id, stimulus=_plain(self.stimulus),
+                       stimulus_type=self.stimulus_type, response_kind=self.response_kind,
+                       timeout_s=float(self.timeout_s))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays and tuples (as design code produces them) to plain msgpack-able values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    tolist = getattr(value, "tolist", None)  # numpy scalar or array, torch tensor
+    return _plain(tolist()) if callable(tolist) else value
 
 
 @dataclass(frozen=True)
@@ -260,6 +273,7 @@ class RigServer:
         self._pipe_out = self._ctx.socket(zmq.PAIR)
         self._pipe_out.connect(self._pipe_addr)
         self._pipe_lock = threading.Lock()
+        self._signalled = False
         self._commands: collections.deque[tuple[str, Any]] = collections.deque()
 
         # Shared with API threads (guarded by _cond): registered rigs by rig_id, session, counters.
@@ -403,9 +417,13 @@ class RigServer:
     # ------------------------------------------------------------------ plumbing
     def _command(self, kind: str, payload: Any) -> None:
         self._commands.append((kind, payload))
-        with self._pipe_lock:
-            if not self._pipe_out.closed:
-                self._pipe_out.send(b"", zmq.NOBLOCK)
+        with self._pipe_lock:  # one wake-up in flight is enough: the I/O thread drains the whole deque
+            if not self._signalled and not self._pipe_out.closed:
+                self._signalled = True
+                try:
+                    self._pipe_out.send(b"", zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
 
     def _snapshot(self, rig: _Rig) -> RigInfo:
         info = rig.info
@@ -446,6 +464,8 @@ class RigServer:
                             self._pipe_in.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                    with self._pipe_lock:
+                        self._signalled = False
                     if self._drain_commands():
                         return
                 if self._mon in events:
@@ -716,20 +736,26 @@ class RigServer:
                 best = rig
         return best
 
+    def _has_capacity(self) -> bool:
+        return any(len(r.inflight) < self.pipeline for r in self._rigs.values())
+
     def _dispatch(self) -> None:
+        """Send queued trials (FIFO) to free suitable rigs; O(1) per dispatched trial."""
         if not self._pending or not self._rigs:
             return
-        kept: collections.deque[_Pending] = collections.deque()
-        while self._pending:
-            p = self._pending.popleft()
+        skipped: list[_Pending] = []
+        while self._pending and self._has_capacity():
+            p = self._pending[0]
             if p.future.cancelled():
+                self._pending.popleft()
                 continue
             rig = self._eligible(p)
-            if rig is None:
-                kept.append(p)
-                if all(len(r.inflight) >= self.pipeline for r in self._rigs.values()):
+            if rig is None:  # this one waits for a particular rig or capability; look a little further
+                skipped.append(self._pending.popleft())
+                if len(skipped) >= 256:
                     break
                 continue
+            self._pending.popleft()
             now = time.monotonic()
             p.deadline = now + p.timeout_s
             p.dispatched_at = time.time()
@@ -742,8 +768,8 @@ class RigServer:
                 if p.cmd.attempt > 1:
                     self._event("retry_dispatched", trial_id=p.cmd.trial_id, attempt=p.cmd.attempt,
                                 rig_id=rig.info.rig_id)
-        kept.extend(self._pending)
-        self._pending = kept
+        if skipped:
+            self._pending.extendleft(reversed(skipped))
 
     def _housekeeping(self, now: float) -> None:
         dead_after = self.heartbeat_s * self.liveness

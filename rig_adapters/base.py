@@ -52,6 +52,9 @@ class Adapter(abc.ABC):
 
     #: Short name, used as the rig's adapter name in ``hello`` and matched against protocol capabilities.
     name: str = "adapter"
+    #: True only if ``present`` returns within about a millisecond and may run on any thread: the
+    #: worker then calls it from its network thread and saves two thread hops per trial.
+    inline: bool = False
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> "Adapter":

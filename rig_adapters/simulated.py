@@ -96,17 +96,22 @@ class NullAdapter(Adapter):
 
     name = "null"
 
-    def __init__(self, value: float = 0.0, trial_seconds: float = 0.0) -> None:
+    def __init__(self, value: float = 0.0, trial_seconds: float = 0.0, inline: bool | None = None) -> None:
         self.value = value
         self.trial_seconds = float(trial_seconds)
+        self.inline = (self.trial_seconds == 0) if inline is None else bool(inline)
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> "NullAdapter":
-        unknown = set(options) - {"value", "trial_seconds", "truth", "seed"}
+        unknown = set(options) - {"value", "trial_seconds", "truth", "seed", "inline"}
         if unknown:
             raise AdapterError(f"the null adapter has no option(s) {sorted(unknown)}")
+        inline = options.get("inline")
+        if inline not in (None, "", "true", "false"):
+            raise AdapterError(f"option inline={inline!r} must be true or false")
         return cls(value=_number(options, "value", float, 0.0),
-                   trial_seconds=_number(options, "trial_seconds", float, 0.0))
+                   trial_seconds=_number(options, "trial_seconds", float, 0.0),
+                   inline=None if not inline else inline == "true")
 
     def capabilities(self) -> dict[str, list[str]]:
         return {"stimulus_types": ["*"], "response_kinds": list(RESPONSE_KINDS)}

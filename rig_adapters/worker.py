@@ -181,7 +181,7 @@ class RigWorker:
                 if kind == "session":
                     self._start_session(payload)
                 elif kind == "trial":
-                    self._present(payload)
+                    self._post(self._present(payload))
         finally:
             self._stop.set()
             self._wake()
@@ -209,31 +209,28 @@ class RigWorker:
             log.error("%s", self._session_error)
             self._post(("error", (None, None, "session_failed", self._session_error)))
 
-    def _present(self, msg: m.Trial) -> None:
+    def _present(self, msg: m.Trial) -> tuple[str, Any]:
+        """Present one trial (journal first, result stored before it is sent); return the outcome item."""
         key = ResultJournal.key(msg.session_id, msg.trial_id)
         if self._session_error:
-            self._post(("error", (key, msg, "session_failed", self._session_error)))
-            return
+            return ("error", (key, msg, "session_failed", self._session_error))
         if self.session is None or self.session.session_id != msg.session_id:
-            self._post(("error", (key, msg, "session_mismatch",
-                                  f"trial for session {msg.session_id}, rig is in "
-                                  f"{self.session.session_id if self.session else 'no session'}")))
-            return
+            return ("error", (key, msg, "session_mismatch",
+                              f"trial for session {msg.session_id}, rig is in "
+                              f"{self.session.session_id if self.session else 'no session'}"))
         previous = self.journal.times_started(key)
         self.journal.started(key, msg.attempt)
         try:
             res: AdapterResult = self.adapter.present(msg)
             result = {"response": dict(res.response), "timing": dict(res.timing), "meta": dict(res.meta),
                       "presented_attempt": msg.attempt, "interrupted_before": previous}
-            m.Result(trial_id=msg.trial_id, attempt=msg.attempt, session_id=msg.session_id,
-                     response=result["response"], timing=result["timing"], meta=result["meta"])
+            data = m.encode(self._result_msg(msg, msg.attempt, result, cached=False))  # validates it too
         except Exception as exc:
             log.exception("trial %r attempt %d failed on adapter %s", msg.trial_id, msg.attempt, self.adapter.name)
-            self._post(("error", (key, msg, "adapter_failed", f"{type(exc).__name__}: {exc}")))
-            return
+            return ("error", (key, msg, "adapter_failed", f"{type(exc).__name__}: {exc}"))
         self.journal.store(key, msg.attempt, result)
         self.stats["presented"] += 1
-        self._post(("result", (key, msg, result)))
+        return ("result", (key, msg, result, data))
 
     def _post(self, item: tuple[str, Any]) -> None:
         self._outbox.append(item)
@@ -392,7 +389,11 @@ class RigWorker:
             send(m.encode(self._result_msg(msg, msg.attempt, stored, cached=True)))
             return
         active[key] = msg.attempt
-        self._tasks.put(("trial", msg))
+        if self.adapter.inline and self._tasks.empty() and self.session is not None \
+                and self.session.session_id == msg.session_id:
+            self._on_outcome(self._present(msg), send, active)  # instant adapter: no thread hop
+        else:
+            self._tasks.put(("trial", msg))
 
     @staticmethod
     def _result_msg(msg: m.Trial, attempt: int, stored: dict[str, Any], cached: bool) -> m.Result:
@@ -406,9 +407,9 @@ class RigWorker:
     def _on_outcome(self, item: tuple[str, Any], send: "_Sender", active: dict[tuple[str, str], int]) -> None:
         kind, payload = item
         if kind == "result":
-            key, msg, stored = payload
+            key, msg, stored, data = payload
             attempt = active.pop(key, msg.attempt)
-            send(m.encode(self._result_msg(msg, attempt, stored, cached=False)))
+            send(data if attempt == msg.attempt else m.encode(self._result_msg(msg, attempt, stored, cached=False)))
         elif kind == "error":
             key, msg, code, text = payload
             attempt = active.pop(key, msg.attempt) if key is not None else None

@@ -1,7 +1,6 @@
 """`cloop export`: CSV, Parquet and NWB files read back equal to the database; bad input exits 2."""
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 from pathlib import Path
@@ -162,3 +161,16 @@ def test_cli_export_and_bad_input(db: tuple[str, Built], tmp_path: Path) -> None
         assert res.stderr.startswith(message) and res.stderr.count("\n") == 1, res.stderr
     assert runner.invoke(app, ["export", "latest", "--format", "xls", "-o", "x", "--db", url]).exit_code == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.parquet"]
+
+
+@pytest.mark.postgres
+def test_round_trip_from_postgres(tmp_path: Path) -> None:
+    from store_factory import postgres_database
+
+    with postgres_database() as url:
+        st.upgrade(url)
+        with st.TrialStore(url) as store:
+            built = build_session(store, n=8)
+        for fmt in ("csv", "parquet", "nwb"):
+            back = export.read_export(export.export_session(url, built.session_id, fmt, tmp_path / f"pg.{fmt}"))
+            _check_equals_db(back, _rows(url, built.session_id))

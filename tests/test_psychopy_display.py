@@ -103,8 +103,18 @@ def test_screenshot_and_photodiode(make_adapter: Any, tmp_path: Path) -> None:
     assert after[150 - 60:150 + 60, 200 - 60:200 + 60].std() == 0  # the screen is blank again
 
 
-def _press_later(key: str, delay_s: float) -> threading.Thread:
-    t = threading.Thread(target=lambda: (time.sleep(delay_s), press_key(key)), daemon=True)
+def _press_later(source: KeyboardResponse, key: str, delay_s: float) -> threading.Thread:
+    """Press `key` `delay_s` after the next stimulus onset (the adapter calls source.begin at onset)."""
+    source._onset = None
+
+    def run() -> None:
+        deadline = time.monotonic() + 10
+        while source._onset is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(delay_s)
+        press_key(key)
+
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
 
@@ -113,24 +123,24 @@ def test_keyboard_response_with_real_key_events(make_adapter: Any, tmp_path: Pat
     source = KeyboardResponse(rig_config(tmp_path).keyboard)
     adapter = make_adapter(rig_config(tmp_path), source)
     adapter.start(SESSION)
-    presser = _press_later("Right", 0.25)
+    presser = _press_later(source, "Right", 0.25)
     res = adapter.present(trial(0))
     presser.join()
     assert res.response["value"] == 1 and res.response["key"] == "right"
-    assert 0.1 < res.response["rt_s"] < 1.0
+    assert 0.25 <= res.response["rt_s"] < 0.6
     assert res.timing["responded_at"] - res.timing["presented_at"] == pytest.approx(res.response["rt_s"], abs=1e-6)
     # a response after the stimulus went off is collected too
-    presser = _press_later("Left", 0.8)
+    presser = _press_later(source, "Left", 0.8)
     res = adapter.present(trial(1))
     presser.join()
-    assert res.response["value"] == 0 and res.response["rt_s"] > 0.5
+    assert res.response["value"] == 0 and 0.8 <= res.response["rt_s"] < 1.2
 
 
 def test_escape_aborts_then_session_continues(make_adapter: Any, tmp_path: Path) -> None:
     source = KeyboardResponse(rig_config(tmp_path).keyboard)
     adapter = make_adapter(rig_config(tmp_path), source)
     adapter.start(SESSION)
-    presser = _press_later("Escape", 0.2)
+    presser = _press_later(source, "Escape", 0.2)
     t0 = time.time()
     with pytest.raises(TrialAborted) as info:
         adapter.present(trial(0))
@@ -140,7 +150,7 @@ def test_escape_aborts_then_session_continues(make_adapter: Any, tmp_path: Path)
     after = np.asarray(adapter.win.getMovieFrame(buffer="front").convert("L")).astype(float)
     adapter.win.movieFrames.clear()
     assert after[100:200, 150:250].std() == 0  # stimulus taken off the screen
-    presser = _press_later("Left", 0.2)
+    presser = _press_later(source, "Left", 0.2)
     res = adapter.present(trial(1))
     presser.join()
     assert res.response["value"] == 0

@@ -108,3 +108,31 @@ def test_cli_report_and_bad_input(db: tuple[str, Built], tmp_path: Path) -> None
         res = runner.invoke(app, [*args, "--db", url])
         assert res.exit_code == 2 and res.stderr.startswith(message) and res.stderr.count("\n") == 1, res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
+
+
+@pytest.mark.slow  # ~25-50 s: a real `cloop demo` (orchestrator + rig worker process over ZMQ)
+def test_real_demo_session_to_dataframe_nwb_and_report(cloop_cmd: list[str], run_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    """The README path on a real engine session: `cloop demo`, then DataFrame, NWB and report."""
+    import subprocess
+
+    import pandas as pd
+
+    from orchestrator import analysis, export
+
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    proc = subprocess.run([*cloop_cmd, "demo", "--no-prefect", "--max-trials", "4", "--db", url], env=run_env,
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df = analysis.trials(url, "latest")
+    assert len(df) == 4 and set(df["status"]) == {"completed"}
+    assert df["presented_at"].notna().all() and (df["responded_at"] >= df["presented_at"]).all()
+    assert (df["value"] == df["response.value"]).all()
+    nwb = export.export_session(url, "latest", "nwb", tmp_path / "demo.nwb")
+    pd.testing.assert_frame_equal(export.read_export(nwb), analysis.normalize_frame(df))
+    page = report.write_report(url, "latest", tmp_path / "demo.html").read_text()
+    images = _images(page)
+    assert list(images) == list(report.PLOTS) and all(_non_blank(p) for p in images.values())
+    data = analysis.load_session(url, "latest")
+    curves, notes = report._predictions(data, report._protocol(data), "stimulus.lag")
+    assert set(curves) == {"power", "exponential"} and notes == {}

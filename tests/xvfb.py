@@ -1,13 +1,12 @@
 """A virtual X display (Xvfb) for tests that open real PsychoPy windows.
 
-One Xvfb per test process, started on first use on a free display number and stopped at exit:
+One Xvfb per test process, started on first use on a free display number and stopped after exit:
 pyglet keeps its X connection for the life of the process, so every display test must share it.
 Missing Xvfb or PsychoPy skips the test on a laptop and fails it under CI=true.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import subprocess
@@ -37,15 +36,12 @@ def _free_display() -> int:
     raise RuntimeError("no free X display number in :90..:199")
 
 
-def _stop() -> None:
-    global _server
-    if _server is not None and _server.poll() is None:
-        _server.terminate()
-        try:
-            _server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            _server.kill()
-    _server = None
+def _reap_when_we_exit(xvfb_pid: int) -> None:
+    """Kill Xvfb once this process has exited (not at atexit: pyglet still holds its X connection
+    then, and Xlib turns a vanished server into a fatal IO error and a non-zero exit status)."""
+    subprocess.Popen(["sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 0.5; done; kill {xvfb_pid}"],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
 
 
 def xvfb_display() -> str:
@@ -70,7 +66,7 @@ def xvfb_display() -> str:
         if proc.poll() is None and Path(f"/tmp/.X11-unix/X{n}").exists():
             _server, _display = proc, f":{n}"
             os.environ["DISPLAY"] = _display
-            atexit.register(_stop)
+            _reap_when_we_exit(proc.pid)
             return _display
         proc.kill()
     _need(False, "Xvfb did not start")

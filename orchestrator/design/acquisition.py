@@ -50,24 +50,22 @@ class ParticleMixtureModel(Model):
 
 
 def _log_outcome_probs(views: Sequence[View], X_raw: torch.Tensor, lik: Likelihood,
-                       compute_dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                       compute_dtype: torch.dtype = torch.float64,
+                       model_log_probs: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per model: log weights (N,) and log P(outcome k | component i, x_j) (N, S, K) on a shared grid."""
     comps = [v(X_raw) for v in views]
-    if lik.kind == "poisson":
-        # size the count grid by components with non-negligible weight (Gauss-Hermite tail nodes of
-        # the GP would otherwise demand thousands of outcomes); the tail beyond is folded in exactly
-        means = torch.cat([m[(w - torch.logsumexp(w, 0)) > math.log(1e-4)].reshape(-1) for w, m, _ in comps])
-    else:
-        means = torch.cat([m.reshape(-1) for _, m, _ in comps])
+    lpm = model_log_probs if model_log_probs is not None else torch.zeros(len(comps), dtype=torch.float64)
+    means = torch.cat([m.reshape(-1) for _, m, _ in comps])
+    weights = torch.cat([(w - torch.logsumexp(w, 0) + lpm[j]).exp().unsqueeze(-1).expand_as(m).reshape(-1)
+                         for j, (w, m, _) in enumerate(comps)])
+    noise_all = None
     if lik.kind == "gaussian":
         noise_all = torch.cat([n.unsqueeze(-1).expand_as(m).reshape(-1) for _, m, n in comps])  # type: ignore[union-attr]
-        ys, spacing = lik.outcomes(means, noise_all)
-    else:
-        ys, spacing = lik.outcomes(means)
+    grid = lik.outcome_grid(means, weights, noise_all)
     out_w, out_lp = [], []
     for logw, m, n in comps:
         nn = None if n is None else n.unsqueeze(-1).expand_as(m)
-        out_lp.append(lik.outcome_log_probs(m, ys, nn, spacing, compute_dtype))
+        out_lp.append(lik.outcome_log_probs(m, grid, nn, compute_dtype))
         out_w.append(logw.to(compute_dtype))
     return out_w, out_lp
 
@@ -103,11 +101,13 @@ class _OutcomeMI(AcquisitionFunction):
         #: float32 for exhaustive scoring of discrete candidates (no gradients needed), else float64
         self.compute_dtype = torch.float64
 
+    model_log_probs: torch.Tensor | None = None
+
     def _per_point(self, X: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int]:
         """Outcome log-probs per model reshaped to (N, b, q, K)."""
         b, q, d = X.shape
         raw = self.space.design_to_raw(X.reshape(b * q, d))
-        ws, lps = _log_outcome_probs(self.views, raw, self.likelihood, self.compute_dtype)
+        ws, lps = _log_outcome_probs(self.views, raw, self.likelihood, self.compute_dtype, self.model_log_probs)
         return ws, [lp.reshape(lp.shape[0], b, q, lp.shape[-1]) for lp in lps], b, q
 
     def _stack_q(self, lps: list[torch.Tensor], q: int) -> tuple[list[torch.Tensor], bool]:
@@ -126,6 +126,7 @@ class ModelDiscriminationMI(_OutcomeMI):
                  likelihood: Likelihood) -> None:
         super().__init__(views, space, likelihood)
         self.log_probs = log_probs - torch.logsumexp(log_probs, 0)
+        self.model_log_probs = self.log_probs
 
     @concatenate_pending_points
     @t_batch_mode_transform()

@@ -68,35 +68,48 @@ class Likelihood:
     def discrete(self) -> bool:
         return self.kind != "gaussian"
 
-    def outcomes(self, means: torch.Tensor, noise: torch.Tensor | None = None, k_max: int = 4096,
-                 grid_points: int = 48) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Response values to sum over, and (gaussian only) the grid spacing.
+    def outcome_grid(self, means: torch.Tensor, weights: torch.Tensor | None = None,
+                     noise: torch.Tensor | None = None) -> "OutcomeGrid":
+        """The outcomes the design sums over, sized for all component means in play.
 
-        `means` are all component means in play (any shape); Poisson outcomes are truncated where the
-        largest rate has negligible tail mass; the Gaussian grid spans every component's +-5 SD.
+        Poisson: counts 0..K where K covers the weighted 99.9% quantile of the rates (the tail beyond
+        is folded into the last outcome); when K is large, exact counts 0..15 plus ~32 bins
+        equally spaced in sqrt(count) (the variance-stabilised scale), so the cost stays ~50
+        outcomes whatever the rates. Gaussian: a grid spanning every component's +-5 SD.
         """
-        dtype = means.dtype
+        dtype = torch.float64
         if self.kind in ("bernoulli", "binomial"):
-            return torch.arange(self.n + 1, dtype=dtype), None
+            return OutcomeGrid(torch.arange(self.n + 1, dtype=dtype))
         if self.kind == "poisson":
-            m = float(means.detach().max().clamp_min(0.0))
-            k = int(min(k_max, math.ceil(m + 8 * math.sqrt(m + 1) + 8)))
-            return torch.arange(k + 1, dtype=dtype), None
+            m = means.detach().reshape(-1).clamp_min(0.0)
+            if weights is not None and m.numel() > 1:
+                w = weights.detach().reshape(-1).to(dtype)
+                order = torch.argsort(m)
+                cw = torch.cumsum(w[order], 0) / w.sum()
+                hi = float(m[order][int(torch.searchsorted(cw, torch.tensor([0.999], dtype=dtype)).clamp(max=m.numel() - 1))])
+            else:
+                hi = float(m.max())
+            k = int(math.ceil(hi + 6 * math.sqrt(hi + 1) + 6))
+            if k + 1 <= POISSON_EXACT_MAX:
+                return OutcomeGrid(torch.arange(k + 1, dtype=dtype))
+            r = torch.linspace(math.sqrt(POISSON_EXACT_HEAD), math.sqrt(k), POISSON_TAIL_BINS + 1, dtype=dtype)
+            edges = torch.unique(torch.round(r * r))
+            return OutcomeGrid(torch.arange(POISSON_EXACT_HEAD, dtype=dtype), tail_edges=edges)
         assert noise is not None
         s = noise.detach()
         lo = float((means.detach() - 5 * s).min())
         hi = float((means.detach() + 5 * s).max())
-        grid = torch.linspace(lo, hi, grid_points, dtype=dtype)
-        return grid, grid[1] - grid[0]
+        grid = torch.linspace(lo, hi, GAUSSIAN_GRID, dtype=dtype)
+        return OutcomeGrid(grid, spacing=grid[1] - grid[0])
 
-    def outcome_log_probs(self, mean: torch.Tensor, ys: torch.Tensor, noise: torch.Tensor | None = None,
-                          spacing: torch.Tensor | None = None,
+    def outcome_log_probs(self, mean: torch.Tensor, grid: "OutcomeGrid", noise: torch.Tensor | None = None,
                           compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """log P(outcome k | mean) on the grid `ys` (last dim K); rows sum to 1 (Poisson tail folded).
+        """log P(outcome k | mean) for every outcome of `grid` (last dim); each row sums to 1.
 
         Each kind's log density is linear in a few features of the mean (e.g. binomial:
         y logit(p) + n log(1-p) + log C(n, y)), so the whole (..., K) table is one matrix product.
         """
+        ys = grid.values
         shape = mean.shape
         if self.kind in ("bernoulli", "binomial"):
             p = mean.clamp(EPS, 1 - EPS)
@@ -111,10 +124,10 @@ class Likelihood:
             basis = torch.stack([ys, torch.ones_like(ys)])
             const = -torch.lgamma(ys + 1)
         elif self.kind == "gaussian":
-            assert noise is not None and spacing is not None
-            s = noise.clamp_min(EPS)
-            inv = 1.0 / (s * s)
-            feats = torch.stack([-0.5 * inv, mean * inv, -0.5 * mean * mean * inv - torch.log(s)], -1)
+            assert noise is not None and grid.spacing is not None
+            sd = noise.clamp_min(EPS)
+            inv = 1.0 / (sd * sd)
+            feats = torch.stack([-0.5 * inv, mean * inv, -0.5 * mean * mean * inv - torch.log(sd)], -1)
             basis = torch.stack([ys * ys, ys, torch.ones_like(ys)])
             const = torch.zeros_like(ys)
         else:
@@ -124,13 +137,52 @@ class Likelihood:
         basis = torch.cat([basis, const.unsqueeze(0)], 0)
         lp = (feats.to(compute_dtype) @ basis.to(compute_dtype)).reshape(*shape, ys.shape[0])
         if self.kind == "poisson":
-            # fold the tail mass P(Y >= K-1) into the last outcome so each row is a distribution
-            head = torch.logsumexp(lp[..., :-1], dim=-1, keepdim=True)
-            tail = torch.log1p(-head.exp().clamp(max=1 - 1e-12))
-            lp = torch.cat([lp[..., :-1], tail], dim=-1)
+            head = lp.exp().sum(-1, keepdim=True)
+            tail_mass = (1.0 - head).clamp_min(0.0)
+            if grid.tail_edges is None:
+                # fold P(Y >= K) into the last count so each row is a distribution
+                last = torch.log((lp[..., -1:].exp() + tail_mass).clamp_min(torch.finfo(lp.dtype).tiny))
+                lp = torch.cat([lp[..., :-1], last], dim=-1)
+            else:
+                lp = torch.cat([lp, self._tail_bins(mean, grid.tail_edges, tail_mass, lp.dtype)], dim=-1)
         elif self.kind == "gaussian":
             lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)  # normalise the discretised density
         return lp
+
+    @staticmethod
+    def _tail_bins(mean: torch.Tensor, edges: torch.Tensor, tail_mass: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """log P(count in bin j) for bins [e_j, e_j+1) (last open): the exact tail mass split across
+        bins by the Anscombe normal approximation 2 sqrt(Y + 3/8) ~ N(2 sqrt(lam + 3/8), 1)."""
+        lam = mean.clamp_min(EPS).to(dtype).unsqueeze(-1)
+        e = edges.to(dtype)
+        z = 2 * torch.sqrt(e - 0.5 + 0.375) - 2 * torch.sqrt(lam + 0.375)
+        cdf = torch.special.ndtr(z)  # (..., B+1)
+        upper = torch.cat([cdf[..., 1:], torch.ones_like(cdf[..., :1])], -1)
+        mass = (upper - cdf).clamp_min(0.0)
+        # a geometric floor keeps the split defined when every bin underflows (tail mass ~ 0 then)
+        floor = torch.finfo(dtype).tiny * torch.pow(torch.tensor(0.5, dtype=dtype), torch.arange(e.shape[0], dtype=dtype))
+        mass = mass + floor
+        share = mass / mass.sum(-1, keepdim=True)
+        return torch.log((tail_mass * share).clamp_min(torch.finfo(dtype).tiny))
+
+
+POISSON_EXACT_MAX = 48
+POISSON_EXACT_HEAD = 16
+POISSON_TAIL_BINS = 32
+GAUSSIAN_GRID = 48
+
+
+@dataclass(frozen=True)
+class OutcomeGrid:
+    """Outcomes to sum over: exact values (+ Gaussian spacing) and, for large Poisson rates, tail bins."""
+
+    values: torch.Tensor
+    spacing: torch.Tensor | None = None
+    tail_edges: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.values.shape[0]) + (0 if self.tail_edges is None else int(self.tail_edges.shape[0]))
 
 
 def make_likelihood(response: Any) -> Likelihood:
