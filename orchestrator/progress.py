@@ -20,10 +20,11 @@ class ProgressDisplay:
     """A SessionObserver (see orchestrator.session.observing) that shows progress as trials land."""
 
     def __init__(self, max_trials: int, stream: TextIO | None = None, live: bool | None = None,
-                 trial_lines: bool = True):
+                 trial_lines: bool = True, width: int | None = None):
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.trial_lines = trial_lines  # off when something else (a Prefect flow's logger) logs each trial
+        self.width = width
         self.max_trials = max_trials
         self.rig_status = "waiting for rig"
         self._progress: Progress | None = None
@@ -39,7 +40,7 @@ class ProgressDisplay:
                 TextColumn("decision {task.fields[decision]}"),
                 TextColumn("rig: {task.fields[rig]}"),
                 TimeElapsedColumn(),
-                console=Console(file=self.stream),
+                console=Console(file=self.stream, width=self.width),
                 transient=False,
             )
             self._progress.start()

@@ -209,7 +209,10 @@ def _predictions(data: SessionData, protocol: Any, xcol: str) -> tuple[dict[str,
     X = torch.stack([enc.stimulus_to_raw({**base, name: v}) for v in grid_vals])
     for cand in cands:
         if cand.is_gp:
-            notes[cand.name] = "Gaussian-process model: no parametric curve from stored summaries"
+            try:
+                curves[cand.name] = (xs, _gp_curve(data, cand, enc, X))
+            except Exception as exc:
+                notes[cand.name] = f"Gaussian process could not be refit: {exc}"
             continue
         theta_means = params.get(cand.name, {})
         missing = [p for p in cand.free_params if p not in theta_means]
@@ -225,6 +228,23 @@ def _predictions(data: SessionData, protocol: Any, xcol: str) -> tuple[dict[str,
     return curves, notes
 
 
+MAX_GP_REFIT = 500
+
+
+def _gp_curve(data: SessionData, cand: Any, enc: Any, X: Any) -> np.ndarray:
+    """Refit the GP on the completed observations (its summaries cannot rebuild it); link(posterior mean)."""
+    from orchestrator.models.gp import GPPosterior
+
+    obs = [(r["stimulus"], float(r["value"])) for r in data.rows if r["status"] == "completed" and r["value"] is not None]
+    if len(obs) > MAX_GP_REFIT:
+        raise ValueError(f"{len(obs)} observations (refit limited to {MAX_GP_REFIT})")
+    post = GPPosterior(cand, enc, int(data.info.get("seed") or 0))
+    for stimulus, value in obs:
+        post.update(enc.stimulus_to_raw(stimulus), value)
+    mu, _ = post.latent_predictive(X)
+    return post.link(mu).detach().cpu().numpy().astype(float)
+
+
 def plot_predictions(data: SessionData, protocol: Any) -> Plot:
     plt = _plt()
     cols = _stim_columns(data)
@@ -233,7 +253,8 @@ def plot_predictions(data: SessionData, protocol: Any) -> Plot:
     nrows = math.ceil(len(models) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False, sharey=True)
     caption = "Observed responses against the first stimulus parameter, with each model's mean response at its " \
-              "posterior-mean parameters after the last trial (other parameters at their median)."
+              "posterior-mean parameters after the last trial (other parameters at their median; a Gaussian " \
+              "process is refit on the completed trials and shown as link(posterior mean))."
     t = data.trials
     done = t[t["status"] == "completed"]
     scale, ylabel = _response_scale(protocol)

@@ -255,9 +255,9 @@ class PsychoPyDisplayAdapter(Adapter):
             flips.append(frames.flip())
             if f == 0:
                 self.response.begin(cmd, flips[0] + offset)
+            # only the keyboard is read while the stimulus is on: anything slower (a simulated
+            # subject's model, draining a stream) waits for the offset so no frame is late
             self._keys_or_abort()
-            if payload is None:
-                payload = self.response.poll(time.time())
         self._draw_photodiode(False)
         t_off = frames.flip()
         self.win.recordFrameIntervals = False

@@ -136,3 +136,37 @@ def test_real_demo_session_to_dataframe_nwb_and_report(cloop_cmd: list[str], run
     data = analysis.load_session(url, "latest")
     curves, notes = report._predictions(data, report._protocol(data), "stimulus.lag")
     assert set(curves) == {"power", "exponential"} and notes == {}
+
+
+def test_two_parameter_poisson_session_with_gaussian_process(tmp_path: Path) -> None:
+    """orientation x contrast, three models incl. a GP: every model gets a curve, every plot renders."""
+    from store_factory import REPO
+
+    from orchestrator.analysis import load_session
+
+    text = (REPO / "protocols" / "orientation_tuning.yaml").read_text()
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    st.upgrade(url)
+    rng = np.random.default_rng(5)
+    with st.TrialStore(url) as store:
+        sid = store.create_session(protocol_id=store.add_protocol(loaded_protocol(text)), subject_id=None, seed=5)
+        params = {"von_mises": {"b": 2.0, "g": 20.0, "k": 1.5, "pref": 90.0, "c50": 0.2, "n": 2.0},
+                  "gaussian": {"b": 2.0, "g": 20.0, "w": 20.0, "pref": 90.0, "c0": 0.05},
+                  "gp": {"lengthscale": 0.3, "outputscale": 1.0, "mean": 1.0}}
+        for i in range(12):
+            stim = {"orientation": float(rng.uniform(0, 180)), "contrast": float(rng.uniform(0.05, 1.0))}
+            tid = store.plan_trial(sid, i, {"stimulus": stim, "strategy": "mutual_information", "reason": "",
+                                            "score": 0.1, "compute_ms": 30.0})
+            store.mark_dispatched(tid, 1, "r")
+            count = int(rng.poisson(3 + 15 * np.exp(-((stim["orientation"] - 90) / 25) ** 2)))
+            store.complete_trial(tid, {"rig_id": "r", "response": {"value": count}, "timing": {}}, float(count))
+            store.record_model_state(tid, {"von_mises": 0.5, "gaussian": 0.3, "gp": 0.2},
+                                     {m: {"params": {p: {"mean": v, "sd": 0.1} for p, v in ps.items()}}
+                                      for m, ps in params.items()})
+    data = load_session(url, sid)
+    curves, notes = report._predictions(data, report._protocol(data), "stimulus.orientation")
+    assert notes == {} and set(curves) == {"von_mises", "gaussian", "gp"}
+    for name, (xs, ys) in curves.items():
+        assert xs[0] == 0 and xs[-1] == 180 and np.isfinite(ys).all() and (ys > 0).all(), name
+    images = _images(report.write_report(url, sid, tmp_path / "o.html").read_text())
+    assert list(images) == list(report.PLOTS) and all(_non_blank(p) for p in images.values())
