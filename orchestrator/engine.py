@@ -27,7 +27,7 @@ log = logging.getLogger("cloop.engine")
 class RigPool(TypingProtocol):
     """What the engine needs from the transport (orchestrator.transport.RigServer provides it)."""
 
-    def run_trial(self, cmd: Any, timeout_s: float) -> Any: ...
+    def run_trial(self, cmd: Any) -> Any: ...
 
 
 class SessionControl(TypingProtocol):
@@ -215,7 +215,7 @@ def _dispatch(
         store.mark_dispatched(trial_id, attempt, None)
         started = time.perf_counter()
         try:
-            outcome = rigs.run_trial(cmd, timeout_s=protocol.response.timeout_s)
+            outcome = rigs.run_trial(cmd)  # the server allows the response timeout plus presentation time
         except AttemptFailed as exc:  # rig lost, timed out or rejected: retry with the same trial id
             last_error = f"attempt {attempt} on rig {exc.rig_id}: {type(exc).__name__}: {exc}"
             log.warning("trial %d %s (%.0f ms)", index, last_error, 1000 * (time.perf_counter() - started))

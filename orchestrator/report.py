@@ -124,6 +124,9 @@ def plot_stimuli(data: SessionData, protocol: Any) -> Plot:
         fig.colorbar(sc, ax=ax, label="trial")
         ax.set_xlabel(_label(cols[0], protocol))
         ax.set_ylabel(ylabel if len(cols) == 1 else _label(cols[1], protocol))
+        _log_axis(ax, cols[0], protocol, "x")
+        if len(cols) > 1:
+            _log_axis(ax, cols[1], protocol, "y")
         if xl:
             ax.set_xticks(range(len(xl)), xl)
         if yl:
@@ -133,6 +136,20 @@ def plot_stimuli(data: SessionData, protocol: Any) -> Plot:
         ax.grid(alpha=0.3)
     return Plot("stimuli", "Stimuli chosen", _png(fig),
                 "Each chosen stimulus in stimulus space, coloured by trial index (red x: not completed).")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _log_axis(ax: Any, col: str, protocol: Any, axis: str) -> None:
+    """Log scale for parameters the protocol declares ``log: true``."""
+    try:
+        is_log = bool(protocol.stimulus.parameters[col.split(".", 1)[1]].log)
+    except Exception:
+        is_log = False
+    if is_log:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
 
 
 def _label(col: str, protocol: Any) -> str:
@@ -166,12 +183,18 @@ def _final_params(data: SessionData) -> dict[str, dict[str, float]]:
     return out
 
 
-def _predictions(data: SessionData, protocol: Any, xcol: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
-    """Model mean response over a grid of ``xcol`` at posterior-mean parameters; notes for models skipped."""
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+Curves = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _predictions(data: SessionData, protocol: Any, xcol: str) -> tuple[Curves, dict[str, str], dict[str, Any]]:
+    """Model mean response over a grid of ``xcol`` at posterior-mean parameters.
+
+    Returns (curves, notes for models without a curve, values the other stimulus parameters are held at).
+    """
+    curves: Curves = {}
     notes: dict[str, str] = {}
     if protocol is None:
-        return curves, {m: "stored protocol could not be parsed" for m in data.models}
+        return curves, {m: "stored protocol could not be parsed" for m in data.models}, {}
     try:
         import torch
 
@@ -181,7 +204,7 @@ def _predictions(data: SessionData, protocol: Any, xcol: str) -> tuple[dict[str,
         cands = build_candidates(protocol)
         enc = StimulusEncoding(protocol)
     except Exception as exc:  # models package unavailable or protocol no longer builds
-        return curves, {m: f"models cannot be rebuilt: {exc}" for m in data.models}
+        return curves, {m: f"models cannot be rebuilt: {exc}" for m in data.models}, {}
     params = _final_params(data)
     name = xcol.split(".", 1)[1]
     dim = enc.dims[enc.index[name]]
@@ -225,7 +248,7 @@ def _predictions(data: SessionData, protocol: Any, xcol: str) -> tuple[dict[str,
             curves[cand.name] = (xs, mean)
         except Exception as exc:
             notes[cand.name] = f"prediction failed: {exc}"
-    return curves, notes
+    return curves, notes, {k: v for k, v in base.items() if k != name}
 
 
 MAX_GP_REFIT = 500
@@ -266,13 +289,16 @@ def plot_predictions(data: SessionData, protocol: Any) -> Plot:
     x_obs, labels = _numeric(done[xcol])
     y_obs = done["value"].to_numpy(dtype=float) / scale
     try:
-        curves, notes = _predictions(data, protocol, xcol)
+        curves, notes, held = _predictions(data, protocol, xcol)
     except Exception as exc:  # never let a model problem cost the whole report
-        curves, notes = {}, {m: f"prediction failed: {exc}" for m in data.models}
+        curves, notes, held = {}, {m: f"prediction failed: {exc}" for m in data.models}, {}
+    if held:
+        fig.suptitle("curves at " + ", ".join(f"{k}={_fmt(v)}" for k, v in held.items()), fontsize=9, y=1.0)
     probs = data.probabilities
     for ax, m in zip(axes.flat, models):
         ax.scatter(x_obs, y_obs, c=done["index"], cmap="viridis", s=22, edgecolors="k", linewidths=0.3,
                    label="observed")
+        _log_axis(ax, xcol, protocol, "x")
         if m in curves:
             xs, ys = curves[m]
             ax.plot(xs, ys, color="C3", lw=2, label="model mean")

@@ -69,7 +69,13 @@ class TrialTimeout(AttemptFailed):
 
 
 class TrialRejected(AttemptFailed):
-    """The worker answered with an error for this trial (adapter failure, session mismatch...)."""
+    """The worker answered with an error for this trial; ``code`` says what kind.
+
+    Codes: ``adapter_failed`` (present raised), ``aborted`` (operator abort), ``session_failed``
+    (the adapter could not start the session), ``session_mismatch``, or an adapter's own code.
+    """
+
+    code: str = "adapter_failed"
 
 
 @dataclass(frozen=True)
@@ -267,6 +273,8 @@ class RigServer:
             self._ctx.term()
             raise
         self.secure = keys_path is not None
+        self._allow_sig = self._allow_signature()
+        self._next_key_check = 0.0
         self._pipe_addr = f"inproc://cloop-rigserver-{id(self)}"
         self._pipe_in = self._ctx.socket(zmq.PAIR)
         self._pipe_in.bind(self._pipe_addr)
@@ -276,8 +284,12 @@ class RigServer:
         self._signalled = False
         self._commands: collections.deque[tuple[str, Any]] = collections.deque()
 
-        # Shared with API threads (guarded by _cond): registered rigs by rig_id, session, counters.
-        self._cond = threading.Condition()
+        # One re-entrant lock guards the socket and all state. The I/O thread takes it only to handle
+        # what arrived (it sleeps on the socket's file descriptor without it), so an API thread can
+        # send a trial directly: no thread hop on the way out.
+        self._cond = threading.Condition(threading.RLock())
+        self._stopped = False
+        self._copy = keys_path is None  # Curve mode needs zmq.Frame objects to read the ZAP User-Id
         self._rigs: dict[bytes, _Rig] = {}
         self._by_rig_id: dict[str, bytes] = {}
         self._session: tuple[str, str] | None = None
@@ -286,7 +298,7 @@ class RigServer:
         self.stats: collections.Counter[str] = collections.Counter()
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
 
-        # I/O-thread-only state.
+        # Also guarded by _cond.
         self._pending: collections.deque[_Pending] = collections.deque()
         self._probe_at: list[float] = []
         self._log_budget = (0.0, 0)
@@ -350,13 +362,19 @@ class RigServer:
                     say(f"still waiting for {what} on {where}: {len(ok)} so far")
                     next_note = now + 5.0
                 self._cond.wait(min(end, next_note) - now)
-        self._command("dispatch", None)
+        with self._cond:
+            self._dispatch_and_drain()
         say("rigs ready: " + ", ".join(r.rig_id for r in ok))
         return ok
 
     def set_session(self, session_id: str, protocol_text: str) -> None:
         """Announce the session to every rig (and to rigs that register later) via ``welcome``."""
-        self._command("session", (session_id, protocol_text))
+        with self._cond:
+            self._session = (session_id, protocol_text)
+            if not self._stopped:
+                for rig in list(self._rigs.values()):
+                    self._send_welcome(rig)
+                self._drain_socket()
 
     def submit(self, cmd: TrialCommand, timeout_s: float | None = None, *, rig_id: str | None = None,
                rig_wait_s: float | None = None) -> concurrent.futures.Future:
@@ -376,7 +394,11 @@ class RigServer:
                            timeout_s=float(timeout_s) if timeout_s is not None else cmd.timeout_s + _DEFAULT_GRACE_S,
                            rig_wait_deadline=time.monotonic() + wait, target=rig_id,
                            capabilities=self._required)
-        self._command("submit", pending)
+        with self._cond:
+            if self._stopped:
+                raise TransportError("rig server is closed")
+            self._pending.append(pending)
+            self._dispatch_and_drain()
         return fut
 
     def run_trial(self, cmd: TrialCommand, timeout_s: float | None = None, *, rig_id: str | None = None,
@@ -395,11 +417,32 @@ class RigServer:
         return {rig: f.result() for rig, f in futures.items()}
 
     def reload_keys(self) -> None:
-        """Re-read the allow-list directory (after adding or removing a rig's public key)."""
+        """Re-read the allow-list directory now (it is also re-read by itself within 2 s of a change)."""
         if self._auth is None or self.keys_dir is None:
             return
+        self._allow_sig = self._allow_signature()
         self._allowed = keyfiles.allowed_keys(self.keys_dir)
         self._auth.configure_curve(domain="*", location=str(keyfiles.allow_dir(self.keys_dir)))
+        log.info("allow-list %s: %d key(s)", keyfiles.allow_dir(self.keys_dir), len(self._allowed))
+
+    def _allow_signature(self) -> tuple[Any, ...] | None:
+        if self.keys_dir is None:
+            return None
+        try:
+            return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                                for p in keyfiles.allow_dir(self.keys_dir).glob("*.key")))
+        except OSError:
+            return None
+
+    def _check_allow_list(self, now: float) -> None:
+        if self._auth is None or now < self._next_key_check:
+            return
+        self._next_key_check = now + 2.0
+        if self._allow_signature() != self._allow_sig:
+            try:
+                self.reload_keys()
+            except keyfiles.SecurityError as exc:
+                log.error("cannot reload the allow-list: %s", exc)
 
     def close(self) -> None:
         """Say bye to the rigs, fail whatever is still pending, release the socket."""
@@ -417,13 +460,7 @@ class RigServer:
     # ------------------------------------------------------------------ plumbing
     def _command(self, kind: str, payload: Any) -> None:
         self._commands.append((kind, payload))
-        with self._pipe_lock:  # one wake-up in flight is enough: the I/O thread drains the whole deque
-            if not self._signalled and not self._pipe_out.closed:
-                self._signalled = True
-                try:
-                    self._pipe_out.send(b"", zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+        self._wake()  # one wake-up in flight is enough: the I/O thread drains the whole deque
 
     def _snapshot(self, rig: _Rig) -> RigInfo:
         info = rig.info
@@ -434,68 +471,94 @@ class RigServer:
 
     # ------------------------------------------------------------------ I/O thread
     def _run(self) -> None:
+        # Sleep on the ROUTER's file descriptor (not the socket itself) so that API threads may use
+        # the socket under the lock meanwhile. The descriptor only says "look at ZMQ_EVENTS"; every
+        # path that touches the socket drains it afterwards, so no arrival can go unnoticed.
         poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._sock.getsockopt(zmq.FD), zmq.POLLIN)
         poller.register(self._pipe_in, zmq.POLLIN)
         poller.register(self._mon, zmq.POLLIN)
         tick = min(self.heartbeat_s / 4, 0.05)
         next_tick = time.monotonic() + tick
-        copy = not self.secure  # Curve mode needs zmq.Frame objects to read the ZAP User-Id
+        more = False
         try:
             while True:
-                timeout = max(0.0, next_tick - time.monotonic())
+                timeout = 0.0 if more else max(0.0, next_tick - time.monotonic())
                 if self._probe_at:
                     timeout = min(timeout, max(0.0, self._probe_at[0] - time.monotonic()))
                 events = dict(poller.poll(timeout * 1000))
-                if self._sock in events:
-                    for _ in range(512):
-                        try:
-                            frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=copy)
-                        except zmq.Again:
-                            break
-                        try:
-                            self._on_frames(frames)
-                        except Exception:  # never let one message kill the server
-                            log.exception("internal error while handling a rig message")
-                            self.stats["internal_errors"] += 1
-                if self._pipe_in in events:
-                    while True:
-                        try:
-                            self._pipe_in.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                    with self._pipe_lock:
-                        self._signalled = False
-                    if self._drain_commands():
-                        return
-                if self._mon in events:
-                    self._on_monitor()
-                now = time.monotonic()
-                if self._probe_at and now >= self._probe_at[0]:
-                    self._probe_at = [t for t in self._probe_at if t > now]
-                    self._probe_all()
-                if now >= next_tick:
-                    self._housekeeping(now)
-                    next_tick = now + tick
+                with self._cond:
+                    if self._pipe_in in events:
+                        while True:
+                            try:
+                                self._pipe_in.recv(zmq.NOBLOCK)
+                            except zmq.Again:
+                                break
+                        with self._pipe_lock:
+                            self._signalled = False
+                        if self._drain_commands():
+                            return
+                    more = self._drain_socket()
+                    if self._mon in events:
+                        self._on_monitor()
+                    now = time.monotonic()
+                    if self._probe_at and now >= self._probe_at[0]:
+                        self._probe_at = [t for t in self._probe_at if t > now]
+                        self._probe_all()
+                    if now >= next_tick:
+                        self._housekeeping(now)
+                        next_tick = now + tick
+                    more = self._drain_socket() or more
         except Exception:
             log.exception("rig server I/O thread crashed")
-            self._shutdown("rig server I/O thread crashed")
+            with self._cond:
+                self._shutdown("rig server I/O thread crashed")
         finally:
-            self._sock.close(200)
-            self._mon.close(0)
-            self._pipe_in.close(0)
+            with self._cond:
+                self._stopped = True
+                self._sock.close(200)
+                self._mon.close(0)
+                self._pipe_in.close(0)
+
+    def _drain_socket(self, limit: int = 512) -> bool:
+        """Handle what is waiting on the ROUTER (lock held); True if more is left after ``limit``."""
+        if self._stopped:
+            return False
+        for _ in range(limit):
+            if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return False
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=self._copy)
+            except zmq.Again:
+                return False
+            try:
+                self._on_frames(frames)
+            except Exception:  # never let one message kill the server
+                log.exception("internal error while handling a rig message")
+                self.stats["internal_errors"] += 1
+        return True
+
+    def _dispatch_and_drain(self) -> None:
+        """Dispatch from the calling thread, then handle anything the sends made visible."""
+        if self._stopped:
+            return
+        self._dispatch()
+        if self._drain_socket():
+            self._wake()
+
+    def _wake(self) -> None:
+        with self._pipe_lock:
+            if not self._signalled and not self._pipe_out.closed:
+                self._signalled = True
+                try:
+                    self._pipe_out.send(b"", zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
 
     def _drain_commands(self) -> bool:
         while self._commands:
-            kind, payload = self._commands.popleft()
-            if kind == "submit":
-                self._pending.append(payload)
-            elif kind == "session":
-                with self._cond:
-                    self._session = payload
-                for rig in list(self._rigs.values()):
-                    self._send_welcome(rig)
-            elif kind == "stop":
+            kind, _ = self._commands.popleft()
+            if kind == "stop":
                 self._shutdown("orchestrator shutting down")
                 return True
         self._dispatch()
@@ -515,10 +578,8 @@ class RigServer:
             self._rigs.clear()
             self._by_rig_id.clear()
             self._cond.notify_all()
-        while self._commands:
-            kind, payload = self._commands.popleft()
-            if kind == "submit":
-                self._fail(payload, TransportError(reason))
+        self._commands.clear()
+        self._stopped = True
 
     @staticmethod
     def _fail(p: _Pending, exc: BaseException) -> None:
@@ -687,9 +748,11 @@ class RigServer:
         p = rig.inflight.get(msg.trial_id) if msg.trial_id is not None else None
         if p is not None and (msg.attempt is None or msg.attempt == p.cmd.attempt):
             del rig.inflight[msg.trial_id]
-            self._fail(p, TrialRejected(f"rig {rig.info.rig_id} rejected trial {msg.trial_id!r} attempt "
-                                        f"{p.cmd.attempt}: [{msg.code}] {msg.message}", trial_id=msg.trial_id,
-                                        attempt=p.cmd.attempt, rig_id=rig.info.rig_id))
+            exc = TrialRejected(f"rig {rig.info.rig_id} rejected trial {msg.trial_id!r} attempt "
+                                f"{p.cmd.attempt}: [{msg.code}] {msg.message}", trial_id=msg.trial_id,
+                                attempt=p.cmd.attempt, rig_id=rig.info.rig_id)
+            exc.code = msg.code
+            self._fail(p, exc)
             self._dispatch()
         else:
             log.warning("rig %s reported: [%s] %s", rig.info.rig_id, msg.code, msg.message)
@@ -772,6 +835,7 @@ class RigServer:
             self._pending.extendleft(reversed(skipped))
 
     def _housekeeping(self, now: float) -> None:
+        self._check_allow_list(now)
         dead_after = self.heartbeat_s * self.liveness
         hb: bytes | None = None
         for rig in list(self._rigs.values()):

@@ -23,7 +23,13 @@ RESPONSE_KINDS = ("bernoulli", "binomial", "poisson", "gaussian")
 
 
 class AdapterError(RuntimeError):
-    """The adapter could not be found, configured, or could not present a trial."""
+    """The adapter could not be found, configured, or could not present a trial.
+
+    ``code`` is sent to the orchestrator in the worker's ``error`` reply (subclasses override it,
+    e.g. ``aborted``); any other exception from ``present`` is reported as ``adapter_failed``.
+    """
+
+    code: str = "adapter_failed"
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@
 One trial: resolve the stimulus (trial values over the protocol's ``stimulus.fixed`` over type
 defaults), draw it for ``round(duration_s * refresh)`` frames, then flip back to the background.
 Every flip is timestamped (``Window.flip()`` returns the flip time on PsychoPy's clock; it is
-mapped to epoch seconds). Reported per trial: onset/offset flip times, frames requested and
-measured, dropped frames (intervals longer than ``dropped_frame_tolerance`` refresh periods) and
-the interval statistics. An optional photodiode patch is white exactly while the stimulus is on.
+mapped to epoch seconds). Reported per trial: ``timing`` carries the onset/offset flip times
+(``presented_at`` = onset flip); the response payload carries frames requested and measured,
+dropped frames (intervals longer than ``dropped_frame_tolerance`` refresh periods; PsychoPy's own
+count over the same flips alongside) and the interval statistics. An optional photodiode patch is white exactly while the stimulus is on.
 Escape (rig config ``keyboard.abort_key``) aborts the trial: :class:`TrialAborted` is raised,
 nothing is recorded for it, and the worker reports it with code ``aborted``.
 
@@ -283,21 +284,26 @@ class PsychoPyDisplayAdapter(Adapter):
         self.trials_presented += 1
 
         responded_at = float(payload.pop("responded_at", time.time()))
+        # timing holds epoch timestamps only (the orchestrator maps them onto its clock); the
+        # frame statistics travel with the response, so they are stored with the trial
         timing: dict[str, float | None] = {
             "presented_at": onset,
             "responded_at": responded_at,
             "onset_flip": onset,
             "offset_flip": offset_t,
-            "duration_s": offset_t - onset,
-            "frames_requested": float(n_frames),
-            "frames_measured": float(round((offset_t - onset) / period)),
-            "dropped_frames": float(dropped),
-            "dropped_frames_psychopy": float(psychopy_dropped),
+        }
+        frame_stats: dict[str, Any] = {
+            "stimulus_duration_s": offset_t - onset,
+            "frames_requested": n_frames,
+            "frames_measured": int(round((offset_t - onset) / period)),
+            "dropped_frames": dropped,
+            "dropped_frames_psychopy": int(psychopy_dropped),
             "frame_interval_mean_ms": statistics.fmean(intervals) * 1000.0,
             "frame_interval_max_ms": max(intervals) * 1000.0,
             "frame_interval_sd_ms": (statistics.pstdev(intervals) * 1000.0) if len(intervals) > 1 else 0.0,
             "refresh_hz": float(self.refresh_hz),
         }
+        payload.update(frame_stats)
         meta: dict[str, Any] = {"adapter": self.name, "stimulus_type": stype.name,
                                 "resolved_stimulus": _plain(params), "response_source": self.response.name,
                                 "software_vsync": self.software_vsync}

@@ -227,7 +227,10 @@ class RigWorker:
             data = m.encode(self._result_msg(msg, msg.attempt, result, cached=False))  # validates it too
         except Exception as exc:
             log.exception("trial %r attempt %d failed on adapter %s", msg.trial_id, msg.attempt, self.adapter.name)
-            return ("error", (key, msg, "adapter_failed", f"{type(exc).__name__}: {exc}"))
+            code = getattr(exc, "code", None)
+            if not isinstance(code, str) or not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,64}", code):
+                code = "adapter_failed"
+            return ("error", (key, msg, code, f"{type(exc).__name__}: {exc}"))
         self.journal.store(key, msg.attempt, result)
         self.stats["presented"] += 1
         return ("result", (key, msg, result, data))

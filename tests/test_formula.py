@@ -13,6 +13,14 @@ from orchestrator.protocol import ProtocolError, parse_protocol_text
 
 ALLOWED = {"a": "parameter", "b": "parameter", "theta": "variable", "pref": "parameter", "k": "parameter"}
 
+def _balanced(leaf: str, levels: int) -> str:
+    """A wide but shallow expression (many terms, small depth, under the length limit)."""
+    t = leaf
+    for _ in range(levels):
+        t = f"({t})+({t})"
+    return t
+
+
 PROTOCOL = """
 name: f
 version: "1"
@@ -59,7 +67,8 @@ def test_tuning_formula_with_constants_and_functions() -> None:
 
 @pytest.mark.parametrize("text, fragment", [
     ("__import__('os').system('echo hacked')", "only plain function calls"),
-    ("__import__('os')", "may not start with '_'"),
+    ("__import__('os')", "unknown function '__import__'"),
+    ("__builtins__", "may not start with '_'"),
     ("eval('1')", "unknown function 'eval'"),
     ("a.__class__", "Attribute is not allowed"),
     ("(lambda: 1)()", "only plain function calls"),
@@ -75,8 +84,10 @@ def test_tuning_formula_with_constants_and_functions() -> None:
     ("foo * a", "unknown name(s) 'foo'"),
     ("_secret + a", "may not start with '_'"),
     ("exp", "used without a call"),
-    ("a" + "+a" * 600, "more than"),
-    ("(" * 100 + "a" + ")" * 100, "nested deeper"),
+    ("a" * 2001, "longer than 2000"),
+    ("a" + "+a" * 100, "nested deeper"),
+    ("exp(" * 80 + "a" + ")" * 80, "nested deeper"),
+    (_balanced("a*b*k*a*b*k*a*b", 6), "more than 500 terms"),
 ])
 def test_rejected_formulas(text: str, fragment: str) -> None:
     with pytest.raises(FormulaError) as err:

@@ -66,7 +66,7 @@ def test_predictions_use_the_fitted_models(db: tuple[str, Built]) -> None:
 
     url, built = db
     data = load_session(url, built.session_id)
-    curves, notes = report._predictions(data, report._protocol(data), "stimulus.lag")
+    curves, notes, _ = report._predictions(data, report._protocol(data), "stimulus.lag")
     assert notes == {} and set(curves) == {"power", "exponential"}
     xs, ys = curves["power"]
     # power model a*(t+1)^-b at the stored posterior means a=0.9, b=0.4
@@ -84,7 +84,7 @@ def test_report_degrades_when_models_cannot_be_rebuilt(tmp_path: Path) -> None:
     from orchestrator.analysis import load_session
 
     data = load_session(url, built.session_id)
-    curves, notes = report._predictions(data, report._protocol(data), "stimulus.lag")
+    curves, notes, _ = report._predictions(data, report._protocol(data), "stimulus.lag")
     assert curves == {} and set(notes) == {"power", "exponential"}
     out = report.write_report(url, built.session_id, tmp_path / "r.html")
     images = _images(out.read_text())
@@ -134,7 +134,7 @@ def test_real_demo_session_to_dataframe_nwb_and_report(cloop_cmd: list[str], run
     images = _images(page)
     assert list(images) == list(report.PLOTS) and all(_non_blank(p) for p in images.values())
     data = analysis.load_session(url, "latest")
-    curves, notes = report._predictions(data, report._protocol(data), "stimulus.lag")
+    curves, notes, _ = report._predictions(data, report._protocol(data), "stimulus.lag")
     assert set(curves) == {"power", "exponential"} and notes == {}
 
 
@@ -164,8 +164,10 @@ def test_two_parameter_poisson_session_with_gaussian_process(tmp_path: Path) -> 
                                      {m: {"params": {p: {"mean": v, "sd": 0.1} for p, v in ps.items()}}
                                       for m, ps in params.items()})
     data = load_session(url, sid)
-    curves, notes = report._predictions(data, report._protocol(data), "stimulus.orientation")
+    curves, notes, held = report._predictions(data, report._protocol(data), "stimulus.orientation")
     assert notes == {} and set(curves) == {"von_mises", "gaussian", "gp"}
+    completed = [r["stimulus"]["contrast"] for r in data.rows]
+    assert set(held) == {"contrast"} and held["contrast"] == pytest.approx(float(np.median(completed)))
     for name, (xs, ys) in curves.items():
         assert xs[0] == 0 and xs[-1] == 180 and np.isfinite(ys).all() and (ys > 0).all(), name
     images = _images(report.write_report(url, sid, tmp_path / "o.html").read_text())

@@ -270,3 +270,53 @@ def test_sixteen_workers_in_one_session(tmp_path: Path) -> None:
         used = collections.Counter(o.rig_id for o in outs)
         assert len(used) == 16 and min(used.values()) >= 5, used
         assert all(o.clock_rtt_s is not None and o.clock_rtt_s < 0.1 for o in outs[-16:])
+
+
+# ----------------------------------------------------------------------------- adapter failures
+class _Flaky(NullAdapter):
+    """Fails in the ways real hardware does, depending on the stimulus."""
+
+    name = "flaky"
+    inline = False
+
+    def start(self, session: SessionInfo) -> None:
+        if "refuse" in session.protocol_text:
+            raise RuntimeError("projector not found")
+
+    def present(self, cmd: Any) -> Any:
+        if cmd.stimulus.get("fail") == "abort":
+            class Aborted(AdapterError):
+                code = "aborted"
+            raise Aborted("operator pressed Escape")
+        if cmd.stimulus.get("fail") == "crash":
+            raise ZeroDivisionError("bug in the adapter")
+        if cmd.stimulus.get("fail") == "bad":
+            return type(super().present(cmd))(response={"no_value": 1}, timing={})
+        return super().present(cmd)
+
+
+def test_adapter_failures_reach_the_engine_with_their_code() -> None:
+    from orchestrator.transport import TrialRejected
+    from rig_adapters.worker import RigWorker
+
+    with RigServer("tcp://127.0.0.1:0", insecure=True) as srv:
+        srv.set_session("s1", "ok")
+        worker = RigWorker(srv.endpoint, _Flaky(), rig_id="flaky", insecure=True)
+        th = threading.Thread(target=worker.run, daemon=True)
+        th.start()
+        try:
+            srv.wait_for_rigs(["flaky"], 1, 10)
+            for i, (fail, code, text) in enumerate([("abort", "aborted", "operator pressed Escape"),
+                                                    ("crash", "adapter_failed", "ZeroDivisionError: bug"),
+                                                    ("bad", "adapter_failed", "'value'")]):
+                with pytest.raises(TrialRejected) as err:
+                    srv.run_trial(cmd(i, stimulus={"fail": fail}))
+                assert err.value.code == code and err.value.attempt == 1 and text in str(err.value)
+            assert srv.run_trial(cmd(9, stimulus={})).response == {"value": 0.0}  # still serving
+            srv.set_session("s2", "refuse")
+            with pytest.raises(TrialRejected) as err:
+                srv.run_trial(cmd(1, session="s2"))
+            assert err.value.code == "session_failed" and "projector not found" in str(err.value)
+        finally:
+            worker.stop()
+            th.join(timeout=5)

@@ -44,7 +44,7 @@ class InformationDesign(BaseStrategy):
         self.exhaustive_limit = int(s.get("exhaustive_limit", 5000))
         self.mixed_limit = int(s.get("mixed_limit", 32))
         discrete_only = not any(d.kind == "continuous" for d in self.space.dims)
-        self.max_components = int(s.get("max_components", 500 if discrete_only else 128))
+        self.max_components = int(s.get("max_components", 256 if discrete_only else 128))
         self.num_restarts = int(s.get("num_restarts", 2))
         self.raw_samples = int(s.get("raw_samples", 32))
         self.maxiter = int(s.get("maxiter", 20))

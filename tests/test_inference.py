@@ -1,0 +1,192 @@
+"""Inference: SMC evidence against exact quadrature, calibrated model probabilities, determinism, GP."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import special, stats
+
+from orchestrator.inference import ModelComparison, SMCPosterior, ess, systematic_resample
+from orchestrator.models import build_candidates, build_truth
+from orchestrator.protocol import parse_protocol_text
+
+RETENTION = """
+name: r
+version: "1"
+stimulus:
+  parameters:
+    lag: {kind: integer, low: 0, high: 100}
+response: {kind: binomial, n: 10}
+models:
+  - name: power
+    builtin: retention_power
+    inputs: {t: lag}
+    priors:
+      a: {dist: beta, alpha: 2, beta: 1}
+      b: {dist: beta, alpha: 1, beta: 4}
+  - name: exponential
+    builtin: retention_exponential
+    inputs: {t: lag}
+    priors:
+      a: {dist: beta, alpha: 2, beta: 1}
+      b: {dist: beta, alpha: 1, beta: 80}
+"""
+DATA = [(0, 9), (5, 4), (1, 8), (20, 2), (3, 5), (60, 1), (2, 6), (10, 3)]
+
+
+def _exact_log_evidence(model: str, data: list[tuple[int, int]]) -> float:
+    """log integral of prior x likelihood on a fine midpoint grid over (a, b) in (0, 1)^2."""
+    n = 1200
+    g = (np.arange(n) + 0.5) / n
+    a, b = np.meshgrid(g, g, indexing="ij")
+    lp = stats.beta(2, 1).logpdf(a) + (stats.beta(1, 4) if model == "power" else stats.beta(1, 80)).logpdf(b)
+    for t, y in data:
+        p = a * (t + 1.0) ** (-b) if model == "power" else a * np.exp(-b * t)
+        p = np.clip(p, 1e-12, 1 - 1e-12)
+        lp = lp + stats.binom.logpmf(y, 10, p)
+    return float(special.logsumexp(lp) + 2 * math.log(1.0 / n))
+
+
+def test_smc_evidence_matches_quadrature() -> None:
+    protocol = parse_protocol_text(RETENTION).protocol
+    comparison = ModelComparison.from_protocol(protocol, seed=11)
+    for t, y in DATA:
+        comparison.update({"lag": t}, y)
+    summ = comparison.summary()
+    exact = {m: _exact_log_evidence(m, DATA) for m in ("power", "exponential")}
+    for m in exact:
+        assert summ[m]["log_evidence"] == pytest.approx(exact[m], abs=0.1), m
+    # model probabilities follow from the evidences
+    lp = np.array([exact["power"], exact["exponential"]])
+    p_exact = np.exp(lp - special.logsumexp(lp))
+    assert comparison.probabilities()["power"] == pytest.approx(p_exact[0], abs=0.03)
+    assert sum(comparison.probabilities().values()) == pytest.approx(1.0)
+
+
+def test_posterior_concentrates_on_truth() -> None:
+    protocol = parse_protocol_text(RETENTION).protocol
+    truth = build_truth(protocol, "power:a=0.9,b=0.4")
+    comparison = ModelComparison.from_protocol(protocol, seed=3)
+    for i in range(80):
+        stim = {"lag": [0, 1, 3, 7, 15, 30, 60, 100][i % 8]}
+        comparison.update(stim, truth.sample(stim, np.random.default_rng([3, i])))
+    s = comparison.summary()["power"]
+    assert s["params"]["a"]["mean"] == pytest.approx(0.9, abs=0.05)
+    assert s["params"]["b"]["mean"] == pytest.approx(0.4, abs=0.06)
+    assert s["params"]["b"]["sd"] < 0.05
+    assert comparison.probabilities()["power"] > 0.99
+    assert s["resamples"] > 0 and s["ess"] > 100
+
+
+def test_same_seed_and_data_give_identical_state() -> None:
+    protocol = parse_protocol_text(RETENTION).protocol
+    a, b = ModelComparison.from_protocol(protocol, 5), ModelComparison.from_protocol(protocol, 5)
+    c = ModelComparison.from_protocol(protocol, 6)
+    for t, y in DATA:
+        for m in (a, b, c):
+            m.update({"lag": t}, y)
+    assert a.summary() == b.summary()
+    assert a.probabilities() == b.probabilities()
+    assert a.summary() != c.summary()
+
+
+def test_one_very_informative_observation_is_tempered() -> None:
+    """A Poisson count far in the prior tail would collapse plain importance weights; tempering keeps ESS."""
+    text = """
+name: p
+version: "1"
+stimulus:
+  parameters:
+    c: {kind: continuous, low: 0, high: 1}
+response: {kind: poisson}
+models:
+  - name: lin
+    formula: "r0 + g*c"
+    priors:
+      r0: {dist: gamma, shape: 2, rate: 1}
+      g: {dist: gamma, shape: 2, rate: 0.5}
+  - name: flat
+    formula: "r0"
+    priors:
+      r0: {dist: gamma, shape: 2, rate: 1}
+"""
+    protocol = parse_protocol_text(text).protocol
+    cands = build_candidates(protocol)
+    post = SMCPosterior(cands[1], seed=1, n_particles=4000)
+    post.update(torch.tensor([0.5], dtype=torch.float64), 40.0)
+    assert post.n_resamples >= 2  # several tempering stages
+    assert ess(post.logw) > 500
+    # r0 | y=40 under Gamma(2,1) prior is Gamma(42, 2): mean 21
+    assert post.param_moments()["r0"]["mean"] == pytest.approx(21.0, rel=0.05)
+    # exact evidence: negative binomial marginal of a Gamma-Poisson
+    exact = stats.nbinom(2, 1 / 2).logpmf(40)
+    assert post.log_evidence == pytest.approx(exact, abs=0.2)  # MC error SD ~0.05 at 4000 particles
+
+
+def test_systematic_resample_is_deterministic_and_proportional() -> None:
+    logw = torch.log(torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64))
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    i1, i2 = systematic_resample(logw, 1000, g1), systematic_resample(logw, 1000, g2)
+    assert torch.equal(i1, i2)
+    counts = torch.bincount(i1, minlength=3).tolist()
+    assert counts == pytest.approx([100, 600, 300], abs=1)
+
+
+def test_update_rejects_non_finite_and_unknown_stimulus() -> None:
+    protocol = parse_protocol_text(RETENTION).protocol
+    comparison = ModelComparison.from_protocol(protocol, 0)
+    with pytest.raises(ValueError, match="finite"):
+        comparison.update({"lag": 1}, float("nan"))
+    with pytest.raises(ValueError, match="missing parameter"):
+        comparison.update({"delay": 1}, 3)
+
+
+GP_PROTOCOL = """
+name: g
+version: "1"
+stimulus:
+  parameters:
+    x: {kind: continuous, low: 0, high: 1}
+response: {kind: poisson}
+models:
+  - name: bump
+    formula: "b + g*exp(-0.5*((x - m)/0.1)**2)"
+    priors:
+      b: {dist: gamma, shape: 2, rate: 1}
+      g: {dist: gamma, shape: 4, rate: 0.4}
+      m: {dist: uniform, low: 0, high: 1}
+  - name: gp
+    builtin: gaussian_process
+    settings: {lengthscale: 0.15, outputscale: 2.0}
+"""
+
+
+def test_gp_candidate_predicts_and_loses_to_the_true_parametric_model() -> None:
+    protocol = parse_protocol_text(GP_PROTOCOL).protocol
+    truth = build_truth(protocol, "bump:b=1,g=12,m=0.4")
+    comparison = ModelComparison.from_protocol(protocol, 2)
+    xs = np.linspace(0, 1, 21)
+    for i in range(60):
+        stim = {"x": float(xs[i % 21])}
+        comparison.update(stim, truth.sample(stim, np.random.default_rng([2, i])))
+    gp = comparison.posterior("gp")
+    mu, var = gp.latent_predictive(torch.tensor([[0.4], [0.9]], dtype=torch.float64))
+    assert math.exp(float(mu[0])) == pytest.approx(13.0, rel=0.3)  # peak of the tuning curve
+    assert math.exp(float(mu[1])) < 3.0  # far from the peak: low rate
+    assert bool((var > 0).all())
+    probs = comparison.probabilities()
+    assert probs["bump"] > 0.9
+    assert math.isfinite(comparison.summary()["gp"]["log_evidence"])
+
+
+def test_gp_wins_when_no_parametric_model_fits() -> None:
+    protocol = parse_protocol_text(GP_PROTOCOL).protocol
+    comparison = ModelComparison.from_protocol(protocol, 2)
+    rng = np.random.default_rng(0)
+    for i in range(60):  # two bumps: the one-bump model cannot fit
+        x = float(i % 21) / 20
+        rate = 1 + 12 * math.exp(-0.5 * ((x - 0.2) / 0.08) ** 2) + 12 * math.exp(-0.5 * ((x - 0.8) / 0.08) ** 2)
+        comparison.update({"x": x}, float(rng.poisson(rate)))
+    assert comparison.probabilities()["gp"] > 0.9

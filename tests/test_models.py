@@ -1,0 +1,269 @@
+"""Builtin models, priors, likelihood outcome tables, truths, protocol checks and plug-in models."""
+from __future__ import annotations
+
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from orchestrator.models import (
+    available_models, build_candidates, build_truth, check_protocol, get_model_class, make_likelihood, make_prior,
+)
+from orchestrator.models.likelihoods import Likelihood
+from orchestrator.protocol import ProtocolError, parse_protocol_text
+
+D = torch.float64
+
+RETENTION = """
+name: r
+version: "1"
+stimulus:
+  parameters:
+    lag: {kind: integer, low: 0, high: 100}
+response: {kind: binomial, n: 10}
+models:
+  - name: power
+    builtin: retention_power
+    inputs: {t: lag}
+    priors:
+      a: {dist: beta, alpha: 2, beta: 1}
+      b: {dist: beta, alpha: 1, beta: 4}
+  - name: exponential
+    builtin: retention_exponential
+    inputs: {t: lag}
+    priors:
+      a: {dist: beta, alpha: 2, beta: 1}
+      b: {dist: beta, alpha: 1, beta: 80}
+"""
+
+
+def retention():
+    return parse_protocol_text(RETENTION).protocol
+
+
+BUILTIN_ARGS = {
+    "retention_power": ({"t": [0.0, 5.0]}, {"a": 0.9, "b": 0.5}),
+    "retention_exponential": ({"t": [0.0, 5.0]}, {"a": 0.9, "b": 0.1}),
+    "orientation_von_mises": ({"theta": [0.0, 90.0]}, {"baseline": 1, "amplitude": 10, "kappa": 2, "pref": 0}),
+    "orientation_gaussian": ({"theta": [0.0, 90.0]}, {"baseline": 1, "amplitude": 10, "width": 20, "pref": 0}),
+    "contrast_naka_rushton": ({"c": [0.0, 0.2]}, {"baseline": 1, "rmax": 10, "c50": 0.2, "n": 2}),
+    "contrast_linear_threshold": ({"c": [0.0, 0.5]}, {"baseline": 1, "slope": 10, "threshold": 0.1}),
+    "orientation_contrast": ({"theta": [0.0, 90.0], "c": [1.0, 1.0]},
+                             {"baseline": 1, "rmax": 10, "kappa": 2, "pref": 0, "c50": 0.2, "n": 2}),
+    "divisive_normalization": ({"theta": [0.0, 90.0], "c": [1.0, 1.0]},
+                               {"baseline": 1, "rmax": 10, "kappa": 2, "pref": 0, "sigma": 0.2, "n": 2}),
+    "psychometric_logistic": ({"x": [20.0, 1000.0]}, {"threshold": 20, "slope": 1.5, "guess": 0.5, "lapse": 0.04}),
+    "psychometric_weibull": ({"x": [20.0, 1000.0]}, {"threshold": 20, "slope": 1.5, "guess": 0.5, "lapse": 0.04}),
+    "psychometric_cumulative_normal": ({"x": [20.0, 1000.0]}, {"threshold": 20, "slope": 1.5, "guess": 0.5, "lapse": 0.04}),
+    "discounting_exponential": ({"r_ss": [10.0, 10.0], "t_ss": [0.0, 0.0], "r_ll": [20.0, 20.0], "t_ll": [1.0, 100.0]},
+                                {"k": 0.05, "tau": 1.0}),
+    "discounting_hyperbolic": ({"r_ss": [10.0, 10.0], "t_ss": [0.0, 0.0], "r_ll": [20.0, 20.0], "t_ll": [1.0, 100.0]},
+                               {"k": 0.05, "tau": 1.0}),
+}
+
+EXPECTED = {  # value at the first stimulus, from the closed forms
+    "retention_power": 0.9,
+    "retention_exponential": 0.9,
+    "orientation_von_mises": 11.0,
+    "orientation_gaussian": 11.0,
+    "contrast_naka_rushton": 1.0,
+    "contrast_linear_threshold": 1.0,
+    "orientation_contrast": 1 + 10 * 1 / (1 + 0.04),
+    "divisive_normalization": 1 + 10 * 1 / (0.04 + 1),
+    "psychometric_logistic": 0.5 + 0.46 * 0.5,
+    "psychometric_weibull": 0.5 + 0.46 * (1 - math.exp(-1)),
+    "psychometric_cumulative_normal": 0.5 + 0.46 * 0.5,
+    "discounting_exponential": 1 / (1 + math.exp(-(20 * math.exp(-0.05) - 10))),
+    "discounting_hyperbolic": 1 / (1 + math.exp(-(20 / 1.05 - 10))),
+}
+
+
+@pytest.mark.parametrize("model_id", sorted(BUILTIN_ARGS))
+def test_builtin_closed_forms_and_broadcasting(model_id: str) -> None:
+    cls = get_model_class(model_id)
+    x, th = BUILTIN_ARGS[model_id]
+    assert set(x) == set(cls.variables) and set(th) == set(cls.parameters)
+    xs = {k: torch.tensor(v, dtype=D) for k, v in x.items()}
+    # 3 parameter vectors x 2 stimuli by broadcasting
+    ths = {k: torch.tensor([v, v, v], dtype=D).unsqueeze(-1) for k, v in th.items()}
+    out = cls().mean(xs, ths)
+    assert out.shape == (3, 2)
+    assert out[0, 0].item() == pytest.approx(EXPECTED[model_id], rel=1e-9)
+    assert torch.isfinite(out).all()
+
+
+def test_registry_lists_builtins_and_gp() -> None:
+    ids = available_models()
+    assert {"retention_power", "orientation_contrast", "psychometric_weibull", "gaussian_process"} <= set(ids)
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        get_model_class("nope")
+
+
+@pytest.mark.parametrize("spec, ref", [
+    ({"dist": "beta", "alpha": 2, "beta": 1}, stats.beta(2, 1)),
+    ({"dist": "gamma", "shape": 4, "rate": 0.2}, stats.gamma(4, scale=5)),
+    ({"dist": "lognormal", "mu": 0.5, "sigma": 0.5}, stats.lognorm(0.5, scale=math.exp(0.5))),
+    ({"dist": "normal", "mean": 1, "sd": 2}, stats.norm(1, 2)),
+    ({"dist": "uniform", "low": 0, "high": 180}, stats.uniform(0, 180)),
+    ({"dist": "halfnormal", "scale": 2}, stats.halfnorm(scale=2)),
+    ({"dist": "truncnormal", "mean": 0, "sd": 1, "low": 0, "high": 2}, stats.truncnorm(0, 2)),
+])
+def test_prior_median_density_and_sampling(spec: dict, ref) -> None:
+    prior = make_prior(spec, "models.0.priors.x")
+    assert prior.median() == pytest.approx(ref.median(), rel=1e-6)
+    x = torch.tensor([ref.ppf(0.3), ref.ppf(0.7)], dtype=D)
+    assert prior.log_prob(x).numpy() == pytest.approx(ref.logpdf(x.numpy()), rel=1e-6)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    s1, s2 = prior.sample(4000, g1), prior.sample(4000, g2)
+    assert torch.equal(s1, s2)  # deterministic given the generator
+    assert stats.kstest(s1.numpy(), ref.cdf).pvalue > 1e-3
+    # the unconstraining bijection round-trips
+    tr = prior.to_unconstrained()
+    assert torch.allclose(tr(tr.inv(x)), x)
+
+
+def test_bad_prior_names_field() -> None:
+    with pytest.raises(ValueError, match=r"models.0.priors.a.dist: unknown prior distribution 'cauchy'"):
+        make_prior({"dist": "cauchy"}, "models.0.priors.a")
+    with pytest.raises(ValueError, match=r"models.0.priors.a.beta: required"):
+        make_prior({"dist": "beta", "alpha": 1}, "models.0.priors.a")
+
+
+@pytest.mark.parametrize("kind, mean, n", [("bernoulli", 0.3, 1), ("binomial", 0.7, 10), ("poisson", 3.0, 1),
+                                           ("poisson", 200.0, 1)])
+def test_outcome_tables_are_distributions_and_match_scipy(kind: str, mean: float, n: int) -> None:
+    lik = Likelihood(kind, n)
+    means = torch.tensor([[mean, mean / 2]], dtype=D)
+    grid = lik.outcome_grid(means)
+    lp = lik.outcome_log_probs(means, grid)
+    p = lp.exp()
+    assert p.sum(-1).reshape(-1).tolist() == pytest.approx([1.0, 1.0], abs=1e-9)
+    ref = stats.binom(n, mean) if kind != "poisson" else stats.poisson(mean)
+    k = int(grid.values[min(2, grid.values.shape[0] - 1)])
+    assert p[0, 0, min(2, grid.values.shape[0] - 1)].item() == pytest.approx(ref.pmf(k), rel=1e-9, abs=1e-300)
+    if grid.tail_edges is not None:  # large rates: binned tail approximates the exact bin masses
+        edges = grid.tail_edges.numpy()
+        head = grid.values.shape[0]
+        upper = np.append(edges[1:], np.inf)
+        exact = ref.cdf(upper - 1) - ref.cdf(edges - 1)
+        assert np.abs(p[0, 0, head:].numpy() - exact).max() < 0.01
+
+
+def test_gaussian_outcomes_discretise_density() -> None:
+    lik = Likelihood("gaussian", 1)
+    means = torch.tensor([[0.0, 3.0]], dtype=D)
+    noise = torch.tensor([[1.0, 1.0]], dtype=D)
+    grid = lik.outcome_grid(means, noise=noise)
+    p = lik.outcome_log_probs(means, grid, noise).exp()
+    assert p.sum(-1).reshape(-1).tolist() == pytest.approx([1.0, 1.0])
+    centre = float((p[0, 1] * grid.values).sum())
+    assert centre == pytest.approx(3.0, abs=1e-3)
+
+
+def test_make_likelihood_rejects_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="response.kind"):
+        make_likelihood({"kind": "multinomial"})
+
+
+def test_truth_medians_and_sampling() -> None:
+    p = retention()
+    t = build_truth(p, "power:a=0.9")
+    assert t.params["a"] == 0.9
+    assert t.params["b"] == pytest.approx(1 - 0.5 ** 0.25)  # Beta(1,4) median
+    assert t.mean({"lag": 0}) == pytest.approx(0.9)
+    ys = [t.sample({"lag": 3}, np.random.default_rng([1, i])) for i in range(200)]
+    assert ys == [t.sample({"lag": 3}, np.random.default_rng([1, i])) for i in range(200)]
+    assert np.mean(ys) == pytest.approx(10 * 0.9 * 4 ** -t.params["b"], abs=0.4)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope:a=1", "unknown model 'nope'"),
+    ("power:c=1", "no parameter(s) ['c']"),
+    ("power:a=1.5", "outside the support"),
+    ("power:a=x", "not a number"),
+    ("power:a", "expected param=value"),
+    ("", "MODEL:param=value"),
+])
+def test_truth_errors(spec: str, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        build_truth(retention(), spec)
+    assert message in str(err.value)
+
+
+def test_protocol_model_problems_are_reported_with_paths() -> None:
+    bad = RETENTION.replace("builtin: retention_exponential", "builtin: retention_exp") \
+        .replace("      b: {dist: beta, alpha: 1, beta: 4}\n", "      c: {dist: beta, alpha: 1, beta: 4}\n")
+    with pytest.raises(ProtocolError) as err:
+        parse_protocol_text(bad)
+    paths = {p.path for p in err.value.problems}
+    assert "models.1.builtin" in paths
+    assert "models.0.priors" in paths  # missing prior for b
+    assert "models.0.priors.c" in paths  # not a parameter
+    assert all(p.line is not None for p in err.value.problems)
+
+
+def test_fixed_parameters_and_gaussian_noise_prior() -> None:
+    text = """
+name: psy
+version: "1"
+stimulus:
+  parameters:
+    x: {kind: continuous, low: 1, high: 100, log: true}
+response: {kind: gaussian}
+models:
+  - name: logistic
+    builtin: psychometric_logistic
+    settings: {fixed: {guess: 0.5, lapse: 0.04}}
+    priors:
+      threshold: {dist: uniform, low: 1, high: 100}
+      slope: {dist: lognormal, mu: 0, sigma: 1}
+  - name: weibull
+    builtin: psychometric_weibull
+    settings: {fixed: {guess: 0.5, lapse: 0.04}}
+    priors:
+      threshold: {dist: uniform, low: 1, high: 100}
+      slope: {dist: lognormal, mu: 0, sigma: 1}
+      noise_sd: {dist: halfnormal, scale: 0.1}
+"""
+    with pytest.raises(ProtocolError) as err:
+        parse_protocol_text(text)
+    assert "models.0.priors: missing prior for parameter 'noise_sd'" in str(err.value)
+    ok = parse_protocol_text(text.replace("      slope: {dist: lognormal, mu: 0, sigma: 1}\n  - name: weibull",
+                                          "      slope: {dist: lognormal, mu: 0, sigma: 1}\n      noise_sd: {dist: halfnormal, scale: 0.1}\n  - name: weibull"))
+    cands = build_candidates(ok.protocol)
+    assert cands[0].fixed == {"guess": 0.5, "lapse": 0.04}
+    assert set(cands[0].free_params) == {"threshold", "slope", "noise_sd"}
+
+
+def test_third_party_model_via_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model installed by another distribution is found through the `cloop.models` entry point."""
+    (tmp_path / "cloop_plugin_demo.py").write_text(textwrap.dedent("""
+        import torch
+        from orchestrator.models import EncodingModel
+
+        class Hill(EncodingModel):
+            id = "hill"
+            parameters = ("top", "k")
+            variables = ("t",)
+
+            def mean(self, x, th):
+                return th["top"] / (1 + x["t"] / th["k"])
+    """))
+    dist = tmp_path / "cloop_plugin_demo-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cloop-plugin-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[cloop.models]\nhill = cloop_plugin_demo:Hill\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "hill" in available_models()
+    p = parse_protocol_text(RETENTION.replace("builtin: retention_exponential", "builtin: hill").replace(
+        "      a: {dist: beta, alpha: 2, beta: 1}\n      b: {dist: beta, alpha: 1, beta: 80}",
+        "      top: {dist: beta, alpha: 2, beta: 1}\n      k: {dist: gamma, shape: 2, rate: 0.2}")).protocol
+    assert check_protocol(p) == []
+    t = build_truth(p, "exponential:top=0.8,k=5")
+    assert t.mean({"lag": 5}) == pytest.approx(0.4)
+    sys.modules.pop("cloop_plugin_demo", None)
