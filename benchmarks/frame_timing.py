@@ -114,6 +114,7 @@ def run_mode(n: int, frames: int, refresh: float, paced: bool) -> dict[str, Any]
                               "median_abs": round(statistics.median(abs(e) for e in errors), 3),
                               "abs_p95": round(percentile([abs(e) for e in errors], 95), 3)},
         "exact_frames_fraction": round(sum(r["frames_measured"] == frames for r in rows) / n, 4),
+        "frames_skipped": int(sum(r["frames_skipped"] for r in rows)),
         "dropped_frames": int(sum(r["dropped_frames"] for r in rows)),
         "dropped_frames_psychopy": int(sum(r["dropped_frames_psychopy"] for r in rows)),
         "intervals_total": n * frames,

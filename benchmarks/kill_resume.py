@@ -121,6 +121,7 @@ class Harness:
         self.protocol.write_text(protocol_text())
         self.cmd = cloop_cmd()
         self.env = subprocess_env(workdir)
+        self._stores: dict[str, Any] = {}
 
     def log(self, message: str) -> None:
         if self.verbose:
@@ -150,13 +151,26 @@ class Harness:
 
     # -- database ----------------------------------------------------------------------------
 
-    @staticmethod
-    def progress(db: str, session_id: str) -> tuple[int, str]:
-        """(trials completed, session status), read while the orchestrator writes."""
+    def store(self, db: str) -> Any:
+        """One long-lived reader per database: polling must not steal the orchestrator's CPU."""
         from orchestrator.store import TrialStore
 
-        with TrialStore(db) as store:
-            row = store.session(session_id)
+        if db not in self._stores:
+            self._stores[db] = TrialStore(db)
+        return self._stores[db]
+
+    def close(self) -> None:
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
+
+    def completed(self, db: str, session_id: str) -> int:
+        """Trials completed so far, read while the orchestrator writes."""
+        return self.store(db).trial_counts(session_id)["completed"]
+
+    def progress(self, db: str, session_id: str) -> tuple[int, str]:
+        """(trials completed, session status)."""
+        row = self.store(db).session(session_id)
         return row["counts"]["completed"], row["status"]
 
     def record(self, db: str, session_id: str, rig_name: str) -> RunRecord:
@@ -226,11 +240,12 @@ class Harness:
                 while True:
                     if proc.poll() is not None:
                         break
-                    done, status = self.progress(db, session_id)
+                    done = self.completed(db, session_id)
                     if target is None or done >= target:
                         break
                     if time.monotonic() - started > 120:
-                        raise RuntimeError(f"no progress past {done} trials in 120 s (status {status})")
+                        raise RuntimeError(f"no progress past {done} trials in 120 s "
+                                           f"(status {self.progress(db, session_id)[1]})")
                     time.sleep(poll_s)
                 if proc.poll() is not None:
                     self.log(f"session ended before kill {cycle + 1}")
@@ -270,12 +285,8 @@ class Harness:
         rec.kills, rec.resume_seconds = kills, resume_seconds
         return rec
 
-    @staticmethod
-    def _open(db: str, session_id: str) -> list[dict[str, Any]]:
-        from orchestrator.store import TrialStore
-
-        with TrialStore(db) as store:
-            return store.open_trials(session_id)
+    def _open(self, db: str, session_id: str) -> list[dict[str, Any]]:
+        return self.store(db).open_trials(session_id)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -350,11 +361,14 @@ def run_on(ref_db: str, kill_db: str, cycles: int, trials: int, seed: int, workd
     harness = Harness(workdir, seed, trials, design=design, trial_seconds=trial_seconds, verbose=verbose)
     upgrade(ref_db)
     upgrade(kill_db)
-    t0 = time.monotonic()
-    reference = harness.reference(ref_db)
-    t1 = time.monotonic()
-    killed = harness.killed(kill_db, cycles, random.Random(seed * 7919 + cycles), modes=modes)
-    t2 = time.monotonic()
+    try:
+        t0 = time.monotonic()
+        reference = harness.reference(ref_db)
+        t1 = time.monotonic()
+        killed = harness.killed(kill_db, cycles, random.Random(seed * 7919 + cycles), modes=modes)
+        t2 = time.monotonic()
+    finally:
+        harness.close()
     figures = compare(reference, killed, trials)
     figures.update(seed=seed, design=design or "mutual_information", reference_seconds=round(t1 - t0, 1),
                    killed_seconds=round(t2 - t1, 1))

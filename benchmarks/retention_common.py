@@ -70,12 +70,14 @@ def run_subject(protocol: Any, truth_spec: str, seed: int, max_trials: int,
     design = make_design(protocol, seed)
     reached: dict[float, int | None] = {c: None for c in criteria}
     decision_ms: list[float] = []
+    decision_cpu_ms: list[float] = []  # this thread's CPU time: what the decision costs without co-tenants
     update_ms: list[float] = []
     winner_at: dict[float, str | None] = {c: None for c in criteria}
     for trial in range(max_trials):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         decision = design.propose(comparison, trial)
         decision_ms.append((time.perf_counter() - t0) * 1000.0)
+        decision_cpu_ms.append((time.thread_time() - c0) * 1000.0)
         y = truth.sample(decision.stimulus, np.random.default_rng([seed, trial]))
         t1 = time.perf_counter()
         comparison.update(decision.stimulus, y)
@@ -88,7 +90,7 @@ def run_subject(protocol: Any, truth_spec: str, seed: int, max_trials: int,
         if all(v is not None for v in reached.values()):
             break
     return {"seed": seed, "trials_to": {str(c): reached[c] for c in criteria},
-            "decision_ms": decision_ms, "update_ms": update_ms, "final": probs}
+            "decision_ms": decision_ms, "decision_cpu_ms": decision_cpu_ms, "update_ms": update_ms, "final": probs}
 
 
 def censored_median(values: list[int | None], cap: int) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -117,9 +118,9 @@ def cmd_resume(
         if row["status"] in FINISHED:
             raise _fail(f"session {row['id']} is already {row['status']}; nothing to resume")
         open_trials = store.open_trials(row["id"])
-        # An explicit resume means "run": a pause from before the crash is dropped, a stop is kept
-        # (the engine reconciles the trial in flight, then stops).
-        store.transition_status(row["id"], ("paused", "pause_requested", "continue_requested"), "interrupted")
+        # Nothing is written here: only once the rig address is bound (proof that no orchestrator of this
+        # session runs on this machine) does the session drop a pause from before the crash; a stop
+        # request is kept, and the engine honours it after reconciling the trial in flight.
     finally:
         store.close()
     from orchestrator.protocol import parse_protocol_text  # heavy imports only once the session is known
@@ -198,7 +199,12 @@ def cmd_deploy(
     `prefect deployment run cloop-lab-session/NAME -p subject=...` (or from the Prefect UI).
     """
     from orchestrator import deploy
+    from orchestrator.keys import SecurityError, require_security
 
+    try:  # refuse now what the worker would refuse at the first session
+        require_security(bind, Path(keys) if keys else None, insecure, role="deployment's rig socket")
+    except SecurityError as exc:
+        raise _fail(str(exc)) from None
     parameters = {"protocol": protocol, "subject": subject, "db": db, "bind": bind, "keys_dir": keys,
                   "insecure": insecure, "max_trials": max_trials, "wait_for_rig_s": wait_for_rig}
     try:

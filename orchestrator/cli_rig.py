@@ -72,7 +72,7 @@ def rig(
     try:
         worker = RigWorker(connect, built, rig_id=rig_id, keys_dir=keys, key_name=name, insecure=insecure,
                            state_dir=state_dir, heartbeat_s=heartbeat)
-    except (SecurityError, ValueError) as exc:
+    except (SecurityError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
     typer.echo(f"rig {worker.rig_id} ({built.name}) serving {connect}; Ctrl-C to stop", err=True)
     raise typer.Exit(worker.run(install_signal_handlers=True))

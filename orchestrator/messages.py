@@ -166,6 +166,8 @@ class Heartbeat(_Base):
     sent_at: Timestamp
     echo_sent_at: Timestamp | None = None
     echo_received_at: Timestamp | None = None
+    #: worker only: the session its adapter has finished starting (ends the server's start-up grace)
+    session_ready: Annotated[StrictStr, Field(max_length=128)] | None = None
 
 
 class ErrorMessage(_Base):

@@ -82,6 +82,7 @@ def register_session(request: SessionRequest, loaded: LoadedProtocol) -> tuple[s
             bind=request.bind,
             design=request.design or loaded.protocol.design.strategy,
             code_version=code_version(),
+            status="created",  # "running" only once the engine runs it
             meta={"request": asdict(request)},
         )
         return session_id, seed
@@ -124,8 +125,10 @@ def execute_session(
     protocol = loaded.protocol
     controller = control or SessionController(store).install_sigint()
     timeout = request.wait_for_rig_s if request.wait_for_rig_s is not None else protocol.rig.wait_for_rig_s
+    bound = False  # until the rig address is ours, a failure says nothing about this session's state
     try:
         with RigServer(request.bind, keys_dir=request.keys_dir, insecure=request.insecure) as rigs:
+            bound = True
             rigs.set_session(session_id, loaded.text)
             message = (
                 f"waiting up to {timeout:g} s for {protocol.rig.count} rig(s) with any of "
@@ -137,9 +140,11 @@ def execute_session(
                 on_waiting(message)
             for observer in list(_observers):
                 observer.waiting(rigs.endpoint, message)
-            # Keeps a pending stop/pause request (e.g. a stop asked before a crash) for the engine to honour.
-            store.transition_status(session_id, ("created", "running", "interrupted", "no_rig", "failed"),
-                                    "waiting_for_rig")
+            # Only once the address is ours (a live orchestrator of this session would hold it): a stop
+            # requested before a crash is kept for the engine to honour; a pause is dropped, since
+            # starting or resuming the session means "run".
+            store.transition_status(session_id, ("created", "running", "interrupted", "no_rig", "failed", "paused",
+                                                 "pause_requested", "continue_requested"), "waiting_for_rig")
             try:
                 found = rigs.wait_for_rigs(protocol.rig.capabilities, protocol.rig.count, timeout)
             except TransportNoRig as exc:
@@ -170,8 +175,10 @@ def execute_session(
     except BaseException:
         # Leave a truthful status behind; a resumable session stays resumable.
         status = store.session(session_id)["status"]
-        if status not in ("completed", "stopped", "no_rig"):
+        if bound and status not in ("completed", "stopped", "no_rig"):
             store.set_session_status(session_id, "interrupted")
+        elif not bound:  # e.g. the address is in use: a new session never ran; a live one is not ours
+            store.transition_status(session_id, ("created",), "interrupted")
         raise
     finally:
         if isinstance(controller, SessionController):

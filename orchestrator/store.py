@@ -14,7 +14,7 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import (
     JSON,
@@ -36,7 +36,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 DEFAULT_URL = "sqlite:///./cloop.db"
@@ -591,25 +591,38 @@ class TrialStore:
         proto = getattr(loaded, "protocol", None)
         name = getattr(proto, "name", None) or "unknown"
         version = str(getattr(proto, "version", None) or "")
-        with self._tx() as s:
-            row = s.scalar(select(ProtocolRow).where(ProtocolRow.sha256 == loaded.sha256))
-            if row is None:
-                row = ProtocolRow(name=name, version=version, sha256=loaded.sha256, text=loaded.text)
-                s.add(row)
-                s.flush()
-            return row.id
+        return self._get_or_create(
+            select(ProtocolRow.id).where(ProtocolRow.sha256 == loaded.sha256),
+            lambda: ProtocolRow(name=name, version=version, sha256=loaded.sha256, text=loaded.text),
+        )
 
     def subject(self, name: str) -> int:
         """Id of the subject with this name, created on first use."""
         if not name or not name.strip():
             raise StoreError("subject name must not be empty")
-        with self._tx() as s:
-            row = s.scalar(select(Subject).where(Subject.name == name))
-            if row is None:
-                row = Subject(name=name)
-                s.add(row)
-                s.flush()
-            return row.id
+        return self._get_or_create(select(Subject.id).where(Subject.name == name), lambda: Subject(name=name))
+
+    def _get_or_create(self, find: Any, make: Callable[[], Any]) -> int:
+        """Id of the row `find` selects, inserting `make()` if there is none.
+
+        Two orchestrators starting sessions at once may both miss and both insert; the unique
+        constraint lets one win, and the loser reads the winner's row instead of failing.
+        """
+        with self._sessionmaker() as s:
+            found = s.scalar(find)
+            if found is not None:
+                return int(found)
+            row = make()
+            s.add(row)
+            try:
+                s.commit()
+                return int(row.id)
+            except IntegrityError:
+                s.rollback()
+            found = s.scalar(find)
+            if found is None:
+                raise StoreError("row vanished right after a concurrent insert")
+            return int(found)
 
     def upsert_rig(self, info: Any) -> None:
         """Record a rig (from its `hello`): adapters, capabilities, software version, last seen."""

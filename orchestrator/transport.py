@@ -126,6 +126,8 @@ class RigInfo:
     registered_at: float          # orchestrator epoch s
     clock_offset_s: float | None  # worker clock minus orchestrator clock
     clock_rtt_s: float | None
+    session_ready: str | None = None  # session whose start the rig's adapter has completed
+    start_error: str | None = None    # why the adapter could not start the session, if it failed
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -135,7 +137,7 @@ class RigInfo:
             "software_version": self.software_version, "hostname": self.hostname, "pid": self.pid,
             "key_name": self.key_name, "peer_address": self.peer_address,
             "registered_at": self.registered_at, "clock_offset_s": self.clock_offset_s,
-            "clock_rtt_s": self.clock_rtt_s,
+            "clock_rtt_s": self.clock_rtt_s, "session_ready": self.session_ready,
         }
 
     def offers(self, capabilities: list[str] | tuple[str, ...]) -> bool:
@@ -213,6 +215,10 @@ class _Rig:
     inflight: dict[Any, _Pending] = field(default_factory=dict)
     last_dispatch: float = 0.0
     last_hb: float = 0.0  # heartbeats also go out while busy: each one is a clock sample
+    session_sent: str | None = None
+    ready_session: str | None = None
+    start_error: str | None = None
+    grace_until: float = 0.0  # monotonic; silence tolerated until then (adapter starting a session)
 
 
 def _normalise_bind(bind: str) -> str:
@@ -229,7 +235,7 @@ class RigServer:
 
     def __init__(self, bind: str, *, keys_dir: Path | str | None = None, insecure: bool = False,
                  heartbeat_s: float = 0.25, liveness: int = 3, pipeline: int = 1,
-                 max_message_bytes: int = m.MAX_MESSAGE_BYTES) -> None:
+                 session_start_grace_s: float = 30.0, max_message_bytes: int = m.MAX_MESSAGE_BYTES) -> None:
         if heartbeat_s <= 0 or liveness < 1 or pipeline < 1:
             raise ValueError("heartbeat_s must be > 0, liveness >= 1 and pipeline >= 1")
         bind = _normalise_bind(bind)
@@ -238,12 +244,18 @@ class RigServer:
         self.heartbeat_s = float(heartbeat_s)
         self.liveness = int(liveness)
         self.pipeline = int(pipeline)
+        # Starting a session can keep a rig's CPU busy for seconds (loading models, opening a window);
+        # silence is tolerated that long after a new session is announced, until the rig reports the
+        # session ready. A crash still shows at once (the connection closes); only a rig that freezes
+        # while starting its session is noticed later.
+        self.session_start_grace_s = float(session_start_grace_s)
         self.max_message_bytes = max_message_bytes
         self.keys_dir = keys_path
         self._ctx = zmq.Context()
         self._auth = None
         self._allowed: dict[bytes, str] = {}
         self._sock = self._ctx.socket(zmq.ROUTER)
+        self._mon: zmq.Socket | None = None
         try:
             self._sock.setsockopt(zmq.LINGER, 200)
             self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -267,12 +279,15 @@ class RigServer:
             self._sock.bind(bind)
             self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except Exception:
+            if self._mon is not None:
+                self._mon.close(0)
             self._sock.close(0)
             if self._auth is not None:
                 self._auth.stop()
             self._ctx.term()
             raise
         self.secure = keys_path is not None
+        self._sock_fd: int = self._sock.getsockopt(zmq.FD)
         self._allow_sig = self._allow_signature()
         self._next_key_check = 0.0
         self._pipe_addr = f"inproc://cloop-rigserver-{id(self)}"
@@ -328,7 +343,8 @@ class RigServer:
 
     def wait_for_rigs(self, capabilities: list[str], count: int = 1, timeout_s: float = 60.0,
                       *, progress: Callable[[str], None] | None = None) -> list[RigInfo]:
-        """Block until ``count`` rigs offering any of ``capabilities`` are registered.
+        """Block until ``count`` rigs offering any of ``capabilities`` are registered and, if a session
+        was set, have started it (their adapter is loaded: window open, models built...).
 
         Remembers ``capabilities`` (and ``timeout_s`` as the default wait for a free rig when a trial
         is retried). Raises :class:`NoRigError` after ``timeout_s`` saying what it waited for and where.
@@ -344,14 +360,19 @@ class RigServer:
         next_note = start + 5.0
         with self._cond:
             while True:
-                ok = [self._snapshot(r) for r in self._rigs.values() if r.info.offers(capabilities)]
+                sid = self._session[0] if self._session else None
+                ok = [self._snapshot(r) for r in self._rigs.values()
+                      if r.info.offers(capabilities) and (sid is None or r.ready_session == sid)]
                 if len(ok) >= count:
                     self._cond.notify_all()
                     break
                 now = time.monotonic()
                 if now >= end:
                     seen = ", ".join(f"{r.info.rig_id} (adapters {list(r.info.adapters)}, stimulus types "
-                                     f"{list(r.info.stimulus_types)})" for r in self._rigs.values()) or "none"
+                                     f"{list(r.info.stimulus_types)}"
+                                     + (f"; could not start the session: {r.start_error}" if r.start_error else
+                                        "; still starting the session" if sid and r.ready_session != sid else "")
+                                     + ")" for r in self._rigs.values()) or "none"
                     hint = (" Check that the rigs run `cloop rig --connect` with this address and that their"
                             " public keys are in " + str(keyfiles.allow_dir(self.keys_dir))
                             if self.secure else "")
@@ -464,7 +485,8 @@ class RigServer:
 
     def _snapshot(self, rig: _Rig) -> RigInfo:
         info = rig.info
-        return RigInfo(**{**info.__dict__, "clock_offset_s": rig.clock.offset, "clock_rtt_s": rig.clock.rtt})
+        return RigInfo(**{**info.__dict__, "clock_offset_s": rig.clock.offset, "clock_rtt_s": rig.clock.rtt,
+                          "session_ready": rig.ready_session, "start_error": rig.start_error})
 
     def _event(self, kind: str, **fields: Any) -> None:
         self.events.append({"event": kind, "t": time.time(), **fields})
@@ -475,7 +497,7 @@ class RigServer:
         # the socket under the lock meanwhile. The descriptor only says "look at ZMQ_EVENTS"; every
         # path that touches the socket drains it afterwards, so no arrival can go unnoticed.
         poller = zmq.Poller()
-        poller.register(self._sock.getsockopt(zmq.FD), zmq.POLLIN)
+        poller.register(self._sock_fd, zmq.POLLIN)
         poller.register(self._pipe_in, zmq.POLLIN)
         poller.register(self._mon, zmq.POLLIN)
         tick = min(self.heartbeat_s / 4, 0.05)
@@ -654,9 +676,18 @@ class RigServer:
         if msg.type == "heartbeat":
             if msg.echo_sent_at is not None and msg.echo_received_at is not None:
                 rig.clock.add(msg.echo_sent_at, msg.echo_received_at, msg.sent_at, time.time())
+            if msg.session_ready is not None and msg.session_ready != rig.ready_session:
+                with self._cond:
+                    rig.ready_session = msg.session_ready
+                    rig.start_error = None
+                    self._cond.notify_all()
+                if msg.session_ready == rig.session_sent:
+                    rig.grace_until = 0.0
         elif msg.type == "result":
+            rig.grace_until = 0.0
             self._on_result(rig, msg)
         elif msg.type == "error":
+            rig.grace_until = 0.0
             self._on_worker_error(rig, msg)
         elif msg.type == "bye":
             self._drop(rig, f"rig said bye ({msg.reason or 'no reason'})")
@@ -718,6 +749,9 @@ class RigServer:
             return
         if self._send(rig.ident, data):
             rig.last_sent = time.monotonic()
+            if sid is not None and rig.session_sent != sid:
+                rig.session_sent = sid
+                rig.grace_until = rig.last_sent + self.session_start_grace_s
 
     def _on_result(self, rig: _Rig, msg: m.Result) -> None:
         p = rig.inflight.get(msg.trial_id)
@@ -755,6 +789,10 @@ class RigServer:
             self._fail(p, exc)
             self._dispatch()
         else:
+            if msg.code == "session_failed" and msg.trial_id is None:
+                with self._cond:
+                    rig.start_error = msg.message
+                    self._cond.notify_all()
             log.warning("rig %s reported: [%s] %s", rig.info.rig_id, msg.code, msg.message)
 
     def _drop(self, rig: _Rig, reason: str) -> None:
@@ -839,7 +877,7 @@ class RigServer:
         dead_after = self.heartbeat_s * self.liveness
         hb: bytes | None = None
         for rig in list(self._rigs.values()):
-            if now - rig.last_seen > dead_after:
+            if now - rig.last_seen > dead_after and now > rig.grace_until:
                 self._drop(rig, f"silent for {now - rig.last_seen:.2f} s (heartbeat {self.heartbeat_s:g} s x "
                                 f"{self.liveness})")
                 continue

@@ -82,6 +82,10 @@ class Adapter(abc.ABC):
     def present(self, cmd: Trial) -> AdapterResult:
         """Present one trial and return the response; raise to report the trial as failed on this rig."""
 
+    def idle(self) -> None:
+        """Called on the main thread about every 0.2 s while no trial is waiting (e.g. to keep a
+        window's event queue pumped so the OS does not mark it unresponsive). Default: nothing."""
+
     def close(self) -> None:
         """Release hardware; called once when the worker stops."""
 

@@ -3,12 +3,15 @@
 ``cloop rig --adapter psychopy -o response=simulated --truth ... -o rig_config=rig.yaml``
 
 One trial: resolve the stimulus (trial values over the protocol's ``stimulus.fixed`` over type
-defaults), draw it for ``round(duration_s * refresh)`` frames, then flip back to the background.
+defaults), draw it for ``n = round(duration_s * refresh)`` frames, then flip back to the background.
+The offset is time-locked: after a late flip the next flip shows the frame due at that time, so
+the stimulus still lasts ``n`` refreshes; frames that never appeared are reported as skipped.
 Every flip is timestamped (``Window.flip()`` returns the flip time on PsychoPy's clock; it is
 mapped to epoch seconds). Reported per trial: ``timing`` carries the onset/offset flip times
-(``presented_at`` = onset flip); the response payload carries frames requested and measured,
-dropped frames (intervals longer than ``dropped_frame_tolerance`` refresh periods; PsychoPy's own
-count over the same flips alongside) and the interval statistics. An optional photodiode patch is white exactly while the stimulus is on.
+(``presented_at`` = onset flip); the response payload carries frames requested, shown, skipped and
+measured (offset - onset in refreshes), dropped frames (intervals longer than
+``dropped_frame_tolerance`` refresh periods; PsychoPy's own count over the same flips alongside)
+and the interval statistics. An optional photodiode patch is white exactly while the stimulus is on.
 Escape (rig config ``keyboard.abort_key``) aborts the trial: :class:`TrialAborted` is raised,
 nothing is recorded for it, and the worker reports it with code ``aborted``.
 
@@ -52,8 +55,6 @@ def open_window(rig: RigConfig) -> Any:
     mon = monitors.Monitor(rig.monitor.name, width=rig.monitor.width_cm, distance=rig.monitor.distance_cm,
                            autoLog=False)
     mon.setSizePix(list(rig.monitor.resolution))
-    if rig.monitor.gamma is not None:
-        mon.setGamma(rig.monitor.gamma)
     d = rig.display
     return visual.Window(size=list(d.size), screen=d.screen, fullscr=d.fullscreen, monitor=mon, units="deg",
                          color=luminance_to_rgb(d.background), colorSpace="rgb", winType="pyglet",
@@ -71,6 +72,7 @@ class FrameClock:
         self.software_vsync = software_vsync
         self._clock = plog.defaultClock
         self._next: float | None = None
+        self._anchor: float | None = None
 
     def offset(self) -> float:
         """epoch - PsychoPy clock, sampled now (both clocks run at the same rate over a trial)."""
@@ -90,15 +92,18 @@ class FrameClock:
         if t is None:  # waitBlanking=False: PsychoPy returns no time
             t = self._clock.getTime()
         if self.software_vsync:
-            # next nominal frame: keep the grid unless we fell behind by more than a frame
-            if self._next is None or t - self._next > self.period:
-                self._next = t + self.period
-            else:
-                self._next += self.period
+            # a fixed grid, like a display's vertical blanks: the slot after the one this flip
+            # landed in (a flip more than half a period late belongs to the following slot)
+            if self._anchor is None:
+                self._anchor = t
+            slot = round((t - self._anchor) / self.period)
+            self._next = self._anchor + (slot + 1) * self.period
         return float(t)
 
     def reset(self) -> None:
+        """Start a new grid at the next flip (once per trial)."""
         self._next = None
+        self._anchor = None
 
 
 class PsychoPyDisplayAdapter(Adapter):
@@ -124,6 +129,10 @@ class PsychoPyDisplayAdapter(Adapter):
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> "PsychoPyDisplayAdapter":
+        import importlib.util
+
+        if importlib.util.find_spec("psychopy") is None:
+            raise AdapterError("the psychopy adapter needs PsychoPy: see docs/install-psychopy.md")
         allowed = {"rig_config", "response", "truth", "seed", "software_vsync", "trial_seconds"}
         unknown = set(options) - allowed
         if unknown:
@@ -233,7 +242,11 @@ class PsychoPyDisplayAdapter(Adapter):
         n_frames = max(1, int(round(duration * self.refresh_hz)))
 
         assert self.keys is not None
-        self.keys.clear()
+        # keys pressed since the last trial are stale as responses, but an abort key among them
+        # means the operator wants to stop: honour it before showing anything
+        stale = self.keys.poll()
+        if any(k.name == self.rig.keyboard.abort_key for k in stale):
+            raise TrialAborted(f"trial aborted by the operator ({self.rig.keyboard.abort_key} pressed before onset)")
         frames = self.frames
         flips: list[float] = []
         screenshot: str | None = None
@@ -248,17 +261,21 @@ class PsychoPyDisplayAdapter(Adapter):
         self.win.frameIntervals = []
         dropped_before = self.win.nDroppedFrames
         self.win.recordFrameIntervals = True  # the onset flip starts the record (not an interval)
-        for f in range(n_frames):
-            drawable.draw(f)
+        frame = 0
+        while True:
+            drawable.draw(frame)
             self._draw_photodiode(True)
-            if f == 0 and self._screenshots_left > 0:
-                screenshot = self._save_screenshot(cmd)
             flips.append(frames.flip())
-            if f == 0:
+            if frame == 0:
                 self.response.begin(cmd, flips[0] + offset)
             # only the keyboard is read while the stimulus is on: anything slower (a simulated
             # subject's model, draining a stream) waits for the offset so no frame is late
             self._keys_or_abort()
+            # time-locked: the next flip shows the frame due then, so a late frame shortens
+            # nothing and lengthens nothing; frames that never appeared are counted as skipped
+            frame = max(frame + 1, int(round((flips[-1] - flips[0]) / period)) + 1)
+            if frame >= n_frames:
+                break
         self._draw_photodiode(False)
         t_off = frames.flip()
         self.win.recordFrameIntervals = False
@@ -267,6 +284,13 @@ class PsychoPyDisplayAdapter(Adapter):
 
         intervals = [b - a for a, b in zip(flips, flips[1:] + [t_off])]
         dropped = sum(1 for d in intervals if d > tolerance * period)
+        if self._screenshots_left > 0:
+            # redraw the first frame off-screen now: reading pixels back during the stimulus
+            # would make its frames late
+            drawable.draw(0)
+            self._draw_photodiode(True)
+            screenshot = self._save_screenshot(cmd)
+            self.win.clearBuffer()
         # wait for the response, keeping the background up and the keyboard polled
         deadline = onset + cmd.timeout_s
         while payload is None:
@@ -295,6 +319,8 @@ class PsychoPyDisplayAdapter(Adapter):
         frame_stats: dict[str, Any] = {
             "stimulus_duration_s": offset_t - onset,
             "frames_requested": n_frames,
+            "frames_shown": len(flips),
+            "frames_skipped": n_frames - len(flips),
             "frames_measured": int(round((offset_t - onset) / period)),
             "dropped_frames": dropped,
             "dropped_frames_psychopy": int(psychopy_dropped),
@@ -322,7 +348,7 @@ class PsychoPyDisplayAdapter(Adapter):
             raise
 
     def _save_screenshot(self, cmd: Trial) -> str:
-        """Save the back buffer (the frame about to be shown) as PNG."""
+        """Save the back buffer (the stimulus's first frame, redrawn) as PNG."""
         out_dir = Path(self.rig.display.screenshot_dir)  # type: ignore[arg-type]
         out_dir.mkdir(parents=True, exist_ok=True)
         image = self.win.getMovieFrame(buffer="back")

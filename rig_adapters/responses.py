@@ -9,12 +9,15 @@ A rig is a presenting adapter (display, stimulator) plus one response source:
 
 The presenter calls ``begin`` right after the onset flip (epoch seconds on this machine's clock),
 hands it key presses with ``offer_keys`` while it keeps polling, and takes the first payload
-``poll`` returns. Labs add sources with the ``cloop.responses`` entry point group.
+``poll`` returns. Labs add sources with the ``cloop.responses`` entry point group: the entry
+point names a :class:`ResponseSource` subclass, constructed as ``cls(rig=RigConfig, truth=str|None,
+seed=int)``, and ``cloop rig ... -o response=NAME`` selects it.
 """
 
 from __future__ import annotations
 
 import abc
+import collections
 import json
 import time
 from dataclasses import dataclass
@@ -238,7 +241,13 @@ class KeyboardPoller:
         self.keys = list(keys)
         self.kb = keyboard.Keyboard(backend=backend)
         self.backend = self.kb.getBackend()
+        if self.backend == "event":
+            # PsychoPy 2026.2's event backend stores [name, time] lists as key names, so key lists
+            # never match: refuse it rather than silently never seeing a response or an Escape
+            raise AdapterError("PsychoPy chose its 'event' keyboard backend, which cannot report keys reliably; "
+                               "install psychtoolbox (pip) or set keyboard.backend: ptb / iohub in the rig config")
         self.kb.clearEvents()
+        self._reported: collections.deque[tuple[str, float]] = collections.deque(maxlen=256)
 
     def clear(self) -> None:
         self.kb.clearEvents()
@@ -248,12 +257,17 @@ class KeyboardPoller:
         if not self.keys:
             return []
         offset = time.time() - self._plog.defaultClock.getTime()
-        seen: list[Any] = []
+        events: list[KeyEvent] = []
+        # A press is reported while held and again on release (same key, same tDown): once only.
         for wait_release in (False, True):
             for key in self.kb.getKeys(keyList=self.keys, waitRelease=wait_release, clear=True):
-                if not any(key is s for s in seen):
-                    seen.append(key)
-        events = [KeyEvent(name=str(k.name), t=float(k.tDown) + offset) for k in seen if k.tDown is not None]
+                if key.tDown is None:
+                    continue
+                ident = (str(key.name), float(key.tDown))
+                if ident in self._reported:
+                    continue
+                self._reported.append(ident)
+                events.append(KeyEvent(name=ident[0], t=ident[1] + offset))
         return sorted(events, key=lambda e: e.t)
 
 

@@ -66,7 +66,6 @@ class MonitorProfile(_Strict):
     resolution: tuple[int, int] = (1024, 768)
     refresh_hz: float | None = Field(default=None, gt=0, le=1000)
     """Nominal refresh rate; None = measure it when the window opens."""
-    gamma: float | None = Field(default=None, gt=0)
 
 
 class PhotodiodeConfig(_Strict):

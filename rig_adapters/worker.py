@@ -20,6 +20,7 @@ import queue
 import re
 import signal
 import socket as pysocket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -60,13 +61,33 @@ class ResultJournal:
         self._fh = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():
-                self._load(path)
-            self._fh = open(path, "a", encoding="utf-8")
+            self._fh = open(path, "a+", encoding="utf-8")
+            self._lock_file(path)
+            self._load(path)
+            self._fh.seek(0, os.SEEK_END)
+            if self._fh.tell() > 0:
+                self._fh.seek(self._fh.tell() - 1)
+                if self._fh.read(1) != "\n":  # a line torn by a crash: never glue the next record to it
+                    self._fh.write("\n")
+                    self._fh.flush()
 
     @staticmethod
     def key(session_id: str, trial_id: Any) -> tuple[str, str]:
         return (session_id, f"{type(trial_id).__name__}:{trial_id}")
+
+    def _lock_file(self, path: Path) -> None:
+        """Two workers sharing one journal would each think the other's trials are theirs: refuse."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here; one worker per rig id is the rule
+            return
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.close()
+            self._fh = None
+            raise RuntimeError(f"another worker is already using the journal {path} "
+                               "(same --rig-id and --state-dir): stop it first") from None
 
     def _load(self, path: Path) -> None:
         bad = 0
@@ -163,6 +184,8 @@ class RigWorker:
         self._session_error: str | None = None
         self.stats: collections.Counter[str] = collections.Counter()
         self.connected = threading.Event()  # set while registered (welcome received)
+        self._ready_session: str | None = None  # read by the I/O thread for its heartbeats
+        self._hb_now = False
 
     # ------------------------------------------------------------------ main thread
     def run(self, *, install_signal_handlers: bool = False) -> int:
@@ -170,6 +193,9 @@ class RigWorker:
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
+        # Let the network thread get the GIL within 1 ms while the adapter computes (default 5 ms).
+        if sys.getswitchinterval() > 0.001:
+            sys.setswitchinterval(0.001)
         io = threading.Thread(target=self._io_main, name="cloop-worker-io", daemon=True)
         io.start()
         try:
@@ -177,6 +203,10 @@ class RigWorker:
                 try:
                     kind, payload = self._tasks.get(timeout=0.2)
                 except queue.Empty:
+                    try:
+                        self.adapter.idle()
+                    except Exception:
+                        log.exception("adapter %s failed while idle", self.adapter.name)
                     continue
                 if kind == "session":
                     self._start_session(payload)
@@ -202,6 +232,8 @@ class RigWorker:
             self.adapter.start(info)
             self.session = info
             self._session_error = None
+            self._ready_session = info.session_id
+            self._post(("ready", info.session_id))
             log.info("session %s started on adapter %s", info.session_id, self.adapter.name)
         except Exception as exc:
             self.session = info
@@ -346,9 +378,11 @@ class RigWorker:
                     self._on_outcome(self._outbox.popleft(), send, active)
                 if mon in events:
                     self._on_monitor(mon)
-                if echo is not None or now - send.last >= hb_s:
+                if echo is not None or now - send.last >= hb_s or self._hb_now:
+                    self._hb_now = False
                     hb = m.Heartbeat(sent_at=time.time(), echo_sent_at=echo[0] if echo else None,
-                                     echo_received_at=echo[1] if echo else None)
+                                     echo_received_at=echo[1] if echo else None,
+                                     session_ready=self._ready_session)
                     send(m.encode(hb))
                     echo = None
                 if now - last_recv > hb_s * liveness:
@@ -409,7 +443,9 @@ class RigWorker:
 
     def _on_outcome(self, item: tuple[str, Any], send: "_Sender", active: dict[tuple[str, str], int]) -> None:
         kind, payload = item
-        if kind == "result":
+        if kind == "ready":
+            self._hb_now = True  # tell the orchestrator right away (ends its start-up grace)
+        elif kind == "result":
             key, msg, stored, data = payload
             attempt = active.pop(key, msg.attempt)
             send(data if attempt == msg.attempt else m.encode(self._result_msg(msg, attempt, stored, cached=False)))

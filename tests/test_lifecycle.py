@@ -136,6 +136,11 @@ def test_pause_continue_stop_from_another_process(session: Session) -> None:
     again = session.cli("pause", session.id)  # pausing a paused session is refused, with the reason
     assert again.returncode == 2 and "'paused'" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
+    # A second orchestrator for a live session cannot take over: the address is held, nothing is changed.
+    dup = session.cli("resume", session.id, "--no-prefect")
+    assert dup.returncode == 1 and "cannot bind" in dup.stderr, dup.stderr
+    assert session.status() == "paused" and len(session.trials()) == held
+
     cont = session.cli("continue", "latest", "--wait", "30")
     assert cont.returncode == 0, cont.stderr
     session.wait(lambda: session.completed() >= held + 2, "trials after continue")

@@ -44,6 +44,16 @@ def rig_config(tmp_path: Path, refresh: float = 60.0, **display: Any) -> RigConf
     })
 
 
+def assert_duration(r: dict, nominal_s: float, refresh: float = 60.0) -> None:
+    """Time-locked offset: on time within a refresh, unless a late flip (reported) pushed it."""
+    excess = r["stimulus_duration_s"] - nominal_s
+    assert excess >= -1 / refresh - 0.002, r
+    if r["dropped_frames"] == 0:
+        assert excess <= 1 / refresh + 0.002, r
+    else:  # only as late as the longest (reported) frame interval explains
+        assert excess <= r["frame_interval_max_ms"] / 1000 + 0.002, r
+
+
 def trial(index: int, timeout_s: float = 5.0, **stimulus: Any) -> Trial:
     stimulus = stimulus or {"orientation": 45.0, "contrast": 0.8}
     return Trial(trial_id=f"s1:{index}", attempt=1, index=index, session_id="s1", stimulus=stimulus,
@@ -78,12 +88,14 @@ def test_orientation_trial_with_simulated_subject(make_adapter: Any, tmp_path: P
     t, r = res.timing, res.response
     # 0.5 s at 60 Hz = 30 frames, onset and offset are flip times on the epoch clock
     assert set(t) == {"presented_at", "responded_at", "onset_flip", "offset_flip"}
-    assert r["frames_requested"] == 30
-    assert t["offset_flip"] - t["onset_flip"] == pytest.approx(0.5, abs=0.034) == r["stimulus_duration_s"]
+    assert r["frames_requested"] == 30 == r["frames_shown"] + r["frames_skipped"]
+    assert t["offset_flip"] - t["onset_flip"] == r["stimulus_duration_s"]
+    assert_duration(r, 0.5)
     assert t["presented_at"] == t["onset_flip"] <= t["responded_at"]
     assert abs(t["presented_at"] - time.time()) < 5
     assert r["dropped_frames"] == r["dropped_frames_psychopy"]
-    assert r["frame_interval_mean_ms"] == pytest.approx(1000 / 60, abs=1.5)
+    if r["dropped_frames"] == 0:  # under heavy load some frames are late: then they are reported
+        assert r["frame_interval_mean_ms"] == pytest.approx(1000 / 60, abs=1.5)
     # a Poisson spike count from the ground-truth model, reproducible from (seed, index)
     value = res.response["value"]
     assert isinstance(value, int) and value >= 0
@@ -165,6 +177,18 @@ def test_escape_aborts_then_session_continues(make_adapter: Any, tmp_path: Path)
     assert res.response["value"] == 0
 
 
+def test_escape_between_trials_aborts_the_next_one(make_adapter: Any, tmp_path: Path) -> None:
+    adapter = make_adapter(rig_config(tmp_path), SimulatedResponse("von_mises"))
+    adapter.start(SESSION)
+    press_key("Escape")
+    time.sleep(0.1)
+    shots_before = adapter._screenshots_left
+    with pytest.raises(TrialAborted, match="pressed before onset"):
+        adapter.present(trial(0))
+    assert adapter._screenshots_left == shots_before  # nothing was drawn
+    assert adapter.present(trial(1)).response["frames_requested"] == 30  # and the rig carries on
+
+
 def test_no_response_times_out(make_adapter: Any, tmp_path: Path) -> None:
     source = KeyboardResponse(rig_config(tmp_path).keyboard)
     adapter = make_adapter(rig_config(tmp_path), source)
@@ -198,6 +222,34 @@ class _Instant(ResponseSource):
         return {"value": 1}
 
 
+class _Stall(_Instant):
+    """Blocks the frame loop once, 60 ms after onset: a stand-in for any hiccup (GC, disk, OS)."""
+
+    name = "stall"
+    watch_keys = ()
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def offer_keys(self, keys: list) -> None:
+        self.calls += 1
+        if self.calls == 4:
+            time.sleep(0.06)
+
+
+def test_late_frames_are_skipped_not_stretched(make_adapter: Any, tmp_path: Path) -> None:
+    adapter = make_adapter(rig_config(tmp_path, screenshots=0), _Stall())
+    adapter.configure(stimulus_type="grating", fixed={"sf": 2.0, "size": 6, "drift": 4.0}, duration_s=0.25)
+    res = adapter.present(trial(0))
+    r = res.response
+    assert r["frames_requested"] == 15
+    assert r["frames_skipped"] >= 3  # ~60 ms = 3-4 refreshes never shown
+    assert r["frames_shown"] + r["frames_skipped"] == 15
+    assert r["dropped_frames"] >= 1 and r["frame_interval_max_ms"] > 55
+    # offset still on the grid: one late refresh at most beyond the stall itself
+    assert r["stimulus_duration_s"] == pytest.approx(0.25, abs=2 / 60)
+
+
 def test_frame_timing_300_presentations(make_adapter: Any, tmp_path: Path) -> None:
     """300 presentations of 2 frames: every flip timestamped, dropped frames counted (ours == PsychoPy's).
 
@@ -223,10 +275,46 @@ def test_frame_timing_300_presentations(make_adapter: Any, tmp_path: Path) -> No
         assert (r["dropped_frames"] > 0) == (r["frame_interval_max_ms"] > 1.2 * period * 1000)
     onsets = [r["onset_flip"] for r in rows]
     assert all(b - a >= 3 * period * 0.8 for a, b in zip(onsets, onsets[1:]))  # align + 2 frames + offset
+    assert all(r["frames_shown"] + r["frames_skipped"] == 2 for r in rows)
     exact = sum(1 for r in rows if r["frames_measured"] == 2)
-    assert statistics.median(durations) == pytest.approx(2 * period, abs=0.002)
+    # within half a refresh: an off-by-one-frame error would be a whole refresh out
+    assert statistics.median(durations) == pytest.approx(2 * period, abs=period / 2)
     assert exact >= 0.5 * len(rows), f"only {exact}/300 presentations lasted exactly 2 frames"
     print(f"\nframe timing: 300 presentations in {elapsed:.1f} s; duration median "
           f"{statistics.median(durations) * 1000:.3f} ms (nominal {2000 * period:.3f}), "
           f"sd {statistics.pstdev(durations) * 1000:.3f} ms, max {max(durations) * 1000:.3f} ms; "
-          f"exact {exact}/300; dropped frames {dropped:g} of {2 * len(rows)}")
+          f"exact {exact}/300; dropped frames {dropped:g} of {2 * len(rows)}; "
+          f"skipped {sum(r['frames_skipped'] for r in rows)}")
+
+
+def test_from_options_errors_are_clear(tmp_path: Path) -> None:
+    from rig_adapters.base import build_adapter
+
+    with pytest.raises(AdapterError, match="has no option\\(s\\) \\['colour'\\]"):
+        build_adapter("psychopy", {"colour": "red"})
+    with pytest.raises(AdapterError, match="needs --truth"):
+        build_adapter("psychopy", {"response": "simulated"})
+    bad = tmp_path / "rig.yaml"
+    bad.write_text("display: {size: [800]}\n")
+    with pytest.raises(AdapterError, match="display.size"):
+        build_adapter("psychopy", {"rig_config": str(bad)})
+    adapter = build_adapter("psychopy", {"response": "keyboard", "rig_config": str(_write(tmp_path))})
+    assert adapter.name == "psychopy" and adapter.response.name == "keyboard" and adapter.software_vsync
+    assert adapter.win is None  # no window until a session starts
+
+
+def _write(tmp_path: Path) -> Path:
+    path = tmp_path / "ok.yaml"
+    path.write_text("display: {software_vsync: true}\n")
+    return path
+
+
+def test_refresh_rate_is_measured_when_not_configured(make_adapter: Any, tmp_path: Path) -> None:
+    rig = RigConfig.model_validate({"display": {"size": [200, 150]}})  # no monitor.refresh_hz
+    assert rig.monitor.refresh_hz is None
+    adapter = make_adapter(rig, _Instant())
+    adapter.configure(stimulus_type="blank", duration_s=0.05)
+    assert adapter.refresh_hz is not None and adapter.refresh_hz > 20  # Xvfb free-runs at hundreds of Hz
+    res = adapter.present(trial(0).model_copy(update={"stimulus_type": "blank", "stimulus": {}}))
+    assert res.response["refresh_hz"] == adapter.refresh_hz
+    assert res.response["frames_requested"] == max(1, round(0.05 * adapter.refresh_hz))

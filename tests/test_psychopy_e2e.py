@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from test_psychopy_display import assert_duration
 from xvfb import press_key, xvfb_display
 
 pytestmark = pytest.mark.display
@@ -119,9 +120,9 @@ def _check_presentation(row: dict, frames: int) -> dict:
     worker = timing.get("worker", timing)
     assert worker["onset_flip"] < worker["offset_flip"] <= worker["responded_at"] + 1e-6 or \
         worker["onset_flip"] < worker["responded_at"]
-    assert response["frames_requested"] == frames
+    assert response["frames_requested"] == frames == response["frames_shown"] + response["frames_skipped"]
     assert response["dropped_frames"] == response["dropped_frames_psychopy"]
-    assert abs(response["stimulus_duration_s"] - frames / 60) < 0.05
+    assert_duration(response, frames / 60)
     return response
 
 

@@ -161,3 +161,42 @@ def test_space_check_agrees_with_value_check(lo: float, width: float) -> None:
         except ValueError:
             ends_ok = False
     assert space_ok == ends_ok
+
+
+def test_cloop_validate_cli_names_the_bad_unit(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(ORIENTATION.replace("units: fraction", "units: percent", 1))
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(bad)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert "stimulus.parameters.contrast.units: unknown unit 'percent'" in out.stdout + out.stderr
+
+
+PLUGIN = '''
+from stimuli import ParamSpec, StimulusType
+
+CHECKERBOARD = StimulusType(
+    name="checkerboard", modality="visual", description="A lab's own stimulus.",
+    params={"check_size": ParamSpec("check_size", "continuous", "deg", 1.0, "side of a check", low=0, low_open=True)},
+    default_duration_s=0.25, drawer="labstim_draw:build",
+)
+'''
+
+
+def test_lab_stimulus_type_via_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lab package registers a type in the `cloop.stimuli` group; cloop finds and checks it."""
+    (tmp_path / "labstim.py").write_text(PLUGIN)
+    dist = tmp_path / "labstim-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: labstim\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[cloop.stimuli]\ncheckerboard = labstim:CHECKERBOARD\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(stimuli, "_plugins", None)
+    try:
+        assert "checkerboard" in stimuli.stimulus_type_names()
+        st_ = get_stimulus_type("checkerboard")
+        assert st_.resolve({}) == {"check_size": 1.0}
+        assert st_.check_space({"check_size": {"kind": "continuous", "low": -1, "high": 2, "units": "deg"}}) == [
+            ("stimulus.parameters.check_size", "range [-1, 2] does not fit checkerboard.check_size: -1 must be above 0 (deg)")]
+    finally:
+        stimuli._plugins = None

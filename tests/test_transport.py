@@ -42,6 +42,8 @@ def registered(server: RigServer, raw: RawRig, rig_id: str = "raw") -> m.Welcome
     raw.hello(rig_id)
     welcome = raw.expect("welcome")
     assert welcome.session_id == "s1" and welcome.protocol_text == "protocol text" and welcome.rig_id == rig_id
+    raw.send(m.Heartbeat(sent_at=time.time(), session_ready="s1"))  # "my adapter has started the session"
+    assert wait_until(lambda: any(r.session_ready == "s1" for r in server.rigs() if r.rig_id == rig_id), 2)
     return welcome
 
 
@@ -87,7 +89,8 @@ def test_trial_round_trip_and_clock_mapping(server: RigServer, raw: RawRig) -> N
     hb = raw.recv(2.0, skip_heartbeats=False)  # the server sends a heartbeat right after welcome
     assert hb.type == "heartbeat"
     t1 = time.time() + skew
-    raw.send(m.Heartbeat(sent_at=time.time() + skew, echo_sent_at=hb.sent_at, echo_received_at=t1))
+    raw.send(m.Heartbeat(sent_at=time.time() + skew, echo_sent_at=hb.sent_at, echo_received_at=t1,
+                         session_ready="s1"))
     server.wait_for_rigs(["null"], 1, 1.0)
     assert wait_until(lambda: server.rigs()[0].clock_rtt_s is not None, 2.0)
     fut = server.submit(cmd(7, stimulus={"lag": 3}))
@@ -177,6 +180,7 @@ def test_silent_rig_is_declared_lost_within_a_second() -> None:
         try:
             raw.hello()
             raw.expect("welcome")
+            raw.send(m.Heartbeat(sent_at=time.time(), session_ready="s1"))  # adapter started: no more grace
             fut = srv.submit(cmd(1))
             raw.expect("trial")
             start = time.monotonic()  # from now on the raw rig says nothing at all
@@ -427,3 +431,46 @@ def test_numpy_values_from_design_code_are_sent_as_plain_numbers(server: RigServ
     server.submit(c)
     t = raw.expect("trial")
     assert t.stimulus == {"lag": 5, "contrast": 0.25, "xy": [1, 2]} and type(t.stimulus["lag"]) is int
+
+
+def test_a_rig_starting_its_session_gets_a_grace_period_but_a_crash_still_shows() -> None:
+    with RigServer(LOOP, insecure=True, session_start_grace_s=1.5) as srv:
+        srv.set_session("s1", "x")
+        raw = RawRig(srv.endpoint)
+        try:
+            raw.hello()
+            raw.expect("welcome")
+            time.sleep(1.0)  # silent, but still within the grace: loading models takes time
+            assert [r.rig_id for r in srv.rigs()] == ["raw"]
+            assert wait_until(lambda: srv.rigs() == [], 2.0)  # grace over, still silent: lost
+            raw.hello()
+            raw.expect("welcome")
+            fut = srv.submit(cmd(1))
+            raw.expect("trial")
+        finally:
+            raw.close()
+        start = time.monotonic()
+        with pytest.raises(RigLost, match="connection gone"):  # crash during the grace: noticed at once
+            fut.result(timeout=3)
+        assert time.monotonic() - start < 0.5
+
+
+def test_wait_for_rigs_waits_until_the_session_is_started_and_reports_start_failures(server: RigServer,
+                                                                                      raw: RawRig) -> None:
+    raw.hello("slow")
+    raw.expect("welcome")
+    with pytest.raises(NoRigError, match="slow .*still starting the session"):
+        server.wait_for_rigs(["null"], 1, 0.3)
+    raw.send(m.ErrorMessage(code="session_failed", message="projector not found"))
+    with pytest.raises(NoRigError, match="could not start the session: projector not found"):
+        server.wait_for_rigs(["null"], 1, 0.3)
+    raw.send(m.Heartbeat(sent_at=time.time(), session_ready="s1"))
+    [info] = server.wait_for_rigs(["null"], 1, 2)
+    assert info.session_ready == "s1" and info.start_error is None
+
+
+def test_address_in_use_fails_fast_and_cleanly(server: RigServer) -> None:
+    start = time.monotonic()
+    with pytest.raises(zmq.ZMQError, match="in use"):
+        RigServer(server.endpoint, insecure=True)
+    assert time.monotonic() - start < 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import random
 import signal
 import subprocess
@@ -185,7 +184,8 @@ def test_frozen_worker_is_noticed_within_a_second_and_rejoins(tmp_path: Path) ->
         p = workers.start(srv.endpoint, "r", state_dir=state, options={"trial_seconds": 1.0})
         srv.wait_for_rigs(["null"], 1, 30)
         fut = srv.submit(cmd(1))
-        assert wait_until(lambda: srv.in_flight().get("r") == ["s1:1"], 5)
+        # Freeze it in the middle of presenting (the journal notes the start before the adapter runs).
+        assert wait_until(lambda: any(r["event"] == "start" for r in journal(state, "r")), 10)
         p.send_signal(signal.SIGSTOP)  # frozen: the TCP connection stays open, only heartbeats stop
         stopped = time.monotonic()
         with pytest.raises(RigLost, match="silent for"):
@@ -215,20 +215,22 @@ def test_workers_reconnect_after_the_orchestrator_is_killed_or_restarted(tmp_pat
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     with Workers(tmp_path) as workers:
         p = workers.start(endpoint, "r")  # starts before any orchestrator exists: keeps retrying
-        orch = subprocess.Popen([sys.executable, "-c", ORCH_SCRIPT, endpoint], stdout=subprocess.PIPE, text=True)
+        orch = subprocess.Popen([sys.executable, "-c", ORCH_SCRIPT, endpoint], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
         try:
-            assert orch.stdout.readline().strip() == "ready"
+            line = orch.stdout.readline().strip()
         finally:
             orch.send_signal(signal.SIGKILL)  # the orchestrator dies without a word
             orch.wait()
+        assert line == "ready", orch.stderr.read()[-2000:] + workers.logs()[-2000:]
         with RigServer(endpoint, insecure=True) as srv:
             srv.set_session("s1", "x")
-            [info] = srv.wait_for_rigs(["null"], 1, 15)
+            [info] = srv.wait_for_rigs(["null"], 1, 30)
             assert info.pid == p.pid and srv.run_trial(cmd(1)).rig_id == "r"
         # A clean orchestrator shutdown (bye) followed by a new one on the same address.
         with RigServer(endpoint, insecure=True) as srv:
             srv.set_session("s2", "x")
-            [info] = srv.wait_for_rigs(["null"], 1, 15)
+            [info] = srv.wait_for_rigs(["null"], 1, 30)
             assert info.pid == p.pid and srv.run_trial(cmd(1, session="s2")).rig_id == "r"
         assert p.poll() is None, "the worker was never restarted"
 
@@ -278,6 +280,10 @@ class _Flaky(NullAdapter):
 
     name = "flaky"
     inline = False
+    idled = 0
+
+    def idle(self) -> None:
+        self.idled += 1
 
     def start(self, session: SessionInfo) -> None:
         if "refuse" in session.protocol_text:
@@ -301,7 +307,8 @@ def test_adapter_failures_reach_the_engine_with_their_code() -> None:
 
     with RigServer("tcp://127.0.0.1:0", insecure=True) as srv:
         srv.set_session("s1", "ok")
-        worker = RigWorker(srv.endpoint, _Flaky(), rig_id="flaky", insecure=True)
+        adapter = _Flaky()
+        worker = RigWorker(srv.endpoint, adapter, rig_id="flaky", insecure=True)
         th = threading.Thread(target=worker.run, daemon=True)
         th.start()
         try:
@@ -317,6 +324,29 @@ def test_adapter_failures_reach_the_engine_with_their_code() -> None:
             with pytest.raises(TrialRejected) as err:
                 srv.run_trial(cmd(1, session="s2"))
             assert err.value.code == "session_failed" and "projector not found" in str(err.value)
+            assert wait_until(lambda: adapter.idled > 0, 2)  # the main thread lets the adapter pump events
         finally:
             worker.stop()
             th.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------- journal
+def test_journal_survives_a_torn_line_and_refuses_a_second_owner(tmp_path: Path) -> None:
+    from rig_adapters.worker import ResultJournal
+
+    path = tmp_path / "r.journal.jsonl"
+    first = ResultJournal(path)
+    key = ResultJournal.key("s", "s:1")
+    first.store(key, 1, {"response": {"value": 1}, "timing": {}, "meta": {}, "presented_attempt": 1})
+    with pytest.raises(RuntimeError, match="already using the journal"):
+        ResultJournal(path)
+    first.close()
+    with open(path, "a") as fh:
+        fh.write('{"event": "start", "session_id": "s", "ke')  # the process died mid-write
+    second = ResultJournal(path)
+    key2 = ResultJournal.key("s", "s:2")
+    second.store(key2, 1, {"response": {"value": 2}, "timing": {}, "meta": {}, "presented_attempt": 1})
+    second.close()
+    third = ResultJournal(path)
+    assert third.get(key)["response"] == {"value": 1} and third.get(key2)["response"] == {"value": 2}
+    third.close()

@@ -15,7 +15,6 @@ is optimised with `optimize_acqf`, `optimize_acqf_mixed` or `optimize_acqf_discr
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -168,9 +167,4 @@ class ParameterInformation(_OutcomeMI):
         return (logw.exp().unsqueeze(-1) * kl).sum(0).clamp_min(0.0).to(torch.float64)
 
 
-def entropy_nats(p: torch.Tensor) -> float:
-    return float(-(p * torch.log(p.clamp_min(1e-300))).sum())
-
-
-__all__ = ["ModelDiscriminationMI", "ParameterInformation", "ParticleMixtureModel", "MAX_JOINT_OUTCOMES",
-           "entropy_nats", "math"]
+__all__ = ["ModelDiscriminationMI", "ParameterInformation", "ParticleMixtureModel", "MAX_JOINT_OUTCOMES"]

@@ -33,6 +33,18 @@ class SweepDesign(BaseStrategy):
     def __init__(self, protocol: Any, seed: int, settings: dict[str, Any] | None = None) -> None:
         super().__init__(protocol, seed, settings)
         self.points = self._points()
+        key = next((k for k in ("stimuli", "values") if k in self.settings), None)
+        for i, z in enumerate(self.points):
+            stim = self.space.design_to_stimulus(z)
+            given = self.settings[key][i] if key else None
+            if key == "values" and stim[self.space.names[0]] != given:
+                raise ValueError(f"design.settings.values.{i}: {given!r} is outside the safety limits "
+                                 f"{self.protocol.safety_limits().get(self.space.names[0])} or not a valid value")
+            if key == "stimuli":
+                try:
+                    self.protocol.check_safe(dict(given))
+                except Exception as exc:  # noqa: BLE001 - reported against the field
+                    raise ValueError(f"design.settings.stimuli.{i}: {exc}") from None
 
     def _points(self) -> torch.Tensor:
         s = self.settings

@@ -174,6 +174,8 @@ def build_candidates(protocol: Any) -> list[Candidate]:
             for p in sorted(needed - set(priors) - set(fixed)):
                 problems.append((f"{path}.priors", f"missing prior for parameter {p!r}"
                                  + (" (gaussian response noise SD)" if p == NOISE_PARAM else "")))
+            if not set(priors) & needed:
+                problems.append((f"{path}.priors", "at least one parameter needs a prior (all are fixed)"))
             for p in sorted((set(priors) | set(fixed)) - needed):
                 where = f"{path}.priors.{p}" if p in priors else f"{path}.settings.fixed.{p}"
                 problems.append((where, f"not a parameter of this model (parameters: {sorted(needed)})"))

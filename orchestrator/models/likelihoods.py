@@ -73,8 +73,8 @@ class Likelihood:
         """The outcomes the design sums over, sized for all component means in play.
 
         Poisson: counts 0..K where K covers the weighted 99.9% quantile of the rates (the tail beyond
-        is folded into the last outcome); when K is large, exact counts 0..15 plus ~32 bins
-        equally spaced in sqrt(count) (the variance-stabilised scale), so the cost stays ~50
+        is folded into the last outcome); when K is large, exact counts 0..11 plus ~20 bins
+        equally spaced in sqrt(count) (the variance-stabilised scale), so the cost stays ~32
         outcomes whatever the rates. Gaussian: a grid spanning every component's +-5 SD.
         """
         dtype = torch.float64
@@ -166,9 +166,9 @@ class Likelihood:
         return torch.log((tail_mass * share).clamp_min(torch.finfo(dtype).tiny))
 
 
-POISSON_EXACT_MAX = 48
-POISSON_EXACT_HEAD = 16
-POISSON_TAIL_BINS = 32
+POISSON_EXACT_MAX = 40
+POISSON_EXACT_HEAD = 12
+POISSON_TAIL_BINS = 20
 GAUSSIAN_GRID = 48
 
 

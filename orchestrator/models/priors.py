@@ -108,7 +108,10 @@ class Prior:
         return d.icdf(u)
 
     def median(self) -> float:
-        return float(self.icdf(torch.tensor([0.5], dtype=DTYPE))[0])
+        m = self.__dict__.get("_median")
+        if m is None:
+            m = self.__dict__["_median"] = float(self.icdf(torch.tensor([0.5], dtype=DTYPE))[0])
+        return m
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         if self.dist is None:
