@@ -16,12 +16,12 @@ from orchestrator.transport import RigServer
 from transport_common import empty_trial, environment, make_keys, percentile, start_worker, stop_all
 
 
-def measure(curve: bool, trials: int, warmup: int) -> dict[str, float | int | bool]:
+def measure(curve: bool, trials: int, warmup: int, inline: bool = True) -> dict[str, float | int | bool]:
     keys = make_keys(1) if curve else None
     kw = {"keys_dir": keys} if curve else {"insecure": True}
     with RigServer("tcp://127.0.0.1:0", **kw) as srv:
         srv.set_session("bench", "x")
-        proc = start_worker(srv.endpoint, "rig0", keys=keys)
+        proc = start_worker(srv.endpoint, "rig0", keys=keys, options={"inline": "true" if inline else "false"})
         try:
             srv.wait_for_rigs(["null"], 1, 60)
             for i in range(warmup):
@@ -34,7 +34,8 @@ def measure(curve: bool, trials: int, warmup: int) -> dict[str, float | int | bo
         finally:
             stop_all([proc])
     ms = [x * 1000 for x in lat]
-    return {"what": "cloop empty trial", "curve": curve, "trials": trials, "p50_ms": round(percentile(ms, 50), 4),
+    what = "cloop empty trial" + ("" if inline else " (adapter on the worker's main thread)")
+    return {"what": what, "curve": curve, "trials": trials, "p50_ms": round(percentile(ms, 50), 4),
             "p90_ms": round(percentile(ms, 90), 4), "p99_ms": round(percentile(ms, 99), 4),
             "max_ms": round(max(ms), 4), "mean_ms": round(sum(ms) / len(ms), 4)}
 
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=500)
     args = ap.parse_args()
     results = [measure(False, args.trials, args.warmup), measure(True, args.trials, args.warmup),
-               raw_floor(args.trials)]
+               measure(False, args.trials, args.warmup, inline=False), raw_floor(args.trials)]
     print(json.dumps({"benchmark": "transport_round_trip", "target": {"p50_ms": 0.3, "p99_ms": 2.0},
                       "autopilot_reference": {"median_ms": 0.975, "note": "Pi-to-Pi, published"},
                       "results": results, "environment": environment()}, indent=2))

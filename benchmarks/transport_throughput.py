@@ -28,10 +28,12 @@ def measure(workers: int, trials: int, pipeline: int, curve: bool) -> dict[str, 
             srv.wait_for_rigs(["null"], workers, 120)
             concurrent.futures.wait([srv.submit(empty_trial(i)) for i in range(workers * 50)], timeout=120)
             base = workers * 50
+            cpu0 = time.process_time()
             t0 = time.perf_counter()
             futures = [srv.submit(empty_trial(base + i)) for i in range(trials)]
             concurrent.futures.wait(futures, timeout=600)  # one wake-up at the end, not one per trial
             elapsed = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0  # this process only: the orchestrator side
             outs = [f.result(timeout=0) for f in futures]
         finally:
             stop_all(procs)
@@ -40,7 +42,10 @@ def measure(workers: int, trials: int, pipeline: int, curve: bool) -> dict[str, 
         per_rig[o.rig_id] = per_rig.get(o.rig_id, 0) + 1
     return {"workers": workers, "pipeline": pipeline, "curve": curve, "trials": trials,
             "seconds": round(elapsed, 3), "trials_per_s": round(trials / elapsed, 1),
-            "rigs_used": len(per_rig), "min_trials_per_rig": min(per_rig.values())}
+            "rigs_used": len(per_rig), "min_trials_per_rig": min(per_rig.values()),
+            "orchestrator_cpu_us_per_trial": round(cpu / trials * 1e6, 1),
+            # what one fully available core would sustain for the orchestrator side alone
+            "orchestrator_trials_per_cpu_second": round(trials / cpu, 0)}
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ is already finished) is one ``error: ...`` line and exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -18,12 +19,11 @@ from typing import Optional
 import typer
 
 from orchestrator import store as st
+from orchestrator.control import FINISHED_STATUSES
 
 DB_HELP = "Database URL (default: $CLOOP_DB, else sqlite:///./cloop.db)."
 BAD_INPUT = 2
 RUN_FAILED = 1
-#: Sessions that are over: resuming them would add trials to a finished record.
-FINISHED = ("completed", "stopped", "abandoned")
 
 
 def _fail(message: str, code: int = BAD_INPUT) -> typer.Exit:
@@ -115,7 +115,7 @@ def cmd_resume(
             row = store.session(session)
         except st.StoreError as exc:
             raise _fail(str(exc)) from None
-        if row["status"] in FINISHED:
+        if row["status"] in FINISHED_STATUSES:
             raise _fail(f"session {row['id']} is already {row['status']}; nothing to resume")
         open_trials = store.open_trials(row["id"])
         # Nothing is written here: only once the rig address is bound (proof that no orchestrator of this
@@ -131,6 +131,10 @@ def cmd_resume(
             url, row["id"], bind=bind, keys_dir=keys, insecure=insecure, wait_for_rig_s=wait_for_rig)
     except (st.StoreError, TypeError, ValueError) as exc:
         raise _fail(f"cannot rebuild session {row['id']}'s request: {exc}") from None
+    if keys is not None and insecure is None:  # new keys replace a stored --insecure, and vice versa
+        request = dataclasses.replace(request, insecure=False)
+    elif insecure and keys is None:
+        request = dataclasses.replace(request, keys_dir=None)
     loaded = parse_protocol_text(row["protocol_text"], source=request.protocol_path)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

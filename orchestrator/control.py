@@ -19,6 +19,8 @@ from orchestrator.store import TrialStore
 log = logging.getLogger("cloop.control")
 
 PAUSED_STATES = ("pause_requested", "paused")
+#: A session in one of these is a closed record: resuming it would append trials to it.
+FINISHED_STATUSES = ("completed", "stopped", "abandoned")
 
 
 def request(store: TrialStore, session: str, command: str) -> str:

@@ -119,6 +119,17 @@ def session_run_name(db_url: str, session_id: str, resumed: bool | None = None) 
     return run_name(row["protocol"], row["subject"] or "anonymous", row["id"], resumed=resumed)
 
 
+def refuse_finished(db_url: str, session: str) -> None:
+    """A finished session is a closed record: resuming it would append trials to it."""
+    from orchestrator.control import FINISHED_STATUSES
+    from orchestrator.store import TrialStore
+
+    with TrialStore(db_url) as store:
+        row = store.session(session)
+    if row["status"] in FINISHED_STATUSES:
+        raise ValueError(f"session {row['id']} is already {row['status']}; nothing to resume")
+
+
 def _protocol_name(path: str) -> str:
     try:
         return load_protocol(path).protocol.name
@@ -201,6 +212,7 @@ def lab_session_flow(
     db_url = resolve_url(db)
     if resume:
         migrate_database(db_url)
+        refuse_finished(db_url, resume)
         request, session_id, stored_seed = request_for_resume(
             db_url, resume, bind=bind, keys_dir=keys_dir, insecure=insecure or None, wait_for_rig_s=wait_for_rig_s,
         )

@@ -38,6 +38,7 @@ log = logging.getLogger("cloop.transport")
 # Python so an oversized message gets a proper error reply first.
 _HARD_MAX_BYTES = 16 * m.MAX_MESSAGE_BYTES
 _DEFAULT_GRACE_S = 5.0
+_EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)  # ints: enums are slow
 
 
 # ----------------------------------------------------------------------------- public data types
@@ -212,6 +213,20 @@ class _Rig:
     last_seen: float
     last_sent: float
     clock: _Clock
+    _match_cache: dict[tuple[Any, ...], bool] = field(default_factory=dict)
+
+    def accepts(self, capabilities: tuple[str, ...], stimulus_type: str, response_kind: str) -> bool:
+        """Capability, stimulus-type and response-kind match, memoised (dispatch runs per trial)."""
+        key = (capabilities, stimulus_type, response_kind)
+        hit = self._match_cache.get(key)
+        if hit is None:
+            info = self.info
+            hit = ((not capabilities or info.offers(capabilities))
+                   and ("*" in info.stimulus_types or stimulus_type in info.stimulus_types
+                        or stimulus_type in info.adapters)
+                   and ("*" in info.response_kinds or response_kind in info.response_kinds))
+            self._match_cache[key] = hit
+        return hit
     inflight: dict[Any, _Pending] = field(default_factory=dict)
     last_dispatch: float = 0.0
     last_hb: float = 0.0  # heartbeats also go out while busy: each one is a clock sample
@@ -445,6 +460,12 @@ class RigServer:
         self._allowed = keyfiles.allowed_keys(self.keys_dir)
         self._auth.configure_curve(domain="*", location=str(keyfiles.allow_dir(self.keys_dir)))
         log.info("allow-list %s: %d key(s)", keyfiles.allow_dir(self.keys_dir), len(self._allowed))
+        names = set(self._allowed.values())
+        with self._cond:
+            for rig in list(self._rigs.values()):
+                if rig.info.key_name not in names:
+                    self._send(rig.ident, m.encode(m.Bye(reason="this rig's key was removed from the allow-list")))
+                    self._drop(rig, "its key was removed from the allow-list")
 
     def _allow_signature(self) -> tuple[Any, ...] | None:
         if self.keys_dir is None:
@@ -547,12 +568,18 @@ class RigServer:
         if self._stopped:
             return False
         for _ in range(limit):
-            if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not self._sock.getsockopt(_EVENTS) & _POLLIN:
                 return False
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=self._copy)
+                ident = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return False
+            # Curve: a message from a connection not yet registered is read as a zmq.Frame, whose
+            # ZAP User-Id names the key it authenticated with; everything else as plain bytes.
+            copy = self._copy or ident in self._rigs
+            frames: list[Any] = [ident]
+            while self._sock.getsockopt(_RCVMORE):
+                frames.append(self._sock.recv(copy=copy))
             try:
                 self._on_frames(frames)
             except Exception:  # never let one message kill the server
@@ -694,7 +721,9 @@ class RigServer:
 
     def _on_hello(self, ident: bytes, msg: m.Hello, frame: Any, now: float) -> None:
         key_name = peer = None
-        if not isinstance(frame, bytes):
+        if isinstance(frame, bytes) and ident in self._rigs:  # re-hello on a known connection
+            key_name, peer = self._rigs[ident].info.key_name, self._rigs[ident].info.peer_address
+        elif not isinstance(frame, bytes):
             try:
                 user = frame.get("User-Id")
                 key_name = self._allowed.get(user.encode()) if user else None
@@ -705,6 +734,16 @@ class RigServer:
             except Exception:
                 peer = None
         old_ident = self._by_rig_id.get(msg.rig_id)
+        if self.secure:
+            if key_name is None:  # authenticated at connect time, but its key has since been removed
+                self._reject(ident, f"hello from rig {msg.rig_id}: its key is not (or no longer) in the "
+                                    "allow-list", code="not_allowed")
+                return
+            holder = self._rigs[old_ident].info.key_name if old_ident is not None else None
+            if old_ident is not None and old_ident != ident and holder != key_name:
+                self._reject(ident, f"rig id {msg.rig_id} is registered with another key ({holder}); "
+                                    f"this connection uses key {key_name}", code="rig_id_taken")
+                return
         if old_ident is not None and old_ident != ident:
             self._drop(self._rigs[old_ident], "rig registered again from a new connection (restarted?)")
         existing = self._rigs.get(ident)
@@ -719,6 +758,7 @@ class RigServer:
                        clock_offset_s=None, clock_rtt_s=None)
         if existing is not None:
             existing.info = info
+            existing._match_cache.clear()
             existing.last_seen = now
             rig = existing
         else:
@@ -815,26 +855,23 @@ class RigServer:
         rig.inflight.clear()
 
     def _eligible(self, p: _Pending) -> _Rig | None:
+        """The least busy (then least recently used) free rig that can present this trial."""
         best: _Rig | None = None
+        best_key: tuple[int, float] = (0, 0.0)
+        pipeline = self.pipeline
+        cmd = p.cmd
         for rig in self._rigs.values():
-            if len(rig.inflight) >= self.pipeline:
+            busy = len(rig.inflight)
+            if busy >= pipeline or cmd.trial_id in rig.inflight:
                 continue
-            info = rig.info
             if p.target is not None:
-                if info.rig_id != p.target:
+                if rig.info.rig_id != p.target:
                     continue
-            else:
-                if p.capabilities and not info.offers(p.capabilities):
-                    continue
-                if "*" not in info.stimulus_types and p.cmd.stimulus_type not in info.stimulus_types \
-                        and p.cmd.stimulus_type not in info.adapters:
-                    continue
-                if "*" not in info.response_kinds and p.cmd.response_kind not in info.response_kinds:
-                    continue
-            if p.cmd.trial_id in rig.inflight:
+            elif not rig.accepts(p.capabilities, cmd.stimulus_type, cmd.response_kind):
                 continue
-            if best is None or (len(rig.inflight), rig.last_dispatch) < (len(best.inflight), best.last_dispatch):
-                best = rig
+            key = (busy, rig.last_dispatch)
+            if best is None or key < best_key:
+                best, best_key = rig, key
         return best
 
     def _has_capacity(self) -> bool:

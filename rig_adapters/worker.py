@@ -361,6 +361,9 @@ class RigWorker:
                                 registered = False
                                 self.connected.clear()
                                 send(m.encode(self._hello()))
+                            elif msg.code in ("not_allowed", "rig_id_taken"):
+                                self.stats["refused"] += 1
+                                log.error("the orchestrator refused this rig: %s", msg.message)
                             else:
                                 log.warning("orchestrator says: [%s] %s", msg.code, msg.message)
                         elif msg.type == "bye":

@@ -85,3 +85,26 @@ def test_deploy_refuses_plaintext_rig_traffic_on_a_network(cloop_cmd: list[str],
     nokeys = subprocess.run([*cloop_cmd, "deploy", "--name", "room-1", "--pool", "lab"], env=run_env,
                             capture_output=True, text=True, timeout=120)
     assert nokeys.returncode == 2 and "needs Curve keys" in nokeys.stderr
+
+
+@pytest.mark.parametrize("status", ["completed", "stopped"])
+def test_deployment_resume_refuses_a_finished_session(status: str, sqlite_url: str) -> None:
+    """`-p resume=SESSION` on a closed record fails before anything is bound or written.
+
+    (Called directly: running the flow's tasks here would start a temporary Prefect server.)
+    """
+    from orchestrator import REPO_ROOT
+    from orchestrator.protocol import load_protocol
+    from orchestrator.store import TrialStore, upgrade
+
+    upgrade(sqlite_url)
+    with TrialStore(sqlite_url) as store:
+        sid = store.create_session(protocol_id=store.add_protocol(load_protocol(REPO_ROOT / "protocols/retention.yaml")),
+                                   subject_id=store.subject("m"), seed=1, bind="tcp://127.0.0.1:5555", status=status,
+                                   meta={"request": {"protocol_path": "retention.yaml", "db_url": sqlite_url}})
+    from orchestrator.flows import refuse_finished
+
+    with pytest.raises(ValueError, match=f"session {sid} is already {status}"):
+        refuse_finished(sqlite_url, sid[:8])  # what lab_session_flow(resume=...) checks before binding
+    with TrialStore(sqlite_url) as store:
+        assert store.session(sid)["status"] == status and store.trials(sid) == []

@@ -148,13 +148,13 @@ def test_keyboard_response_with_real_key_events(make_adapter: Any, tmp_path: Pat
     res = adapter.present(trial(0))
     presser.join()
     assert res.response["value"] == 1 and res.response["key"] == "right"
-    assert 0.25 <= res.response["rt_s"] < 0.6
+    assert 0.25 <= res.response["rt_s"] < 2.0  # pressed 0.25 s after onset (+ xdotool start-up under load)
     assert res.timing["responded_at"] - res.timing["presented_at"] == pytest.approx(res.response["rt_s"], abs=1e-6)
     # a response after the stimulus went off is collected too
     presser = _press_later(source, "Left", 0.8)
     res = adapter.present(trial(1))
     presser.join()
-    assert res.response["value"] == 0 and 0.8 <= res.response["rt_s"] < 1.2
+    assert res.response["value"] == 0 and 0.8 <= res.response["rt_s"] < 3.0
 
 
 def test_escape_aborts_then_session_continues(make_adapter: Any, tmp_path: Path) -> None:
@@ -167,7 +167,7 @@ def test_escape_aborts_then_session_continues(make_adapter: Any, tmp_path: Path)
         adapter.present(trial(0))
     presser.join()
     assert info.value.code == "aborted"
-    assert time.time() - t0 < 2.0  # aborted at once, not after the response timeout
+    assert time.time() - t0 < 4.0  # aborted at once, not after the 5 s response timeout
     after = np.asarray(adapter.win.getMovieFrame(buffer="front").convert("L")).astype(float)
     adapter.win.movieFrames.clear()
     assert after[100:200, 150:250].std() == 0  # stimulus taken off the screen

@@ -143,3 +143,17 @@ def test_resume_with_no_rig_keeps_the_session_resumable(sqlite_url: str, cloop_c
     with TrialStore(sqlite_url) as store:
         assert store.session(sid)["status"] == "no_rig"
         assert [t["status"] for t in store.trials(sid)] == ["completed", "dispatched"]  # still reconcilable
+
+
+def test_resume_security_override_replaces_the_stored_mode(tmp_path: Path, sqlite_url: str, cloop_cmd: list[str],
+                                                           run_env: dict[str, str]) -> None:
+    """A session run with --insecure can be resumed with --keys (the stored --insecure is dropped, not combined)."""
+    sid = _session_with_open_trial(sqlite_url, "interrupted")
+    proc = subprocess.run([*cloop_cmd, "resume", sid, "--db", sqlite_url, "--no-prefect", "--keys",
+                           str(tmp_path / "no-keys-here"), "--wait-for-rig", "0.5"],
+                          env=run_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "not both" not in proc.stderr and "key" in proc.stderr.splitlines()[-1]
+    with TrialStore(sqlite_url) as store:  # refused before binding: the session is untouched
+        assert store.session(sid)["status"] == "interrupted"
+        assert [t["status"] for t in store.trials(sid)] == ["completed", "dispatched"]

@@ -41,8 +41,15 @@ stimulus:
   fixed: {pulse_width: 200, train_duration: 20}
 response: {kind: bernoulli, timeout_s: 5}
 models:
-  - {name: a, formula: "0.5", priors: {}}
-  - {name: b, formula: "0.6", priors: {}}
+  - name: logistic
+    formula: "1 / (1 + exp(-(amplitude - m) / s))"
+    priors:
+      m: {dist: uniform, low: 1, high: 100}
+      s: {dist: gamma, shape: 2, rate: 0.2}
+  - name: flat
+    formula: "p"
+    priors:
+      p: {dist: beta, alpha: 1, beta: 1}
 """
 
 

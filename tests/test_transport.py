@@ -474,3 +474,29 @@ def test_address_in_use_fails_fast_and_cleanly(server: RigServer) -> None:
     with pytest.raises(zmq.ZMQError, match="in use"):
         RigServer(server.endpoint, insecure=True)
     assert time.monotonic() - start < 2
+
+
+def test_curve_rig_ids_are_bound_to_keys_and_revocation_takes_effect(keydir: Path) -> None:
+    (keydir / "rigs" / "stranger.key").write_bytes((keydir / "stranger.key").read_bytes())
+    server_pub, _ = zmq.auth.load_certificate(str(keydir / "orchestrator.key"))
+    def curve_of(name: str) -> tuple[bytes, bytes, bytes]:
+        pub, sec = zmq.auth.load_certificate(str(keydir / f"{name}.key_secret"))
+        return pub, sec, server_pub
+    with RigServer(LOOP, keys_dir=keydir) as srv:
+        srv.set_session("s1", "x")
+        good, stranger = RawRig(srv.endpoint, curve=curve_of("good")), RawRig(srv.endpoint, curve=curve_of("stranger"))
+        try:
+            good.hello("lab-1")
+            good.expect("welcome")
+            stranger.hello("lab-1")  # an authenticated rig trying to take over another rig's id
+            err = stranger.expect("error")
+            assert err.code == "rig_id_taken" and "registered with another key (good)" in err.message
+            assert [(r.rig_id, r.key_name) for r in srv.rigs()] == [("lab-1", "good")]
+            (keydir / "rigs" / "good.key").unlink()  # revoke: the open connection is dropped too
+            assert good.expect("bye", timeout=5).reason.startswith("this rig's key was removed")
+            assert srv.rigs() == []
+            good.hello("lab-1")
+            assert good.expect("error").code == "not_allowed"
+        finally:
+            good.close()
+            stranger.close()

@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from test_transport_helpers import Workers, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +23,6 @@ def _journal(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
-@pytest.mark.slow
 def test_cloop_run_survives_a_rig_killed_mid_trial(tmp_path: Path) -> None:
     db_file = tmp_path / "e2e.db"
     endpoint = f"tcp://127.0.0.1:{free_port()}"

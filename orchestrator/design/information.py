@@ -43,10 +43,15 @@ class InformationDesign(BaseStrategy):
         self.exhaustive_limit = int(s.get("exhaustive_limit", 5000))
         self.mixed_limit = int(s.get("mixed_limit", 32))
         discrete_only = not any(d.kind == "continuous" for d in self.space.dims)
-        self.max_components = int(s.get("max_components", 256 if discrete_only else 128))
+        # Defaults by phase, from the benchmarks: discrimination in continuous spaces needs a richer
+        # picture of each model's predictive (512 particles, 128 seeded raw samples); characterizing
+        # one model stays cheap (128 / 32) so late-session decisions are fast. Settings override both.
+        self.max_components = int(s.get("max_components", 256 if discrete_only else 512))
+        self.char_components = int(s.get("max_components", 256 if discrete_only else 128))
+        self.char_raw_samples = int(s.get("raw_samples", 32))
         self.num_restarts = int(s.get("num_restarts", 1))
-        self.raw_samples = int(s.get("raw_samples", 32))
-        self.maxiter = int(s.get("maxiter", 8))
+        self.raw_samples = int(s.get("raw_samples", 128))
+        self.maxiter = int(s.get("maxiter", 5))
         self.float32 = bool(s.get("float32", True))
         if discrete_only and self.space.n_discrete_combinations() <= self.exhaustive_limit:
             self._choices = self.space.enumerate_discrete()
@@ -67,7 +72,7 @@ class InformationDesign(BaseStrategy):
             characterize = True
         if characterize:
             target = names.index(self.target_model) if self.target_model in names else lead
-            view = comparison.posteriors[target].predictive(self.max_components, gen)
+            view = comparison.posteriors[target].predictive(self.char_components, gen)
             acq = ParameterInformation(view, self.space, comparison.candidates[target].likelihood)
             why = f"characterize {names[target]} (P={float(probs[target]):.3f}): max parameter information"
             return acq, why, "parameter_estimation"
@@ -79,6 +84,7 @@ class InformationDesign(BaseStrategy):
     # -- where to ask it ---------------------------------------------------------------------
     def _optimize(self, acq: Any, trial_index: int) -> tuple[torch.Tensor, float]:
         q = self.batch_size
+        n_raw = self.char_raw_samples if isinstance(acq, ParameterInformation) else self.raw_samples
         # float32 tables: ample for ranking stimuli and ~2x faster; BoTorch still sees float64 X
         acq.compute_dtype = torch.float32 if self.float32 else torch.float64
         if self._choices is not None:
@@ -90,12 +96,13 @@ class InformationDesign(BaseStrategy):
         rng = self.rng(trial_index)
         disc = self.space.discrete_dims()
         # seeded raw samples -> best num_restarts as initial conditions (deterministic)
-        raw = self.space.random_design(rng, self.raw_samples * q).reshape(self.raw_samples, q, self.space.d)
+        raw = self.space.random_design(rng, n_raw * q).reshape(n_raw, q, self.space.d)
         with torch.no_grad():
             vals = acq(raw)
         init = raw[torch.argsort(vals, descending=True)[: self.num_restarts]]
-        # bounded work per decision: L-BFGS-B iterations and function evaluations, no warning retries
-        options = {"maxiter": self.maxiter, "maxfun": 2 * self.maxiter}
+        # bounded work per decision: L-BFGS-B iterations, line-search steps (BoTorch's batched L-BFGS-B
+        # does not honour maxfun) and no retries on optimisation warnings
+        options = {"maxiter": self.maxiter, "maxfun": 2 * self.maxiter, "maxls": 3}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if disc and self.space.n_discrete_combinations() <= self.mixed_limit:
@@ -108,7 +115,7 @@ class InformationDesign(BaseStrategy):
                         combos.append(c)
                 fixed = [{i: v for i, v in zip(disc, c)} for c in combos]
                 x, val = optimize_acqf_mixed(acq, bounds=bounds, q=q, num_restarts=self.num_restarts,
-                                             raw_samples=self.raw_samples, fixed_features_list=fixed,
+                                             raw_samples=n_raw, fixed_features_list=fixed,
                                              options=options, retry_on_optimization_warning=False)
             else:
                 x, val = optimize_acqf(acq, bounds=bounds, q=q, num_restarts=self.num_restarts,
