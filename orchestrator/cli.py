@@ -7,15 +7,12 @@ Exit codes: 0 success, 1 the session could not run (no rig came, a rig failure),
 from __future__ import annotations
 
 import importlib
-import ipaddress
 import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlparse
 
 import typer
 
@@ -56,16 +53,6 @@ def _load_or_exit(path: Path):  # -> LoadedProtocol
         raise typer.Exit(BAD_INPUT)
 
 
-def _is_loopback(endpoint: str) -> bool:
-    host = urlparse(endpoint.replace("tcp://", "tcp://", 1)).hostname or ""
-    if host in ("localhost",):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_security(bind: str, keys: Optional[Path], insecure: bool) -> bool:
     """Decide whether the socket runs without Curve; refuse plaintext on anything but loopback."""
     if keys is not None and insecure:
@@ -74,14 +61,16 @@ def _check_security(bind: str, keys: Optional[Path], insecure: bool) -> bool:
         return False
     if not bind.startswith("tcp://"):
         _fail(f"--bind must be a tcp:// endpoint, got {bind!r}")
-    if not _is_loopback(bind):
+    from orchestrator.keys import is_loopback
+
+    if not is_loopback(bind):
         _fail(
             f"--bind {bind} is not loopback: rig traffic on a network must be authenticated and "
             "encrypted; give --keys DIR (see `cloop keys generate --help`)"
             + (" (--insecure is refused for non-loopback binds)" if insecure else "")
         )
     if not insecure:
-        logging.getLogger("cloop.cli").info("loopback bind without --keys: running without Curve")
+        logging.getLogger("cloop.cli").warning("loopback bind without --keys: running without Curve")
     return True
 
 

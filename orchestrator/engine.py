@@ -64,6 +64,7 @@ class SessionResult:
 
 
 STOPPED_BY_EXPERIMENTER = "stopped by the experimenter"
+ABORTED = "aborted at the rig"
 
 
 class _AlwaysRun:
@@ -139,7 +140,12 @@ def run_session(
         outcome, attempts, error = _dispatch(loaded, store, rigs, session_id, trial_id, index, decision)
 
         value: float | None = None
-        if outcome is None:
+        if outcome is None and error is not None and error.startswith(ABORTED):
+            # The operator pressed Escape at the rig: keep the trial as abandoned and pause the session.
+            store.abandon_open_trials(session_id, error)
+            store.transition_status(session_id, ("running",), "pause_requested")
+            status = "abandoned"
+        elif outcome is None:
             status = "failed"
             result.trials_failed += 1
         else:
@@ -220,10 +226,15 @@ def _dispatch(
             last_error = f"attempt {attempt} on rig {exc.rig_id}: {type(exc).__name__}: {exc}"
             log.warning("trial %d %s (%.0f ms)", index, last_error, 1000 * (time.perf_counter() - started))
             store.record_attempt_failure(trial_id, attempt, last_error)
+            code = getattr(exc, "code", None)
+            if code == "aborted":
+                return None, attempt, f"{ABORTED}: {last_error}"
+            if code == "refused":  # the rig's own hard limits refused it: another attempt cannot help
+                break
             continue
         # NoRigError (no rig came back in time) propagates: the trial stays open and the session
         # is left resumable instead of failing every remaining trial.
         return outcome, attempt, None
-    reason = f"no response after {protocol.rig.max_attempts} attempts; last: {last_error}"
+    reason = f"no response after {attempt - first_attempt + 1} attempt(s); last: {last_error}"
     store.fail_trial(trial_id, reason)
-    return None, first_attempt + protocol.rig.max_attempts - 1, reason
+    return None, attempt, reason

@@ -116,6 +116,11 @@ def execute_session(
     control: SessionControl | None = None,
 ) -> SessionResult:
     """Open the rig server, wait for the rigs the protocol needs, and run the loop to its end."""
+    import torch
+
+    # One intra-op thread: decisions are small tensor ops, and the rig socket's I/O thread must not
+    # starve behind torch's worker pool on a 2-core orchestrator PC (3-10x slower decisions measured).
+    torch.set_num_threads(1)
     from orchestrator.transport import NoRigError as TransportNoRig
     from orchestrator.transport import RigServer
 
