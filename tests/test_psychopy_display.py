@@ -31,7 +31,8 @@ from xvfb import press_key, xvfb_display
 pytestmark = pytest.mark.display
 
 ROOT = Path(__file__).resolve().parent.parent
-ORIENTATION = (ROOT / "protocols" / "orientation_tuning.yaml").read_text()
+# An 8 deg patch, so the 400x300 test window keeps a background corner and room for the photodiode.
+ORIENTATION = (ROOT / "protocols" / "orientation_tuning.yaml").read_text().replace("    size: 40\n", "    size: 8\n")
 
 
 def rig_config(tmp_path: Path, refresh: float = 60.0, **display: Any) -> RigConfig:

@@ -100,8 +100,8 @@ def _variant(tmp_path: Path, old: str, new: str) -> Path:
         ("high: 180, units: deg", "high: 180, units: Hz", "stimulus.parameters.orientation.units: grating.orientation is in 'deg'"),
         ("high: 180, units: deg", "high: 720, units: deg", "stimulus.parameters.orientation: range [0, 720]"),
         ("sf: 0.04", "sf: -1", "stimulus.fixed.sf: -1 must be above 0"),
-        ("size: 8", "size: 8\n    colour: red", "stimulus.fixed.colour: grating has no parameter 'colour'"),
-        ("size: 8", "size: 8\n    contrast: 0.5", "stimulus.fixed.contrast: 'contrast' is both varied and fixed"),
+        ("size: 40", "size: 40\n    colour: red", "stimulus.fixed.colour: grating has no parameter 'colour'"),
+        ("size: 40", "size: 40\n    contrast: 0.5", "stimulus.fixed.contrast: 'contrast' is both varied and fixed"),
     ],
 )
 def test_validate_reports_file_line_and_field(tmp_path: Path, old: str, new: str, expected: str) -> None:
