@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the session could not run (no rig came, a rig failure),
 from __future__ import annotations
 
 import importlib
+from contextlib import nullcontext
 import logging
 import os
 import subprocess
@@ -144,12 +145,9 @@ def _run_request(request, loaded, prefect: bool, extra_observer=None):  # noqa: 
     typer.echo(session_id)
     max_trials = request.max_trials or loaded.protocol.stopping.max_trials
     try:
-        with ProgressDisplay(max_trials, trial_lines=not prefect) as display, observing(display):
-            if extra_observer is not None:
-                with observing(extra_observer):
-                    summary = _execute(request, session_id, seed, loaded, prefect)
-            else:
-                summary = _execute(request, session_id, seed, loaded, prefect)
+        with ProgressDisplay(max_trials, trial_lines=not prefect) as display, observing(display), \
+                (observing(extra_observer) if extra_observer is not None else nullcontext()):
+            summary = _execute(request, session_id, seed, loaded, prefect)
     except NoRigError as exc:
         _fail(str(exc), RUN_FAILED)
     except TransportError as exc:
