@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from orchestrator import REPO_ROOT, code_version
+from orchestrator import code_version
 
 app = typer.Typer(
     name="cloop",
@@ -179,10 +179,12 @@ def _execute(request, session_id: str, seed: int, loaded, prefect: bool) -> dict
 
 
 def _bundled_protocol(name: str) -> Path:
-    path = REPO_ROOT / "protocols" / name
-    if not path.exists():
-        _fail(f"cannot find {path}; run cloop from a source checkout installed with `pip install -e .`")
-    return path
+    from orchestrator.resources import ResourceNotFound, bundled_protocol
+
+    try:
+        return bundled_protocol(name)
+    except ResourceNotFound as exc:
+        _fail(str(exc))
 
 
 class _DemoRig:

@@ -381,12 +381,10 @@ def make_engine(url: str) -> Engine:
 
 
 def alembic_dir() -> Path:
-    """The repo-root ``alembic/`` directory (the project is installed editable)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "alembic", here / "migrations"):
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise StoreError(f"alembic migrations directory not found next to {here}")
+    """The Alembic script directory, from a wheel or a source checkout."""
+    from orchestrator.resources import alembic_dir as shipped_alembic_dir
+
+    return shipped_alembic_dir()
 
 
 def alembic_config(url: str, connection: Any = None) -> Any:
