@@ -258,6 +258,7 @@ def _register_extensions() -> None:
         "orchestrator.cli_data",
         "orchestrator.cli_simulate",
         "orchestrator.cli_lifecycle",
+        "orchestrator.cli_catalogue",
     ):
         try:
             module = importlib.import_module(module_name)
