@@ -38,7 +38,7 @@ def api_url() -> str:
     url = PREFECT_API_URL.value()
     if not url:
         raise DeployError("PREFECT_API_URL is not set: point it at your Prefect server, e.g. "
-                          "`export PREFECT_API_URL=http://prefect-host:4200/api` (see docs/running-a-lab.md)")
+                          "`export PREFECT_API_URL=http://prefect-host:4200/api` (see the README section 'Running a lab')")
     return str(url)
 
 
