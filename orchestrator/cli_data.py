@@ -1,6 +1,6 @@
 """The data-side commands of `cloop`: ``db upgrade``, ``sessions``, ``trials``, ``export``, ``report``.
 
-`register(app)` adds them to the lead's Typer app. Every command takes ``--db URL`` (default
+`register(app)` adds them to the `cloop` Typer app. Every command takes ``--db URL`` (default
 ``$CLOOP_DB``, else ``sqlite:///./cloop.db``). Anything the user can fix (unknown session, old
 schema, unwritable path) is a one-line ``error: ...`` on stderr and exit code 2.
 """

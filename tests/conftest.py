@@ -6,6 +6,7 @@ without it, but under CI=true it fails instead: CI must exercise the real thing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -32,6 +33,7 @@ def need(condition: bool, reason: str) -> None:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it; bind soon after)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -47,23 +49,26 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'cloop.db'}"
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL database, dropped afterwards."""
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A throwaway database on the server named by ``$CLOOP_TEST_POSTGRES``; dropped afterwards.
+
+    The URL names the server and an administrative database to connect to (default
+    ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``). Skips without a server, fails under CI.
+    """
     try:
         import psycopg
     except ImportError:
         need(False, "psycopg is not installed (pip install -e '.[postgres]')")
     admin = POSTGRES_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
-    name = f"cloop_test_{uuid.uuid4().hex[:10]}"
+    name = f"cloop_test_{uuid.uuid4().hex[:12]}"
     try:
         with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError as exc:
-        need(False, f"PostgreSQL not reachable at {admin}: {exc}".splitlines()[0])
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        need(False, f"PostgreSQL not reachable at {admin} (set CLOOP_TEST_POSTGRES): {exc}".splitlines()[0])
     try:
-        yield url
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:
         # Terminate leftover connections (e.g. a killed orchestrator's), then drop.
         with psycopg.connect(admin, autocommit=True) as conn:
@@ -72,6 +77,13 @@ def postgres_url() -> Iterator[str]:
                 (name,),
             )
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database URL (see `postgres_database`)."""
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

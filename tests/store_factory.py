@@ -1,88 +1,26 @@
 """Test helpers for the store/analysis/export/report tests (not a test module).
 
-- `postgres_database()`: a uniquely named throwaway PostgreSQL database, dropped afterwards.
+- `postgres_database()`: a throwaway PostgreSQL database on `$CLOOP_TEST_POSTGRES` (from conftest).
 - `build_session(store)`: a finished session written through the real `TrialStore` API with
   realistic data (binomial retention responses, timings, model states, one retried trial, one
   invalid response, one failed trial), so analyst-side tests do not depend on the engine.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import pytest
+
+from builders import retention_text
+from conftest import postgres_database  # noqa: F401  (re-exported for the store tests)
 
 REPO = Path(__file__).resolve().parent.parent
-PG_ADMIN_URL = os.environ.get("CLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
-RETENTION_TEXT = """\
-name: retention
-version: "1.0"
-description: power vs exponential forgetting
-stimulus:
-  type: abstract
-  parameters:
-    lag: {kind: integer, low: 0, high: 100, units: s}
-response:
-  kind: binomial
-  n: 10
-  timeout_s: 30
-models:
-  - name: power
-    builtin: retention_power
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 4}
-  - name: exponential
-    builtin: retention_exponential
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 80}
-design:
-  strategy: mutual_information
-stopping:
-  max_trials: 40
-rig:
-  capabilities: [simulated]
-  max_attempts: 3
-"""
-
-
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"PostgreSQL required in CI: {reason}")
-    pytest.skip(reason)
-
-
-@contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """Create ``cloop_test_<random>`` on the local server; yield its URL; drop it afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.exc import OperationalError
-
-    name = f"cloop_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        _skip_or_fail(f"no PostgreSQL server at {PG_ADMIN_URL}: {str(exc.orig).strip().splitlines()[0]}")
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+RETENTION_TEXT = retention_text()
 
 
 @dataclass

@@ -14,45 +14,16 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from builders import retention_text
 from conftest import free_port, wait_process
 from orchestrator.store import TrialStore, head_revision, make_engine, upgrade
 
 TRUTH = "power:a=0.9025,b=0.4861"
 TRIALS = 12
 
-PROTOCOL = """\
-name: concurrency
-version: "1.0"
-description: short fixed-length session, many writes
-stimulus:
-  type: abstract
-  parameters:
-    lag: {kind: integer, low: 0, high: 100, units: s}
-response:
-  kind: binomial
-  n: 10
-  timeout_s: 20
-models:
-  - name: power
-    builtin: retention_power
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 4}
-  - name: exponential
-    builtin: retention_exponential
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 80}
-design:
-  strategy: random
-stopping:
-  max_trials: 100
-rig:
-  capabilities: [simulated]
-  wait_for_rig_s: 30
-"""
+PROTOCOL = retention_text({"response.timeout_s": 20, "design": {"strategy": "random"},
+                           "stopping": {"max_trials": 100}, "rig.wait_for_rig_s": 30},
+                          name="concurrency", description="short fixed-length session, many writes")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

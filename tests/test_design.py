@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from builders import retention_minimal_text
 from orchestrator.design import Decision, make_design
 from orchestrator.design.acquisition import ModelDiscriminationMI, ParameterInformation
 from orchestrator.design.base import BaseStrategy
@@ -15,32 +16,7 @@ from orchestrator.inference import ModelComparison, generator
 from orchestrator.models import build_truth
 from orchestrator.protocol import SafetyViolation, parse_protocol_text
 
-RETENTION = """
-name: r
-version: "1"
-stimulus:
-  parameters:
-    lag: {kind: integer, low: 0, high: 100}
-response: {kind: binomial, n: 10}
-models:
-  - name: power
-    builtin: retention_power
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 4}
-  - name: exponential
-    builtin: retention_exponential
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 80}
-design:
-  strategy: STRATEGY
-  settings: SETTINGS
-BATCH
-SAFETY
-"""
+RETENTION = retention_minimal_text({"design": {"strategy": "STRATEGY", "settings": "SETTINGS"}}) + "BATCH\nSAFETY\n"
 
 
 def retention(strategy: str = "mutual_information", settings: str = "{}", safety: str = "", batch: int = 1):

@@ -8,31 +8,12 @@ import pytest
 import torch
 from scipy import special, stats
 
+from builders import retention_minimal_text
 from orchestrator.inference import ModelComparison, SMCPosterior, ess, systematic_resample
 from orchestrator.models import build_candidates, build_truth
 from orchestrator.protocol import parse_protocol_text
 
-RETENTION = """
-name: r
-version: "1"
-stimulus:
-  parameters:
-    lag: {kind: integer, low: 0, high: 100}
-response: {kind: binomial, n: 10}
-models:
-  - name: power
-    builtin: retention_power
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 4}
-  - name: exponential
-    builtin: retention_exponential
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 80}
-"""
+RETENTION = retention_minimal_text()
 DATA = [(0, 9), (5, 4), (1, 8), (20, 2), (3, 5), (60, 1), (2, 6), (10, 3)]
 
 

@@ -15,44 +15,15 @@ from typing import Callable
 
 import pytest
 
+from builders import retention_text
 from conftest import wait_process
 from orchestrator.store import TrialStore
 
 TRUTH = "power:a=0.9025,b=0.4861"
 
-PROTOCOL = """\
-name: lifecycle
-version: "1.0"
-description: long fixed-length session to pause and stop
-stimulus:
-  type: abstract
-  parameters:
-    lag: {kind: integer, low: 0, high: 100, units: s}
-response:
-  kind: binomial
-  n: 10
-  timeout_s: 20
-models:
-  - name: power
-    builtin: retention_power
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 4}
-  - name: exponential
-    builtin: retention_exponential
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 80}
-design:
-  strategy: random
-stopping:
-  max_trials: 400
-rig:
-  capabilities: [simulated]
-  wait_for_rig_s: 30
-"""
+PROTOCOL = retention_text({"response.timeout_s": 20, "design": {"strategy": "random"},
+                           "stopping": {"max_trials": 400}, "rig.wait_for_rig_s": 30},
+                          name="lifecycle", description="long fixed-length session to pause and stop")
 
 
 class Session:

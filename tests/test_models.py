@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
+from builders import retention_minimal_text
 from orchestrator.models import (
     available_models, build_candidates, build_truth, check_protocol, get_model_class, make_likelihood, make_prior,
 )
@@ -19,27 +20,7 @@ from orchestrator.protocol import ProtocolError, parse_protocol_text
 
 D = torch.float64
 
-RETENTION = """
-name: r
-version: "1"
-stimulus:
-  parameters:
-    lag: {kind: integer, low: 0, high: 100}
-response: {kind: binomial, n: 10}
-models:
-  - name: power
-    builtin: retention_power
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 4}
-  - name: exponential
-    builtin: retention_exponential
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 80}
-"""
+RETENTION = retention_minimal_text()
 
 
 def retention():
