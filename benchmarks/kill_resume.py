@@ -31,47 +31,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 TRUTH = "power:a=0.9025,b=0.4861"
 
-#: The retention protocol without the model-probability stopping rule, so every run has exactly
-#: --max-trials trials and the adaptive design (mutual information) depends on the whole history.
-PROTOCOL_TEMPLATE = """\
-name: retention_fixed
-version: "1.0"
-description: retention, fixed length (kill-and-resume harness)
-stimulus:
-  type: abstract
-  parameters:
-    lag: {kind: integer, low: 0, high: 100, units: s}
-response:
-  kind: binomial
-  n: 10
-  timeout_s: 20
-models:
-  - name: power
-    builtin: retention_power
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 4}
-  - name: exponential
-    builtin: retention_exponential
-    inputs: {t: lag}
-    priors:
-      a: {dist: beta, alpha: 2, beta: 1}
-      b: {dist: beta, alpha: 1, beta: 80}
-design:
-  strategy: {design}
-stopping:
-  max_trials: 200
-rig:
-  capabilities: [simulated]
-  max_attempts: 3
-  wait_for_rig_s: 60
-"""
-
-
 def protocol_text(design: str = "mutual_information") -> str:
-    """The harness protocol with the given design strategy."""
-    return PROTOCOL_TEMPLATE.replace("{design}", design)
+    """protocols/retention.yaml without the model-probability stopping rule, with `design`.
+
+    Every run then has exactly --max-trials trials, and the adaptive design (mutual information)
+    depends on the whole history.
+    """
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from builders import retention_text
+
+    changes = {"response.timeout_s": 20, "design": {"strategy": design}, "stopping": {"max_trials": 200},
+               "safety": None, "models.0.prior_probability": None, "models.1.prior_probability": None}
+    return retention_text(changes, name="retention_fixed", description="retention, fixed length (kill-and-resume harness)")
 
 
 def free_port() -> int:
