@@ -28,14 +28,24 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> sub
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _isolation() -> list[str]:
+    """Build with the installed setuptools when it can (no download); else in pip's isolated env."""
+    try:
+        import setuptools
+        import wheel  # noqa: F401  (setuptools needs it to build wheels)
+    except ImportError:
+        return []
+    return ["--no-build-isolation"] if int(setuptools.__version__.split(".")[0]) >= 68 else []
+
+
 @pytest.fixture(scope="module")
 def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], Path]:
     """(bin directory of a fresh venv holding only the cloop wheel, its environment, a work dir)."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "src"
     shutil.copytree(REPO, source, ignore=COPY_IGNORE)
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                  "-w", str(root / "dist"), str(source)], cwd=root, env=dict(os.environ), timeout=300)
+    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *_isolation(), "-q",
+                  "-w", str(root / "dist"), str(source)], cwd=root, env=dict(os.environ), timeout=600)
     assert built.returncode == 0, built.stderr
     wheel = next((root / "dist").glob("cloop-*.whl"))
 
