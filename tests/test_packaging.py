@@ -103,3 +103,15 @@ def test_wheel_demo_runs_outside_the_checkout(wheel_env: tuple[Path, dict[str, s
         completed = conn.execute("SELECT count(*) FROM trials WHERE status = 'completed'").fetchone()[0]
     assert status == "completed"
     assert 1 <= completed <= 8
+
+
+@pytest.mark.slow
+def test_wheel_demo_default_mode_as_the_readme_runs_it(wheel_env: tuple[Path, dict[str, str], Path]) -> None:
+    """`cloop demo --db URL` exactly (Prefect flow on a temporary server, full session)."""
+    bindir, env, work = wheel_env
+    db = work / "full.db"
+    env = {**env, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    result = _run([str(bindir / "cloop"), "demo", "--db", f"sqlite:///{db}"], cwd=work, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT status FROM sessions").fetchone() == ("completed",)
