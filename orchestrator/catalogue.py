@@ -144,6 +144,11 @@ class DesignEntry:
     settings: dict[str, str]
 
 
+def _is_builtin(cls: type) -> bool:
+    """A model class shipped with cloop (as opposed to one from another package's entry point)."""
+    return cls.__module__.startswith("orchestrator.")
+
+
 def models() -> list[ModelEntry]:
     """Builtin models (registry order: by id), then models from `cloop.models` entry points."""
     from orchestrator.models import base
@@ -154,7 +159,7 @@ def models() -> list[ModelEntry]:
             found.append(ModelEntry(model_id, GP_ENTRY["doc"], (), (), dict(GP_ENTRY["settings"])))
             continue
         cls = base.get_model_class(model_id)
-        source = "builtin" if base._REGISTRY.get(model_id) is cls else f"entry point {base.ENTRY_POINT_GROUP}"
+        source = "builtin" if _is_builtin(cls) else f"entry point {base.ENTRY_POINT_GROUP}"
         notes = MODEL_NOTES.get(model_id, {})
         found.append(ModelEntry(model_id, (cls.doc or cls.__doc__ or "").strip(), tuple(cls.variables),
                                 tuple(cls.parameters), dict(notes), source))
