@@ -492,16 +492,7 @@ class _Sender:
         return True
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m rig_adapters.worker ...``: the ``cloop rig`` command without the rest of the CLI."""
-    import typer
+if __name__ == "__main__":  # ``python -m rig_adapters.worker`` is ``python -m rig_adapters``
+    import runpy
 
-    from orchestrator.cli_rig import register
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(app)
-    app(args=["rig", *(argv if argv is not None else __import__("sys").argv[1:])], prog_name="cloop-rig")
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("rig_adapters", run_name="__main__", alter_sys=True)

@@ -82,7 +82,7 @@ def test_security_rule() -> None:
 
 
 def _cloop(*args: str) -> subprocess.CompletedProcess:
-    code = "import sys, typer; from orchestrator.cli_rig import register; app = typer.Typer(); " \
+    code = "import sys, typer; from rig_adapters.cli import register; app = typer.Typer(); " \
            "register(app); app(args=sys.argv[1:], prog_name='cloop')"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
 
