@@ -310,11 +310,12 @@ class RigWorker:
         hb_s, liveness = self.heartbeat_s, self.liveness
         active: dict[tuple[str, str], int] = {}  # trials queued or being presented -> latest attempt asked
         session_id: str | None = None
+        failures = 0  # connection attempts since the last registration (0: report the next failure)
         while not self._stop.is_set():
             sock, mon = self._new_socket()
             self.stats["connects"] += 1
-            log.info("rig %s connecting to %s (%s)", self.rig_id, self.connect,
-                     "Curve" if self.curve else "insecure")
+            log.log(logging.INFO if failures == 0 else logging.DEBUG, "rig %s connecting to %s (%s)",
+                    self.rig_id, self.connect, "Curve" if self.curve else "insecure")
             send = _Sender(sock)
             send(m.encode(self._hello()))
             last_recv = time.monotonic()
@@ -350,8 +351,10 @@ class RigWorker:
                                 session_id = msg.session_id
                                 self._tasks.put(("session", SessionInfo(msg.session_id, msg.protocol_text or "",
                                                                         self.rig_id)))
-                            log.info("rig %s registered with %s (session %s)", self.rig_id, self.connect,
-                                     msg.session_id or "none yet")
+                            log.info("rig %s registered with %s (session %s)%s", self.rig_id, self.connect,
+                                     msg.session_id or "none yet",
+                                     f" after {failures} reconnect attempt(s)" if failures else "")
+                            failures = 0
                         elif msg.type == "heartbeat":
                             echo = (msg.sent_at, time.time())
                         elif msg.type == "trial":
@@ -400,12 +403,19 @@ class RigWorker:
                     time.sleep(0.05)
                 except zmq.ZMQError:
                     pass
-            sock.close(0)
-            mon.close(0)
+            _close_monitored(sock, mon)
             if self._stop.is_set():
                 return
             self.stats["reconnects"] += 1
-            log.warning("rig %s: %s; reconnecting in %.2f s", self.rig_id, reason, backoff)
+            # Said once per state change: a rig waiting for an orchestrator that is not there yet
+            # retries quietly (debug level) until it registers, then says so.
+            if failures == 0:
+                log.log(logging.INFO if reason.startswith("orchestrator said bye") else logging.WARNING,
+                        "rig %s: %s; retrying with back-off up to %.1f s (said once; next message when "
+                        "it registers)", self.rig_id, reason, self.backoff_max_s)
+            else:
+                log.debug("rig %s: %s; reconnecting in %.2f s", self.rig_id, reason, backoff)
+            failures += 1
             self._stop.wait(backoff)
             backoff = min(backoff * 2, self.backoff_max_s)
 
@@ -474,6 +484,23 @@ class RigWorker:
                 self.stats["auth_failed"] += 1
                 log.error("security handshake with %s failed: do both sides use Curve keys (and the right "
                           "orchestrator.key)?", self.connect)
+
+
+def _close_monitored(sock: zmq.Socket, mon: zmq.Socket) -> None:
+    """Close a socket and its monitor, in the only safe order.
+
+    libzmq's I/O thread sends monitor events with a *blocking* send: closing the monitor's reading end
+    while the socket still lives (``close`` is asynchronous and its engines report ``DISCONNECTED`` as
+    they shut down) leaves that thread blocked forever on a PAIR without a peer. Every socket of the
+    context then stops moving: no reconnect, the old TCP connection left in CLOSE-WAIT, hellos that
+    never leave. Stop the monitor first, then close both.
+    """
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    sock.close(0)
+    mon.close(0)
 
 
 class _Sender:
