@@ -4,16 +4,15 @@ Threads: the process's main thread runs the adapter (PsychoPy needs it); a backg
 owns the DEALER socket, answers heartbeats, detects a dead orchestrator (Paranoid Pirate: no traffic
 for ``heartbeat_s * liveness``) and reconnects by itself with exponential backoff.
 
-Exactly-once presentation per rig: results are kept in a journal keyed by (session, trial id),
-written and fsync'ed *before* the result is sent. A trial id seen again (a retry after a lost
-connection, or after this worker was killed and restarted with the same ``--state-dir``) gets the
-stored result with ``cached=True`` and is not presented again.
+Exactly-once presentation per rig: results are kept in a journal (:mod:`rig_adapters.journal`)
+keyed by (session, trial id), written and fsync'ed *before* the result is sent. A trial id seen again
+(a retry after a lost connection, or after this worker was killed and restarted with the same
+``--state-dir``) gets the stored result with ``cached=True`` and is not presented again.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import queue
@@ -31,7 +30,11 @@ from zmq.utils.monitor import parse_monitor_message
 
 from orchestrator import keys as keyfiles
 from orchestrator import messages as m
+from orchestrator.wire_images import ImagePayloadError, image_array
 from rig_adapters.base import Adapter, AdapterResult, SessionInfo
+from rig_adapters.journal import ResultJournal
+
+__all__ = ["RigWorker", "ResultJournal", "image_problem"]
 
 log = logging.getLogger("cloop.worker")
 
@@ -48,97 +51,6 @@ def software_version() -> str:
 def default_rig_id(adapter_name: str) -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", pysocket.gethostname())[:40] or "rig"
     return f"{host}-{adapter_name}"
-
-
-class ResultJournal:
-    """Results by (session, trial id); optionally persisted as fsync'ed JSON lines in ``state_dir``."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._results: dict[tuple[str, str], dict[str, Any]] = {}
-        self._started: dict[tuple[str, str], int] = {}
-        self._fh = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "a+", encoding="utf-8")
-            self._lock_file(path)
-            self._load(path)
-            self._fh.seek(0, os.SEEK_END)
-            if self._fh.tell() > 0:
-                self._fh.seek(self._fh.tell() - 1)
-                if self._fh.read(1) != "\n":  # a line torn by a crash: never glue the next record to it
-                    self._fh.write("\n")
-                    self._fh.flush()
-
-    @staticmethod
-    def key(session_id: str, trial_id: Any) -> tuple[str, str]:
-        return (session_id, f"{type(trial_id).__name__}:{trial_id}")
-
-    def _lock_file(self, path: Path) -> None:
-        """Two workers sharing one journal would each think the other's trials are theirs: refuse."""
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks here; one worker per rig id is the rule
-            return
-        try:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._fh.close()
-            self._fh = None
-            raise RuntimeError(f"another worker is already using the journal {path} "
-                               "(same --rig-id and --state-dir): stop it first") from None
-
-    def _load(self, path: Path) -> None:
-        bad = 0
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                    k = (rec["session_id"], rec["key"])
-                    if rec["event"] == "result":
-                        self._results[k] = rec["result"]
-                    elif rec["event"] == "start":
-                        self._started[k] = self._started.get(k, 0) + 1
-                except Exception:
-                    bad += 1  # a line torn by a crash mid-write: ignore it
-        if bad:
-            log.warning("ignored %d unreadable line(s) in %s", bad, path)
-        log.info("journal %s: %d stored result(s)", path, len(self._results))
-
-    def _write(self, rec: dict[str, Any], durable: bool) -> None:
-        if self._fh is None:
-            return
-        self._fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        self._fh.flush()
-        if durable:
-            os.fsync(self._fh.fileno())
-
-    def get(self, key: tuple[str, str]) -> dict[str, Any] | None:
-        with self._lock:
-            return self._results.get(key)
-
-    def times_started(self, key: tuple[str, str]) -> int:
-        with self._lock:
-            return self._started.get(key, 0)
-
-    def started(self, key: tuple[str, str], attempt: int) -> None:
-        with self._lock:
-            self._started[key] = self._started.get(key, 0) + 1
-            self._write({"event": "start", "session_id": key[0], "key": key[1], "attempt": attempt,
-                         "pid": os.getpid(), "t": time.time()}, durable=False)
-
-    def store(self, key: tuple[str, str], attempt: int, result: dict[str, Any]) -> None:
-        with self._lock:
-            self._results[key] = result
-            self._write({"event": "result", "session_id": key[0], "key": key[1], "attempt": attempt,
-                         "pid": os.getpid(), "t": time.time(), "result": result}, durable=True)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
 
 
 class RigWorker:
@@ -257,6 +169,12 @@ class RigWorker:
             result = {"response": dict(res.response), "timing": dict(res.timing), "meta": dict(res.meta),
                       "presented_attempt": msg.attempt, "interrupted_before": previous}
             data = m.encode(self._result_msg(msg, msg.attempt, result, cached=False))  # validates it too
+        except m.MessageError as exc:
+            # The adapter's answer breaks the wire contract (a clock in nanoseconds, a string where a
+            # time belongs): fail this attempt with the field and the raw value, never send or store it.
+            log.error("trial %r attempt %d: adapter %s produced a result the wire refuses: %s",
+                      msg.trial_id, msg.attempt, self.adapter.name, exc)
+            return ("error", (key, msg, "bad_result", f"adapter {self.adapter.name} produced a bad result: {exc}"))
         except Exception as exc:
             log.exception("trial %r attempt %d failed on adapter %s", msg.trial_id, msg.attempt, self.adapter.name)
             code = getattr(exc, "code", None)
@@ -286,7 +204,8 @@ class RigWorker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.backoff_max_s * 1000))
-        sock.setsockopt(zmq.MAXMSGSIZE, 16 * m.MAX_MESSAGE_BYTES)
+        # libzmq refuses (and drops the connection of) anything larger than the largest legal message
+        sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_TRIAL_BYTES + 4096)
         if self.curve is not None:
             sock.curve_secretkey = self.curve.pair.secret
             sock.curve_publickey = self.curve.pair.public
@@ -341,6 +260,10 @@ class RigWorker:
                         except m.MessageError as exc:
                             self.stats["bad_messages"] += 1
                             log.warning("ignored a bad message from the orchestrator: %s", exc)
+                            if exc.msg_type == "trial" and exc.trial_id is not None:  # fail it now, not at timeout
+                                send(m.encode(m.ErrorMessage(code="bad_message", trial_id=exc.trial_id,
+                                                             attempt=exc.attempt,
+                                                             message=f"trial refused: {exc}"[:4000])))
                             continue
                         if msg.type == "welcome":
                             registered = True
@@ -436,7 +359,17 @@ class RigWorker:
             self.stats["replayed"] += 1
             log.info("trial %r attempt %d already presented (attempt %s): replaying the stored result",
                      msg.trial_id, msg.attempt, stored.get("presented_attempt"))
-            send(m.encode(self._result_msg(msg, msg.attempt, stored, cached=True)))
+            try:
+                send(m.encode(self._result_msg(msg, msg.attempt, stored, cached=True)))
+            except m.MessageError as exc:  # a journal written before the wire refused such values
+                send(m.encode(m.ErrorMessage(code="bad_result", trial_id=msg.trial_id, attempt=msg.attempt,
+                                             message=f"stored result refused by the wire: {exc}"[:4000])))
+            return
+        problem = image_problem(msg.stimulus)
+        if problem is not None:
+            self.stats["refused"] += 1
+            send(m.encode(m.ErrorMessage(code="refused", trial_id=msg.trial_id, attempt=msg.attempt,
+                                         message=f"trial refused before presenting: {problem}"[:4000])))
             return
         active[key] = msg.attempt
         if self.adapter.inline and self._tasks.empty() and self.session is not None \
@@ -451,8 +384,8 @@ class RigWorker:
         meta["presented_attempt"] = stored.get("presented_attempt")
         if stored.get("interrupted_before"):
             meta["interrupted_before"] = stored["interrupted_before"]
-        return m.Result(trial_id=msg.trial_id, attempt=attempt, session_id=msg.session_id,
-                        response=stored["response"], timing=stored["timing"], cached=cached, meta=meta)
+        return m.build(m.Result, trial_id=msg.trial_id, attempt=attempt, session_id=msg.session_id,
+                       response=stored["response"], timing=stored["timing"], cached=cached, meta=meta)
 
     def _on_outcome(self, item: tuple[str, Any], send: "_Sender", active: dict[tuple[str, str], int]) -> None:
         kind, payload = item
@@ -484,6 +417,18 @@ class RigWorker:
                 self.stats["auth_failed"] += 1
                 log.error("security handshake with %s failed: do both sides use Curve keys (and the right "
                           "orchestrator.key)?", self.connect)
+
+
+def image_problem(stimulus: dict[str, Any]) -> str | None:
+    """Why an image stimulus must not be shown (pixels that do not match their sha256), or None."""
+    payload = stimulus.get("image")
+    if not isinstance(payload, dict):
+        return None
+    try:
+        image_array(payload, "stimulus.image")
+    except ImagePayloadError as exc:
+        return str(exc)
+    return None
 
 
 def _close_monitored(sock: zmq.Socket, mon: zmq.Socket) -> None:
