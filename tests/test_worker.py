@@ -342,7 +342,7 @@ def test_adapter_failures_reach_the_engine_with_their_code() -> None:
             srv.wait_for_rigs(["flaky"], 1, 10)
             for i, (fail, code, text) in enumerate([("abort", "aborted", "operator pressed Escape"),
                                                     ("crash", "adapter_failed", "ZeroDivisionError: bug"),
-                                                    ("bad", "adapter_failed", "'value'")]):
+                                                    ("bad", "bad_result", "'value'")]):
                 with pytest.raises(TrialRejected) as err:
                     srv.run_trial(cmd(i, stimulus={"fail": fail}))
                 assert err.value.code == code and err.value.attempt == 1 and text in str(err.value)
@@ -377,3 +377,44 @@ def test_journal_survives_a_torn_line_and_refuses_a_second_owner(tmp_path: Path)
     third = ResultJournal(path)
     assert third.get(key)["response"] == {"value": 1} and third.get(key2)["response"] == {"value": 2}
     third.close()
+
+
+def test_a_result_in_nanoseconds_fails_its_attempt_at_once_and_the_rig_serves_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.transport import TrialRejected
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    state = tmp_path / "state"
+    with Workers(tmp_path) as workers, RigServer(endpoint, insecure=True) as srv:
+        srv.set_session("s1", "x")
+        workers.start(endpoint, "r", adapter="adapters_for_tests:NanosecondClock", state_dir=state)
+        srv.wait_for_rigs(["ns_clock"], 1, 30)
+        assert srv.run_trial(cmd(0)).timing["presented_at"] < 4e9
+        started = time.monotonic()
+        with pytest.raises(TrialRejected) as err:
+            srv.run_trial(cmd(1, timeout_s=30))
+        assert time.monotonic() - started < 10  # failed by the rig's answer, not by the 30 s timeout
+        assert err.value.code == "bad_result"
+        text = str(err.value)
+        assert "timing.presented_at" in text and "nanoseconds" in text and "e+18" in text, text
+        assert srv.run_trial(cmd(2)).rig_id == "r"  # the rig and the server both carry on
+    assert not [r for r in journal(state, "r") if r["event"] == "result" and r["key"] == "str:s1:1"]
+    assert [r for r in journal(state, "r") if r["event"] == "result" and r["key"] == "str:s1:2"]
+
+
+def test_an_image_whose_pixels_do_not_match_their_hash_is_refused(tmp_path: Path) -> None:
+    from orchestrator.transport import TrialRejected
+    from orchestrator.wire_images import image_payload
+
+    payload = image_payload(np.arange(64, dtype=np.uint8).reshape(8, 8))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Workers(tmp_path) as workers, RigServer(endpoint, insecure=True) as srv:
+        srv.set_session("s1", "x")
+        workers.start(endpoint, "r")
+        srv.wait_for_rigs(["null"], 1, 30)
+        assert srv.run_trial(cmd(0, stimulus={"image": payload})).rig_id == "r"
+        tampered = {**payload, "data": bytes(reversed(payload["data"]))}
+        with pytest.raises(TrialRejected) as err:
+            srv.run_trial(cmd(1, stimulus={"image": tampered}, timeout_s=30))
+        assert err.value.code == "refused" and "hash to" in str(err.value)
