@@ -19,7 +19,7 @@ import time
 from typing import Any, Mapping
 
 from orchestrator.messages import Trial
-from rig_adapters.base import Adapter, AdapterError, AdapterResult, SessionInfo
+from rig_adapters.base import Adapter, AdapterError, AdapterResult, SessionInfo, StimulusRefused
 from rig_adapters.responses import ResponseSource, make_response_source, wait_for_response
 from rig_adapters.rig_config import RigConfig, RigConfigError, StimulatorConfig, load_rig_config
 from rig_adapters.stimulator_device import (Delivery, DeviceError, PulseTrain, SimulatedStimulator,
@@ -36,12 +36,6 @@ __all__ = [
     "limit_violations",
     "StimulatorAdapter",
 ]
-
-
-class StimulusRefused(AdapterError):
-    """The command is outside the rig's hard limits; nothing was sent to the device."""
-
-    code = "refused"
 
 
 def limit_violations(train: PulseTrain, config: StimulatorConfig) -> list[str]:
