@@ -38,6 +38,10 @@ __all__ = ["RigWorker", "ResultJournal", "image_problem"]
 
 log = logging.getLogger("cloop.worker")
 
+#: Longest silence from the orchestrator tolerated while the adapter starts a session (loading
+#: models or opening a window can keep this process, and its network thread, busy for seconds).
+SESSION_START_GRACE_S = 30.0
+
 
 def software_version() -> str:
     try:
@@ -98,6 +102,7 @@ class RigWorker:
         self.connected = threading.Event()  # set while registered (welcome received)
         self._ready_session: str | None = None  # read by the I/O thread for its heartbeats
         self._hb_now = False
+        self._starting_session = False  # read by the I/O thread: silence is tolerated longer meanwhile
 
     # ------------------------------------------------------------------ main thread
     def run(self, *, install_signal_handlers: bool = False) -> int:
@@ -140,6 +145,7 @@ class RigWorker:
         self._stop.set()
 
     def _start_session(self, info: SessionInfo) -> None:
+        self._starting_session = True
         try:
             self.adapter.start(info)
             self.session = info
@@ -152,6 +158,8 @@ class RigWorker:
             self._session_error = f"adapter {self.adapter.name} could not start session {info.session_id}: {exc}"
             log.error("%s", self._session_error)
             self._post(("error", (None, None, "session_failed", self._session_error)))
+        finally:
+            self._starting_session = False
 
     def _present(self, msg: m.Trial) -> tuple[str, Any]:
         """Present one trial (journal first, result stored before it is sent); return the outcome item."""
@@ -246,8 +254,15 @@ class RigWorker:
             poller.register(mon, zmq.POLLIN)
             reason = ""
             while not self._stop.is_set():
-                events = dict(poller.poll(min(hb_s / 2, 0.1) * 1000))
+                wait_s = min(hb_s / 2, 0.1)
+                before = time.monotonic()
+                events = dict(poller.poll(wait_s * 1000))
                 now = time.monotonic()
+                stalled = now - before - wait_s
+                if stalled > hb_s:
+                    # This thread was not scheduled (the adapter held the GIL, the machine is
+                    # overloaded): a silence it could not hear is not the orchestrator's.
+                    last_recv += stalled
                 if sock in events:
                     while True:
                         try:
@@ -314,7 +329,10 @@ class RigWorker:
                                      session_ready=self._ready_session)
                     send(m.encode(hb))
                     echo = None
-                if now - last_recv > hb_s * liveness:
+                silence_limit = hb_s * liveness
+                if self._starting_session:  # as the server does: starting may keep this process busy
+                    silence_limit = max(silence_limit, SESSION_START_GRACE_S)
+                if now - last_recv > silence_limit:
                     reason = (f"no word from the orchestrator for {now - last_recv:.2f} s"
                               + ("" if registered else " (no welcome: wrong address, orchestrator down, or this "
                                  "rig's key is not in its allow-list)"))

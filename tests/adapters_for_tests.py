@@ -44,3 +44,15 @@ class NanosecondClock(NullAdapter):
         now = time.time()
         presented = time.time_ns() if cmd.index == 1 else now
         return AdapterResult(response={"value": 5}, timing={"presented_at": presented, "responded_at": now})
+
+
+class GilHoggingStart(NullAdapter):
+    """Starting the session holds the GIL in C for seconds at a time, like importing torch on a busy PC."""
+
+    name = "gil_hog"
+
+    def start(self, session):  # noqa: ANN001, ANN201
+        end = time.time() + 4.0
+        while time.time() < end:
+            sum(range(30_000_000))  # one C call: no other thread runs meanwhile
+        super().start(session)

@@ -418,3 +418,59 @@ def test_an_image_whose_pixels_do_not_match_their_hash_is_refused(tmp_path: Path
         with pytest.raises(TrialRejected) as err:
             srv.run_trial(cmd(1, stimulus={"image": tampered}, timeout_s=30))
         assert err.value.code == "refused" and "hash to" in str(err.value)
+
+
+def test_an_oversized_frame_to_the_worker_is_refused_by_libzmq_and_the_rig_reconnects(tmp_path: Path) -> None:
+    """ZMQ_MAXMSGSIZE on the worker's DEALER: a frame larger than any legal message (the largest is a
+    trial with an image) drops that connection inside libzmq instead of being buffered; the worker
+    says hello again on a fresh connection."""
+    import zmq
+
+    from orchestrator import messages as m
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    try:
+        with Workers(tmp_path) as workers:
+            workers.start(endpoint, "r")
+            assert router.poll(30_000), workers.logs()
+            first, data = router.recv_multipart()
+            assert m.decode(data, sender="worker").type == "hello"
+            router.send_multipart([first, m.encode(m.Welcome(rig_id="r", heartbeat_s=0.25, liveness=8,
+                                                             server_time=time.time()))])
+            assert wait_until(lambda: "registered with" in workers.logs(), 20), workers.logs()
+            router.send_multipart([first, b"\x00" * (m.MAX_TRIAL_BYTES + 8192)])
+            # libzmq ends that connection for good (a protocol error is not reconnected); the worker
+            # hears nothing more, so after heartbeat_s * liveness it says hello on a new socket. Had the
+            # frame been delivered, these heartbeats would keep the first connection alive.
+            end = time.monotonic() + 20
+            others: set[bytes] = set()
+            while time.monotonic() < end and not others:
+                router.send_multipart([first, m.encode(m.Heartbeat(sent_at=time.time()))])
+                if router.poll(200):
+                    ident, data = router.recv_multipart()
+                    if ident != first and m.decode(data, sender="worker").type == "hello":
+                        others.add(ident)
+            assert others, "the connection survived an oversized frame: " + workers.logs()[-2000:]
+    finally:
+        router.close(0)
+        ctx.term()
+
+
+def test_a_worker_busy_starting_its_session_keeps_its_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The network thread cannot run while the adapter holds the GIL: on waking, the silence it could
+    not hear must not count against the orchestrator (it once reconnected mid-start, losing a trial)."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Workers(tmp_path) as workers, RigServer(endpoint, insecure=True) as srv:
+        srv.set_session("s1", "x")
+        workers.start(endpoint, "r", adapter="adapters_for_tests:GilHoggingStart")
+        srv.wait_for_rigs(["gil_hog"], 1, 30)
+        assert wait_until(lambda: srv.rigs() and srv.rigs()[0].session_ready == "s1", 60), workers.logs()
+        assert srv.run_trial(cmd(1)).rig_id == "r"
+        logs = workers.logs()
+    assert "no word from the orchestrator" not in logs and logs.count("registered with") == 1, logs
