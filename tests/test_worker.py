@@ -474,3 +474,36 @@ def test_a_worker_busy_starting_its_session_keeps_its_connection(
         assert srv.run_trial(cmd(1)).rig_id == "r"
         logs = workers.logs()
     assert "no word from the orchestrator" not in logs and logs.count("registered with") == 1, logs
+
+
+def test_hostile_clocks_are_refused_at_the_wire_and_the_server_serves_on(tmp_path: Path) -> None:
+    """A hello clock of 1e300 and a result in nanoseconds from a raw peer: refused, named, nothing
+    registered or recorded, and a real rig is served as before."""
+    import msgpack
+
+    from orchestrator import messages as m
+    from test_transport_helpers import RawRig
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Workers(tmp_path) as workers, RigServer(endpoint, insecure=True) as srv:
+        srv.set_session("s1", "x")
+        raw = RawRig(endpoint)
+        try:
+            hello = msgpack.unpackb(m.encode(m.Hello(
+                rig_id="raw", adapters=["null"], software_version="t", clock=m.ClockInfo(time=time.time()),
+                capabilities=m.Capabilities(stimulus_types=["*"], response_kinds=["gaussian"]))))
+            raw.send(msgpack.packb({**hello, "clock": {"time": 1e300, "source": "time.time"}}))
+            err = raw.expect("error", timeout=5)
+            assert err.code == "bad_message" and "hello.clock.time: 1e+300 is not a plausible time" in err.message
+            result = msgpack.unpackb(m.encode(m.Result(trial_id="s1:1", attempt=1, session_id="s1",
+                                                       response={"value": 1}, timing={})))
+            raw.send(msgpack.packb({**result, "timing": {"presented_at": time.time_ns()}}))
+            err = raw.expect("error", timeout=5)
+            assert "result.timing.presented_at" in err.message and "nanoseconds" in err.message
+        finally:
+            raw.close()
+        assert srv.stats["rejected"] >= 2 and srv.stats["registrations"] == 0
+        workers.start(endpoint, "r")
+        [info] = srv.wait_for_rigs(["null"], 1, 30)
+        assert info.clock_offset_s is None or abs(info.clock_offset_s) < 60
+        assert srv.run_trial(cmd(1)).rig_id == "r"
