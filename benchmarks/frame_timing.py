@@ -9,6 +9,9 @@ Two modes are measured with the real adapter (`PsychoPyDisplayAdapter.present`, 
   tests run on Xvfb. Reports stimulus duration error, frame-interval spread and dropped frames
   (interval > 1.2 periods, counted by the adapter and by PsychoPy's own ``nDroppedFrames``).
 - ``free``: no pacing, flips as fast as the virtual display allows: what one flip costs here.
+- ``image``: paced, a new 256 x 256 RGB image per presentation sent as pixels through the wire
+  format (encode, decode, sha256 check, rig image limits, texture upload, shown pixel for pixel);
+  ``prepare_ms`` is the time from the call to the onset flip.
 
 On a real monitor with vsync the same report comes from the hardware's vertical blank; Xvfb has
 none, so these figures measure this machine's scheduling and software rendering, not a display.
@@ -59,8 +62,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def run_mode(n: int, frames: int, refresh: float, paced: bool) -> dict[str, Any]:
+def run_mode(n: int, frames: int, refresh: float, paced: bool, images: bool = False) -> dict[str, Any]:
+    import numpy as np
+
+    from orchestrator import messages as m
     from orchestrator.messages import Trial
+    from orchestrator.wire_images import image_payload
     from rig_adapters.psychopy_display import PsychoPyDisplayAdapter
     from rig_adapters.responses import ResponseSource
     from rig_adapters.rig_config import RigConfig
@@ -82,17 +89,28 @@ def run_mode(n: int, frames: int, refresh: float, paced: bool) -> dict[str, Any]
     adapter.configure(stimulus_type="grating", fixed={"sf": 1.0, "size": 10, "drift": 2.0},
                       duration_s=frames / refresh)
     rows = []
+    prepare_ms: list[float] = []
+    rng = np.random.default_rng(0)
     t0 = time.monotonic()
     for i in range(n):
-        cmd = Trial(trial_id=i, attempt=1, index=i, session_id="bench", response_kind="bernoulli", timeout_s=5,
-                    stimulus={"orientation": float(i * 7 % 180), "contrast": 0.8}, stimulus_type="grating")
+        if images:
+            pixels = rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8)
+            called = time.time()
+            cmd = m.decode(m.encode(Trial(trial_id=i, attempt=1, index=i, session_id="bench", response_kind="bernoulli",
+                                          timeout_s=5, stimulus={"image": image_payload(pixels)},
+                                          stimulus_type="image")))
+        else:
+            called = time.time()
+            cmd = Trial(trial_id=i, attempt=1, index=i, session_id="bench", response_kind="bernoulli", timeout_s=5,
+                        stimulus={"orientation": float(i * 7 % 180), "contrast": 0.8}, stimulus_type="grating")
         res = adapter.present(cmd)
+        prepare_ms.append((res.timing["onset_flip"] - called) * 1000)
         rows.append({**res.timing, **res.response})
     elapsed = time.monotonic() - t0
     adapter.close()
     period_ms = 1000.0 / refresh
     out: dict[str, Any] = {
-        "mode": "paced" if paced else "free",
+        "mode": "image" if images else ("paced" if paced else "free"),
         "presentations": n,
         "frames_per_presentation": frames,
         "elapsed_s": round(elapsed, 2),
@@ -118,6 +136,7 @@ def run_mode(n: int, frames: int, refresh: float, paced: bool) -> dict[str, Any]
         "dropped_frames": int(sum(r["dropped_frames"] for r in rows)),
         "dropped_frames_psychopy": int(sum(r["dropped_frames_psychopy"] for r in rows)),
         "intervals_total": n * frames,
+        "prepare_ms": {"median": round(statistics.median(prepare_ms), 2), "p95": round(percentile(prepare_ms, 95), 2)},
         "presentations_with_drops": sum(1 for r in rows if r["dropped_frames"] > 0),
     })
     return out
@@ -132,7 +151,8 @@ def main() -> None:
     args = ap.parse_args()
     ensure_display()
     results = [run_mode(args.n, args.frames, args.refresh, paced=True),
-               run_mode(args.n, args.frames, args.refresh, paced=False)]
+               run_mode(args.n, args.frames, args.refresh, paced=False),
+               run_mode(args.n, args.frames, args.refresh, paced=True, images=True)]
     load = os.getloadavg()
     import psychopy
 

@@ -254,7 +254,7 @@ def demo(
 def _register_extensions() -> None:
     """Commands owned by other modules (rig, keys, data, simulate, lifecycle) add themselves here."""
     for module_name in (
-        "orchestrator.cli_rig",
+        "rig_adapters.cli",
         "orchestrator.cli_data",
         "orchestrator.cli_simulate",
         "orchestrator.cli_lifecycle",

@@ -13,8 +13,10 @@ involved is loopback (or ipc/inproc), so plain text can never leave the machine.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import zmq.auth
 ORCHESTRATOR_NAME = "orchestrator"
 ALLOW_DIR = "rigs"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+log = logging.getLogger("cloop.keys")
 
 
 class SecurityError(RuntimeError):
@@ -65,6 +68,7 @@ def load_pair(path: Path) -> KeyPair:
     """Read a ``.key_secret`` file, with an error that says which file and what is wrong."""
     if not path.is_file():
         raise SecurityError(f"secret key file {path} not found (create it with `cloop keys generate`)")
+    warn_if_exposed(path)
     try:
         public, secret = zmq.auth.load_certificate(str(path))
     except Exception as exc:
@@ -72,6 +76,20 @@ def load_pair(path: Path) -> KeyPair:
     if not secret:
         raise SecurityError(f"{path} holds no secret key")
     return KeyPair(public=public, secret=secret)
+
+
+def warn_if_exposed(path: Path) -> str | None:
+    """Warn (and return the warning) when a secret key file is readable or writable by others than its
+    owner: anyone who can read it can impersonate this machine on the rig network."""
+    if os.name != "posix":
+        return None
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return None
+    text = (f"secret key file {path} has mode {mode:o}: other users can read it and impersonate this "
+            f"machine; run `chmod 600 {path}`")
+    log.warning("%s", text)
+    return text
 
 
 def load_public(path: Path) -> bytes:

@@ -32,6 +32,12 @@ class AdapterError(RuntimeError):
     code: str = "adapter_failed"
 
 
+class StimulusRefused(AdapterError):
+    """The command is outside the rig's own hard limits; nothing was delivered or shown."""
+
+    code = "refused"
+
+
 @dataclass(frozen=True)
 class SessionInfo:
     """Given to :meth:`Adapter.start` when the orchestrator announces a (new) session."""

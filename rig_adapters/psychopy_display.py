@@ -12,6 +12,10 @@ mapped to epoch seconds). Reported per trial: ``timing`` carries the onset/offse
 measured (offset - onset in refreshes), dropped frames (intervals longer than
 ``dropped_frame_tolerance`` refresh periods; PsychoPy's own count over the same flips alongside)
 and the interval statistics. An optional photodiode patch is white exactly while the stimulus is on.
+An image stimulus sent as pixels (``{"image": {"sha256", "shape", "dtype", "data"}}``, see
+:mod:`orchestrator.wire_images`) is verified against its hash, checked against the rig config's
+``image_limits`` (pixel range, mean luminance, RMS contrast: a trial outside them is refused with the
+reason, code ``refused``) and shown pixel for pixel (:class:`stimuli.draw.PixelImage`).
 Escape (rig config ``keyboard.abort_key``) aborts the trial: :class:`TrialAborted` is raised,
 nothing is recorded for it, and the worker reports it with code ``aborted``.
 
@@ -28,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.messages import Trial
-from rig_adapters.base import Adapter, AdapterError, AdapterResult, SessionInfo
+from orchestrator.wire_images import image_array
+from rig_adapters.base import Adapter, AdapterError, AdapterResult, SessionInfo, StimulusRefused
 from rig_adapters.responses import (
     KeyboardPoller,
     ResponseSource,
@@ -220,11 +225,22 @@ class PsychoPyDisplayAdapter(Adapter):
         assert self.keys is not None
         self.response.offer_keys(self.keys.poll())
 
-    def present(self, cmd: Trial) -> AdapterResult:
-        from stimuli.draw import build_drawable
+    def _drawable(self, cmd: Trial) -> tuple[Any, dict[str, Any], float | None]:
+        """What to draw for ``cmd``, the parameters to record with it, and the type's default duration."""
+        from stimuli.draw import PixelImage, build_drawable
 
-        if self.win is None or self.frames is None or self.refresh_hz is None:
-            raise AdapterError("no session started: the psychopy window is not open")
+        if isinstance(cmd.stimulus.get("image"), dict):  # pixels on the wire
+            pixels = image_array(cmd.stimulus["image"], "stimulus.image")
+            problems = self.rig.image_limits.violations(pixels)
+            if problems:
+                raise StimulusRefused("refused by rig image limits: " + "; ".join(problems))
+            try:
+                drawable = PixelImage(self.win, pixels)
+            except StimulusParameterError as exc:
+                raise StimulusRefused(f"cannot show trial {cmd.trial_id}: {exc}") from None
+            recorded = {k: v for k, v in cmd.stimulus.items() if k != "image"}
+            recorded["image"] = {"sha256": cmd.stimulus["image"]["sha256"], "shape": list(pixels.shape)}
+            return drawable, recorded, None
         try:
             stype = get_stimulus_type(cmd.stimulus_type)
         except UnknownStimulusType as exc:
@@ -238,7 +254,13 @@ class PsychoPyDisplayAdapter(Adapter):
                                       image_dir=self.rig.display.image_dir)
         except StimulusParameterError as exc:
             raise AdapterError(f"cannot draw trial {cmd.trial_id}: {exc}") from None
-        duration = self._duration_s or stype.default_duration_s or 0.5
+        return drawable, _plain(params), stype.default_duration_s
+
+    def present(self, cmd: Trial) -> AdapterResult:
+        if self.win is None or self.frames is None or self.refresh_hz is None:
+            raise AdapterError("no session started: the psychopy window is not open")
+        drawable, recorded, default_duration = self._drawable(cmd)
+        duration = self._duration_s or default_duration or 0.5
         n_frames = max(1, int(round(duration * self.refresh_hz)))
 
         assert self.keys is not None
@@ -330,8 +352,8 @@ class PsychoPyDisplayAdapter(Adapter):
             "refresh_hz": float(self.refresh_hz),
         }
         payload.update(frame_stats)
-        meta: dict[str, Any] = {"adapter": self.name, "stimulus_type": stype.name,
-                                "resolved_stimulus": _plain(params), "response_source": self.response.name,
+        meta: dict[str, Any] = {"adapter": self.name, "stimulus_type": cmd.stimulus_type,
+                                "resolved_stimulus": recorded, "response_source": self.response.name,
                                 "software_vsync": self.software_vsync}
         if screenshot:
             meta["screenshot"] = screenshot

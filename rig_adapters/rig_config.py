@@ -21,12 +21,16 @@ Example::
         channel: {min: 0, max: 3}
       max_charge_nc: 20                     # amplitude x pulse_width per phase
     zmq: {endpoint: "tcp://127.0.0.1:5556", topic: "spikes", window_s: [0.05, 0.55]}
+    image_limits:                           # every image stimulus, before it is shown
+      pixel: {min: 0, max: 255}             # uint8 values
+      mean_luminance: {min: 0.2, max: 0.8}  # mean of value/255 over all pixels and channels
+      rms_contrast_max: 0.35                # standard deviation of value/255
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -41,6 +45,7 @@ __all__ = [
     "StimulatorConfig",
     "Limit",
     "ZmqSourceConfig",
+    "ImageLimits",
     "load_rig_config",
     "STIMULATOR_LIMITED_PARAMETERS",
 ]
@@ -165,6 +170,46 @@ class ZmqSourceConfig(_Strict):
         return self
 
 
+class ImageLimits(_Strict):
+    """Hard limits on the images this display shows, checked before each image trial.
+
+    Pixel values are uint8 (0..255); luminance and contrast are fractions of the display range
+    (value / 255): ``mean_luminance`` bounds the mean over all pixels and channels, and
+    ``rms_contrast_max`` the RMS contrast, their standard deviation (at most 0.5, a half-black,
+    half-white image). The defaults allow every image; a rig narrows them for its subjects.
+    """
+
+    pixel: Limit = Field(default_factory=lambda: Limit(min=0, max=255))
+    mean_luminance: Limit = Field(default_factory=lambda: Limit(min=0, max=1))
+    rms_contrast_max: float = Field(default=0.5, ge=0, le=0.5)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ImageLimits":
+        if not (0 <= self.pixel.min and self.pixel.max <= 255):
+            raise ValueError(f"pixel: limits must lie within 0..255, got [{self.pixel.min:g}, {self.pixel.max:g}]")
+        if not (0 <= self.mean_luminance.min and self.mean_luminance.max <= 1):
+            raise ValueError("mean_luminance: limits are fractions of the display range, within 0..1")
+        return self
+
+    def violations(self, pixels: "Any") -> list[str]:
+        """Every way a uint8 image breaks these limits (empty list = allowed)."""
+        import numpy as np
+
+        values = np.asarray(pixels)
+        problems: list[str] = []
+        lo, hi = int(values.min()), int(values.max())
+        if lo < self.pixel.min or hi > self.pixel.max:
+            problems.append(f"pixel values {lo}..{hi} outside rig limit [{self.pixel.min:g}, {self.pixel.max:g}]")
+        scaled = values.astype(np.float64) / 255.0
+        mean, rms = float(scaled.mean()), float(scaled.std())
+        if not self.mean_luminance.min <= mean <= self.mean_luminance.max:
+            problems.append(f"mean luminance {mean:.4f} outside rig limit "
+                            f"[{self.mean_luminance.min:g}, {self.mean_luminance.max:g}]")
+        if rms > self.rms_contrast_max:
+            problems.append(f"RMS contrast {rms:.4f} exceeds rig limit {self.rms_contrast_max:g}")
+        return problems
+
+
 class RigConfig(_Strict):
     rig_id: str | None = None
     monitor: MonitorProfile = Field(default_factory=MonitorProfile)
@@ -172,6 +217,7 @@ class RigConfig(_Strict):
     keyboard: KeyboardConfig = Field(default_factory=KeyboardConfig)
     stimulator: StimulatorConfig | None = None
     zmq: ZmqSourceConfig | None = None
+    image_limits: ImageLimits = Field(default_factory=ImageLimits)
 
 
 def load_rig_config(path: str | Path | None) -> RigConfig:

@@ -22,20 +22,28 @@ import os
 import re
 import threading
 import time
+from decimal import Decimal
 from typing import Any
 
-from rig_adapters.stimulator import Delivery, DeviceError, PulseTrain, StimulatorDevice
+from rig_adapters.stimulator_device import Delivery, DeviceError, PulseTrain, StimulatorDevice
 
-__all__ = ["SerialStimulator", "LineProtocolEmulator", "format_train"]
+__all__ = ["SerialStimulator", "LineProtocolEmulator", "format_train", "plain_decimal"]
 
 _TRAIN = re.compile(
     r"^TRAIN (\d+) ch=(\d+) amp=([0-9.eE+-]+) freq=([0-9.eE+-]+) pw=([0-9.eE+-]+) dur=([0-9.eE+-]+)$")
 
 
+def plain_decimal(value: float) -> str:
+    """``value`` to 6 significant digits in plain decimal (``0.00005``, never ``5e-05``): simple firmware
+    parsers read digits and one point, not exponents."""
+    return format(Decimal(f"{value:.6g}"), "f")
+
+
 def format_train(seq: int, train: PulseTrain) -> str:
     """The TRAIN command line (without newline); numbers in plain decimal."""
-    return (f"TRAIN {seq} ch={train.channel} amp={train.amplitude:.6g} freq={train.frequency:.6g} "
-            f"pw={train.pulse_width:.6g} dur={train.train_duration:.6g}")
+    return (f"TRAIN {seq} ch={train.channel} amp={plain_decimal(train.amplitude)} "
+            f"freq={plain_decimal(train.frequency)} pw={plain_decimal(train.pulse_width)} "
+            f"dur={plain_decimal(train.train_duration)}")
 
 
 class SerialStimulator(StimulatorDevice):

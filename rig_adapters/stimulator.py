@@ -7,23 +7,23 @@ and this adapter checks every command again against the limits in the *rig's own
 protocol cannot change). A command outside them is refused before anything reaches the device and
 the trial fails with the reason (:class:`StimulusRefused`, worker error code ``refused``).
 
-Devices implement :class:`StimulatorDevice`; :class:`SimulatedStimulator` is in-process,
+Devices implement :class:`rig_adapters.stimulator_device.StimulatorDevice` (:class:`SimulatedStimulator`
+is in-process),
 :class:`rig_adapters.serial_driver.SerialStimulator` speaks a line protocol over pyserial.
 """
 
 from __future__ import annotations
 
-import abc
 import math
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from orchestrator.messages import Trial
-from rig_adapters.base import Adapter, AdapterError, AdapterResult, SessionInfo
+from rig_adapters.base import Adapter, AdapterError, AdapterResult, SessionInfo, StimulusRefused
 from rig_adapters.responses import ResponseSource, make_response_source, wait_for_response
 from rig_adapters.rig_config import RigConfig, RigConfigError, StimulatorConfig, load_rig_config
+from rig_adapters.stimulator_device import (Delivery, DeviceError, PulseTrain, SimulatedStimulator,
+                                            StimulatorDevice)
 from stimuli import StimulusParameterError, get_stimulus_type
 
 __all__ = [
@@ -36,53 +36,6 @@ __all__ = [
     "limit_violations",
     "StimulatorAdapter",
 ]
-
-
-class StimulusRefused(AdapterError):
-    """The command is outside the rig's hard limits; nothing was sent to the device."""
-
-    code = "refused"
-
-
-class DeviceError(AdapterError):
-    """The device did not accept or complete a command (timeout, error reply, disconnected)."""
-
-    code = "device_error"
-
-
-@dataclass(frozen=True)
-class PulseTrain:
-    """One train of biphasic pulses (units: uA, Hz, us per phase, ms)."""
-
-    amplitude: float
-    frequency: float
-    pulse_width: float
-    train_duration: float
-    channel: int = 0
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "PulseTrain":
-        return cls(amplitude=float(params["amplitude"]), frequency=float(params["frequency"]),
-                   pulse_width=float(params["pulse_width"]), train_duration=float(params["train_duration"]),
-                   channel=int(params["channel"]))
-
-    @property
-    def charge_nc(self) -> float:
-        """Charge per phase in nC: uA x us = pC, / 1000."""
-        return self.amplitude * self.pulse_width / 1000.0
-
-    @property
-    def n_pulses(self) -> int:
-        return max(1, int(math.floor(self.frequency * self.train_duration / 1000.0)))
-
-
-@dataclass
-class Delivery:
-    """What the device reported: when the train started and finished (epoch s)."""
-
-    started_at: float
-    finished_at: float
-    device: dict[str, Any] = field(default_factory=dict)
 
 
 def limit_violations(train: PulseTrain, config: StimulatorConfig) -> list[str]:
@@ -100,46 +53,6 @@ def limit_violations(train: PulseTrain, config: StimulatorConfig) -> list[str]:
     if train.pulse_width * 2 > 1e6 / train.frequency:
         problems.append(f"pulse_width {train.pulse_width:g}us x 2 phases does not fit a {train.frequency:g} Hz period")
     return problems
-
-
-class StimulatorDevice(abc.ABC):
-    """A stimulator that can deliver one pulse train at a time."""
-
-    @abc.abstractmethod
-    def open(self) -> str:
-        """Connect; return the device's identification."""
-
-    @abc.abstractmethod
-    def deliver(self, train: PulseTrain) -> Delivery:
-        """Start ``train`` and block until the device reports it finished."""
-
-    def stop(self) -> None:
-        """Abort any train in progress."""
-
-    def close(self) -> None:
-        """Disconnect."""
-
-
-class SimulatedStimulator(StimulatorDevice):
-    """In-process stand-in: records deliveries, takes the train's duration (optionally scaled)."""
-
-    def __init__(self, time_scale: float = 1.0) -> None:
-        self.time_scale = time_scale
-        self.delivered: list[PulseTrain] = []
-        self._stop = threading.Event()
-
-    def open(self) -> str:
-        return "cloop simulated stimulator"
-
-    def deliver(self, train: PulseTrain) -> Delivery:
-        self._stop.clear()
-        start = time.time()
-        self._stop.wait(train.train_duration / 1000.0 * self.time_scale)
-        self.delivered.append(train)
-        return Delivery(start, time.time(), {"pulses": train.n_pulses})
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 class StimulatorAdapter(Adapter):

@@ -4,16 +4,15 @@ Threads: the process's main thread runs the adapter (PsychoPy needs it); a backg
 owns the DEALER socket, answers heartbeats, detects a dead orchestrator (Paranoid Pirate: no traffic
 for ``heartbeat_s * liveness``) and reconnects by itself with exponential backoff.
 
-Exactly-once presentation per rig: results are kept in a journal keyed by (session, trial id),
-written and fsync'ed *before* the result is sent. A trial id seen again (a retry after a lost
-connection, or after this worker was killed and restarted with the same ``--state-dir``) gets the
-stored result with ``cached=True`` and is not presented again.
+Exactly-once presentation per rig: results are kept in a journal (:mod:`rig_adapters.journal`)
+keyed by (session, trial id), written and fsync'ed *before* the result is sent. A trial id seen again
+(a retry after a lost connection, or after this worker was killed and restarted with the same
+``--state-dir``) gets the stored result with ``cached=True`` and is not presented again.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import queue
@@ -31,9 +30,17 @@ from zmq.utils.monitor import parse_monitor_message
 
 from orchestrator import keys as keyfiles
 from orchestrator import messages as m
+from orchestrator.wire_images import ImagePayloadError, image_array
 from rig_adapters.base import Adapter, AdapterResult, SessionInfo
+from rig_adapters.journal import ResultJournal
+
+__all__ = ["RigWorker", "ResultJournal", "image_problem"]
 
 log = logging.getLogger("cloop.worker")
+
+#: Longest silence from the orchestrator tolerated while the adapter starts a session (loading
+#: models or opening a window can keep this process, and its network thread, busy for seconds).
+SESSION_START_GRACE_S = 30.0
 
 
 def software_version() -> str:
@@ -48,97 +55,6 @@ def software_version() -> str:
 def default_rig_id(adapter_name: str) -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", pysocket.gethostname())[:40] or "rig"
     return f"{host}-{adapter_name}"
-
-
-class ResultJournal:
-    """Results by (session, trial id); optionally persisted as fsync'ed JSON lines in ``state_dir``."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._results: dict[tuple[str, str], dict[str, Any]] = {}
-        self._started: dict[tuple[str, str], int] = {}
-        self._fh = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "a+", encoding="utf-8")
-            self._lock_file(path)
-            self._load(path)
-            self._fh.seek(0, os.SEEK_END)
-            if self._fh.tell() > 0:
-                self._fh.seek(self._fh.tell() - 1)
-                if self._fh.read(1) != "\n":  # a line torn by a crash: never glue the next record to it
-                    self._fh.write("\n")
-                    self._fh.flush()
-
-    @staticmethod
-    def key(session_id: str, trial_id: Any) -> tuple[str, str]:
-        return (session_id, f"{type(trial_id).__name__}:{trial_id}")
-
-    def _lock_file(self, path: Path) -> None:
-        """Two workers sharing one journal would each think the other's trials are theirs: refuse."""
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks here; one worker per rig id is the rule
-            return
-        try:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._fh.close()
-            self._fh = None
-            raise RuntimeError(f"another worker is already using the journal {path} "
-                               "(same --rig-id and --state-dir): stop it first") from None
-
-    def _load(self, path: Path) -> None:
-        bad = 0
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                    k = (rec["session_id"], rec["key"])
-                    if rec["event"] == "result":
-                        self._results[k] = rec["result"]
-                    elif rec["event"] == "start":
-                        self._started[k] = self._started.get(k, 0) + 1
-                except Exception:
-                    bad += 1  # a line torn by a crash mid-write: ignore it
-        if bad:
-            log.warning("ignored %d unreadable line(s) in %s", bad, path)
-        log.info("journal %s: %d stored result(s)", path, len(self._results))
-
-    def _write(self, rec: dict[str, Any], durable: bool) -> None:
-        if self._fh is None:
-            return
-        self._fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        self._fh.flush()
-        if durable:
-            os.fsync(self._fh.fileno())
-
-    def get(self, key: tuple[str, str]) -> dict[str, Any] | None:
-        with self._lock:
-            return self._results.get(key)
-
-    def times_started(self, key: tuple[str, str]) -> int:
-        with self._lock:
-            return self._started.get(key, 0)
-
-    def started(self, key: tuple[str, str], attempt: int) -> None:
-        with self._lock:
-            self._started[key] = self._started.get(key, 0) + 1
-            self._write({"event": "start", "session_id": key[0], "key": key[1], "attempt": attempt,
-                         "pid": os.getpid(), "t": time.time()}, durable=False)
-
-    def store(self, key: tuple[str, str], attempt: int, result: dict[str, Any]) -> None:
-        with self._lock:
-            self._results[key] = result
-            self._write({"event": "result", "session_id": key[0], "key": key[1], "attempt": attempt,
-                         "pid": os.getpid(), "t": time.time(), "result": result}, durable=True)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
 
 
 class RigWorker:
@@ -186,6 +102,7 @@ class RigWorker:
         self.connected = threading.Event()  # set while registered (welcome received)
         self._ready_session: str | None = None  # read by the I/O thread for its heartbeats
         self._hb_now = False
+        self._starting_session = False  # read by the I/O thread: silence is tolerated longer meanwhile
 
     # ------------------------------------------------------------------ main thread
     def run(self, *, install_signal_handlers: bool = False) -> int:
@@ -228,6 +145,7 @@ class RigWorker:
         self._stop.set()
 
     def _start_session(self, info: SessionInfo) -> None:
+        self._starting_session = True
         try:
             self.adapter.start(info)
             self.session = info
@@ -240,6 +158,8 @@ class RigWorker:
             self._session_error = f"adapter {self.adapter.name} could not start session {info.session_id}: {exc}"
             log.error("%s", self._session_error)
             self._post(("error", (None, None, "session_failed", self._session_error)))
+        finally:
+            self._starting_session = False
 
     def _present(self, msg: m.Trial) -> tuple[str, Any]:
         """Present one trial (journal first, result stored before it is sent); return the outcome item."""
@@ -257,6 +177,12 @@ class RigWorker:
             result = {"response": dict(res.response), "timing": dict(res.timing), "meta": dict(res.meta),
                       "presented_attempt": msg.attempt, "interrupted_before": previous}
             data = m.encode(self._result_msg(msg, msg.attempt, result, cached=False))  # validates it too
+        except m.MessageError as exc:
+            # The adapter's answer breaks the wire contract (a clock in nanoseconds, a string where a
+            # time belongs): fail this attempt with the field and the raw value, never send or store it.
+            log.error("trial %r attempt %d: adapter %s produced a result the wire refuses: %s",
+                      msg.trial_id, msg.attempt, self.adapter.name, exc)
+            return ("error", (key, msg, "bad_result", f"adapter {self.adapter.name} produced a bad result: {exc}"))
         except Exception as exc:
             log.exception("trial %r attempt %d failed on adapter %s", msg.trial_id, msg.attempt, self.adapter.name)
             code = getattr(exc, "code", None)
@@ -286,7 +212,8 @@ class RigWorker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.backoff_max_s * 1000))
-        sock.setsockopt(zmq.MAXMSGSIZE, 16 * m.MAX_MESSAGE_BYTES)
+        # libzmq refuses (and drops the connection of) anything larger than the largest legal message
+        sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_TRIAL_BYTES + 4096)
         if self.curve is not None:
             sock.curve_secretkey = self.curve.pair.secret
             sock.curve_publickey = self.curve.pair.public
@@ -310,11 +237,12 @@ class RigWorker:
         hb_s, liveness = self.heartbeat_s, self.liveness
         active: dict[tuple[str, str], int] = {}  # trials queued or being presented -> latest attempt asked
         session_id: str | None = None
+        failures = 0  # connection attempts since the last registration (0: report the next failure)
         while not self._stop.is_set():
             sock, mon = self._new_socket()
             self.stats["connects"] += 1
-            log.info("rig %s connecting to %s (%s)", self.rig_id, self.connect,
-                     "Curve" if self.curve else "insecure")
+            log.log(logging.INFO if failures == 0 else logging.DEBUG, "rig %s connecting to %s (%s)",
+                    self.rig_id, self.connect, "Curve" if self.curve else "insecure")
             send = _Sender(sock)
             send(m.encode(self._hello()))
             last_recv = time.monotonic()
@@ -326,8 +254,15 @@ class RigWorker:
             poller.register(mon, zmq.POLLIN)
             reason = ""
             while not self._stop.is_set():
-                events = dict(poller.poll(min(hb_s / 2, 0.1) * 1000))
+                wait_s = min(hb_s / 2, 0.1)
+                before = time.monotonic()
+                events = dict(poller.poll(wait_s * 1000))
                 now = time.monotonic()
+                stalled = now - before - wait_s
+                if stalled > hb_s:
+                    # This thread was not scheduled (the adapter held the GIL, the machine is
+                    # overloaded): a silence it could not hear is not the orchestrator's.
+                    last_recv += stalled
                 if sock in events:
                     while True:
                         try:
@@ -340,6 +275,10 @@ class RigWorker:
                         except m.MessageError as exc:
                             self.stats["bad_messages"] += 1
                             log.warning("ignored a bad message from the orchestrator: %s", exc)
+                            if exc.msg_type == "trial" and exc.trial_id is not None:  # fail it now, not at timeout
+                                send(m.encode(m.ErrorMessage(code="bad_message", trial_id=exc.trial_id,
+                                                             attempt=exc.attempt,
+                                                             message=f"trial refused: {exc}"[:4000])))
                             continue
                         if msg.type == "welcome":
                             registered = True
@@ -350,8 +289,10 @@ class RigWorker:
                                 session_id = msg.session_id
                                 self._tasks.put(("session", SessionInfo(msg.session_id, msg.protocol_text or "",
                                                                         self.rig_id)))
-                            log.info("rig %s registered with %s (session %s)", self.rig_id, self.connect,
-                                     msg.session_id or "none yet")
+                            log.info("rig %s registered with %s (session %s)%s", self.rig_id, self.connect,
+                                     msg.session_id or "none yet",
+                                     f" after {failures} reconnect attempt(s)" if failures else "")
+                            failures = 0
                         elif msg.type == "heartbeat":
                             echo = (msg.sent_at, time.time())
                         elif msg.type == "trial":
@@ -388,7 +329,10 @@ class RigWorker:
                                      session_ready=self._ready_session)
                     send(m.encode(hb))
                     echo = None
-                if now - last_recv > hb_s * liveness:
+                silence_limit = hb_s * liveness
+                if self._starting_session:  # as the server does: starting may keep this process busy
+                    silence_limit = max(silence_limit, SESSION_START_GRACE_S)
+                if now - last_recv > silence_limit:
                     reason = (f"no word from the orchestrator for {now - last_recv:.2f} s"
                               + ("" if registered else " (no welcome: wrong address, orchestrator down, or this "
                                  "rig's key is not in its allow-list)"))
@@ -400,12 +344,19 @@ class RigWorker:
                     time.sleep(0.05)
                 except zmq.ZMQError:
                     pass
-            sock.close(0)
-            mon.close(0)
+            _close_monitored(sock, mon)
             if self._stop.is_set():
                 return
             self.stats["reconnects"] += 1
-            log.warning("rig %s: %s; reconnecting in %.2f s", self.rig_id, reason, backoff)
+            # Said once per state change: a rig waiting for an orchestrator that is not there yet
+            # retries quietly (debug level) until it registers, then says so.
+            if failures == 0:
+                log.log(logging.INFO if reason.startswith("orchestrator said bye") else logging.WARNING,
+                        "rig %s: %s; retrying with back-off up to %.1f s (said once; next message when "
+                        "it registers)", self.rig_id, reason, self.backoff_max_s)
+            else:
+                log.debug("rig %s: %s; reconnecting in %.2f s", self.rig_id, reason, backoff)
+            failures += 1
             self._stop.wait(backoff)
             backoff = min(backoff * 2, self.backoff_max_s)
 
@@ -426,7 +377,17 @@ class RigWorker:
             self.stats["replayed"] += 1
             log.info("trial %r attempt %d already presented (attempt %s): replaying the stored result",
                      msg.trial_id, msg.attempt, stored.get("presented_attempt"))
-            send(m.encode(self._result_msg(msg, msg.attempt, stored, cached=True)))
+            try:
+                send(m.encode(self._result_msg(msg, msg.attempt, stored, cached=True)))
+            except m.MessageError as exc:  # a journal written before the wire refused such values
+                send(m.encode(m.ErrorMessage(code="bad_result", trial_id=msg.trial_id, attempt=msg.attempt,
+                                             message=f"stored result refused by the wire: {exc}"[:4000])))
+            return
+        problem = image_problem(msg.stimulus)
+        if problem is not None:
+            self.stats["refused"] += 1
+            send(m.encode(m.ErrorMessage(code="refused", trial_id=msg.trial_id, attempt=msg.attempt,
+                                         message=f"trial refused before presenting: {problem}"[:4000])))
             return
         active[key] = msg.attempt
         if self.adapter.inline and self._tasks.empty() and self.session is not None \
@@ -441,8 +402,8 @@ class RigWorker:
         meta["presented_attempt"] = stored.get("presented_attempt")
         if stored.get("interrupted_before"):
             meta["interrupted_before"] = stored["interrupted_before"]
-        return m.Result(trial_id=msg.trial_id, attempt=attempt, session_id=msg.session_id,
-                        response=stored["response"], timing=stored["timing"], cached=cached, meta=meta)
+        return m.build(m.Result, trial_id=msg.trial_id, attempt=attempt, session_id=msg.session_id,
+                       response=stored["response"], timing=stored["timing"], cached=cached, meta=meta)
 
     def _on_outcome(self, item: tuple[str, Any], send: "_Sender", active: dict[tuple[str, str], int]) -> None:
         kind, payload = item
@@ -476,6 +437,35 @@ class RigWorker:
                           "orchestrator.key)?", self.connect)
 
 
+def image_problem(stimulus: dict[str, Any]) -> str | None:
+    """Why an image stimulus must not be shown (pixels that do not match their sha256), or None."""
+    payload = stimulus.get("image")
+    if not isinstance(payload, dict):
+        return None
+    try:
+        image_array(payload, "stimulus.image")
+    except ImagePayloadError as exc:
+        return str(exc)
+    return None
+
+
+def _close_monitored(sock: zmq.Socket, mon: zmq.Socket) -> None:
+    """Close a socket and its monitor, in the only safe order.
+
+    libzmq's I/O thread sends monitor events with a *blocking* send: closing the monitor's reading end
+    while the socket still lives (``close`` is asynchronous and its engines report ``DISCONNECTED`` as
+    they shut down) leaves that thread blocked forever on a PAIR without a peer. Every socket of the
+    context then stops moving: no reconnect, the old TCP connection left in CLOSE-WAIT, hellos that
+    never leave. Stop the monitor first, then close both.
+    """
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    sock.close(0)
+    mon.close(0)
+
+
 class _Sender:
     """Non-blocking send that remembers when something last went out (for idle heartbeats)."""
 
@@ -492,16 +482,7 @@ class _Sender:
         return True
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m rig_adapters.worker ...``: the ``cloop rig`` command without the rest of the CLI."""
-    import typer
+if __name__ == "__main__":  # ``python -m rig_adapters.worker`` is ``python -m rig_adapters``
+    import runpy
 
-    from orchestrator.cli_rig import register
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(app)
-    app(args=["rig", *(argv if argv is not None else __import__("sys").argv[1:])], prog_name="cloop-rig")
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("rig_adapters", run_name="__main__", alter_sys=True)

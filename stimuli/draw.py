@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 from stimuli.schema import StimulusParameterError, StimulusType
 
-__all__ = ["Drawable", "build_drawable", "luminance_to_rgb", "IMAGE_EXTENSIONS"]
+__all__ = ["Drawable", "build_drawable", "luminance_to_rgb", "IMAGE_EXTENSIONS", "PixelImage"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -166,6 +166,44 @@ class _Image:
             win, image=str(path), units="deg", size=(p["size"], p["size"] * h / w),
             pos=(p["x"], p["y"]), ori=p["orientation"], contrast=p["contrast"], interpolate=True,
         )
+
+    def draw(self, frame: int) -> None:
+        self.stim.draw()
+
+
+class PixelImage:
+    """A uint8 image shown pixel for pixel: one image pixel per screen pixel, centred, no filtering.
+
+    Value ``v`` appears as ``v / 255`` of the display range (PsychoPy colour ``2 v / 255 - 1``).
+    Greyscale (H x W or H x W x 1) is drawn as equal R, G, B. The pixels go to PsychoPy as an 8-bit
+    PIL image: its own float path misreads RGB arrays (no -1..1 rescaling) and greyscale rows whose
+    width is not a multiple of 4. An odd-sized image is shifted half a pixel so that its edges fall
+    on pixel boundaries.
+    """
+
+    def __init__(self, win: Any, pixels: Any) -> None:
+        import numpy as np
+        from PIL import Image
+        from psychopy import visual
+
+        array = np.asarray(pixels)
+        if array.dtype != np.uint8 or array.ndim not in (2, 3):
+            raise StimulusParameterError("image", "image", f"expected H x W (x C) uint8 pixels, got "
+                                         f"{array.dtype} {array.shape}")
+        if array.ndim == 2 or array.shape[2] == 1:
+            array = np.repeat(array.reshape(array.shape[0], array.shape[1], 1), 3, axis=2)
+        elif array.shape[2] != 3:
+            raise StimulusParameterError("image", "image", f"{array.shape[2]} channels: the display shows "
+                                         "greyscale or RGB")
+        h, w = array.shape[:2]
+        win_w, win_h = (int(s) for s in win.size)
+        if w > win_w or h > win_h:
+            raise StimulusParameterError("image", "image", f"{w} x {h} pixels do not fit the {win_w} x {win_h} window")
+        pos = (((win_w - w) % 2) / 2.0, -((win_h - h) % 2) / 2.0)
+        self.size_px = (w, h)
+        self.stim = visual.ImageStim(win, image=Image.fromarray(np.ascontiguousarray(array)), units="pix",
+                                     size=(w, h), pos=pos, interpolate=False, colorSpace="rgb",
+                                     color=(1.0, 1.0, 1.0))
 
     def draw(self, frame: int) -> None:
         self.stim.draw()

@@ -82,7 +82,7 @@ def test_security_rule() -> None:
 
 
 def _cloop(*args: str) -> subprocess.CompletedProcess:
-    code = "import sys, typer; from orchestrator.cli_rig import register; app = typer.Typer(); " \
+    code = "import sys, typer; from rig_adapters.cli import register; app = typer.Typer(); " \
            "register(app); app(args=sys.argv[1:], prog_name='cloop')"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
 
@@ -112,3 +112,22 @@ def test_rig_command_requires_keys_off_loopback() -> None:
 def test_rig_command_unknown_adapter() -> None:
     done = _cloop("rig", "--connect", "tcp://127.0.0.1:5555", "--adapter", "nosuch", "--insecure")
     assert done.returncode == 2 and "unknown adapter 'nosuch'" in done.stderr and "simulated" in done.stderr
+
+
+def test_a_secret_key_readable_by_others_is_warned_about_naming_the_file(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _, secret = keys.generate(tmp_path, "rig-a")
+    with caplog.at_level("WARNING", logger="cloop.keys"):
+        keys.load_pair(secret)
+    assert not caplog.records  # mode 600: quiet
+    secret.chmod(0o644)
+    with caplog.at_level("WARNING", logger="cloop.keys"):
+        pair = keys.load_pair(secret)
+    assert pair.secret and [r.getMessage() for r in caplog.records] == [
+        f"secret key file {secret} has mode 644: other users can read it and impersonate this machine; "
+        f"run `chmod 600 {secret}`"]
+    # the rig command shows it before anything else goes wrong (here: no orchestrator.key)
+    done = _cloop("rig", "--connect", "tcp://10.1.2.3:5555", "--adapter", "rig_adapters.simulated:NullAdapter",
+                  "--keys", str(tmp_path), "--name", "rig-a")
+    assert done.returncode == 2 and f"secret key file {secret} has mode 644" in done.stderr, done.stderr
+    assert "orchestrator.key not found" in done.stderr

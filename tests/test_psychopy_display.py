@@ -319,3 +319,91 @@ def test_refresh_rate_is_measured_when_not_configured(make_adapter: Any, tmp_pat
     res = adapter.present(trial(0).model_copy(update={"stimulus_type": "blank", "stimulus": {}}))
     assert res.response["refresh_hz"] == adapter.refresh_hz
     assert res.response["frames_requested"] == max(1, round(0.05 * adapter.refresh_hz))
+
+
+class _Constant(ResponseSource):
+    """Answers 1 at once: image trials need no model of the subject here."""
+
+    name = "constant"
+
+    def begin(self, cmd: Trial, onset: float) -> None:
+        self._onset = onset
+
+    def poll(self, now: float) -> dict | None:
+        return {"value": 1, "responded_at": time.time()}
+
+
+def image_trial(index: int, pixels: np.ndarray) -> Trial:
+    from orchestrator.wire_images import image_payload
+
+    return Trial(trial_id=f"s1:{index}", attempt=1, index=index, session_id="s1",
+                 stimulus={"image": image_payload(pixels)}, stimulus_type="image", response_kind="poisson",
+                 timeout_s=5.0)
+
+
+def _find(shot: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The h x w block of the screenshot where the centred image is (an odd margin puts the extra pixel
+    before it: the adapter shifts such an image half a pixel right and down onto pixel boundaries)."""
+    h, w = shape
+    y0, x0 = (shot.shape[0] - h + 1) // 2, (shot.shape[1] - w + 1) // 2
+    return shot[y0:y0 + h, x0:x0 + w].astype(int)
+
+
+def test_an_image_on_the_wire_is_shown_pixel_for_pixel(make_adapter: Any, tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, size=(45, 61, 3), dtype=np.uint8)  # odd sizes, width not a multiple of 4
+    grey = rng.integers(0, 256, size=(37, 53), dtype=np.uint8)
+    adapter = make_adapter(rig_config(tmp_path, screenshots=2), _Constant())
+    assert "image" in adapter.capabilities()["stimulus_types"]
+    adapter.start(SESSION)
+    for index, pixels in enumerate((rgb, grey)):
+        res = adapter.present(image_trial(index, pixels))
+        shot = np.asarray(Image.open(res.meta["screenshot"]).convert("RGB"))
+        block = _find(shot, pixels.shape[:2])
+        expected = pixels.reshape(*pixels.shape[:2], -1).astype(int)
+        assert np.abs(block - expected).max() <= 1, f"pixels differ by {np.abs(block - expected).max()} / 255"
+        # exactly that size: the rows and columns around it are background grey
+        h, w = pixels.shape[:2]
+        y0, x0 = (shot.shape[0] - h + 1) // 2, (shot.shape[1] - w + 1) // 2
+        ring = np.concatenate([shot[y0 - 1, x0:x0 + w], shot[y0 + h, x0:x0 + w],
+                               shot[y0:y0 + h, x0 - 1], shot[y0:y0 + h, x0 + w]]).astype(int)
+        assert np.abs(ring - 127).max() <= 1
+        t = res.timing
+        assert set(t) == {"presented_at", "responded_at", "onset_flip", "offset_flip"}
+        assert t["presented_at"] == t["onset_flip"] < t["offset_flip"] and abs(t["onset_flip"] - time.time()) < 5
+        assert_duration(res.response, 0.5)
+        assert res.meta["resolved_stimulus"]["image"]["shape"] == list(pixels.shape)
+        assert "data" not in res.meta["resolved_stimulus"]["image"]
+
+
+def test_images_outside_the_rig_limits_are_refused_before_display(make_adapter: Any, tmp_path: Path) -> None:
+    from orchestrator.wire_images import ImagePayloadError, image_payload
+    from rig_adapters.base import StimulusRefused
+
+    rig = rig_config(tmp_path)
+    rig = rig.model_copy(update={"image_limits": rig.image_limits.model_validate(
+        {"pixel": {"min": 10, "max": 245}, "mean_luminance": {"min": 0.3, "max": 0.7}, "rms_contrast_max": 0.2})})
+    adapter = make_adapter(rig, _Constant())
+    adapter.start(SESSION)
+    mid = np.full((16, 16), 128, dtype=np.uint8)
+    assert adapter.present(image_trial(0, mid)).response["value"] == 1
+    checker = np.where(np.indices((16, 16)).sum(axis=0) % 2 == 0, 20, 236).astype(np.uint8)
+    dark = np.full((16, 16), 40, dtype=np.uint8)
+    clipped = mid.copy()
+    clipped[0, 0] = 255
+    for pixels, words in ((checker, "RMS contrast 0.4235 exceeds rig limit 0.2"),
+                          (dark, "mean luminance 0.1569 outside rig limit [0.3, 0.7]"),
+                          (clipped, "pixel values 128..255 outside rig limit [10, 245]")):
+        with pytest.raises(StimulusRefused, match="refused by rig image limits") as err:
+            adapter.present(image_trial(1, pixels))
+        assert words in str(err.value) and err.value.code == "refused"
+    big = np.full((301, 10), 128, dtype=np.uint8)  # taller than the 400 x 300 window
+    with pytest.raises(StimulusRefused, match="do not fit the 400 x 300 window"):
+        adapter.present(image_trial(2, big))
+    tampered = image_trial(3, mid)
+    tampered.stimulus["image"]["data"] = b"\x00" * 256
+    with pytest.raises(ImagePayloadError, match="hash to"):
+        adapter.present(tampered)
+    assert image_payload(mid)["sha256"] == image_trial(0, mid).stimulus["image"]["sha256"]

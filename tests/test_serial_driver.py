@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import os
 import threading
 import time
@@ -137,3 +138,12 @@ def test_stimulator_adapter_with_serial_driver_end_to_end(device: tuple[LineProt
     adapter.close()
     trains = [l for l in emu.received if l.startswith("TRAIN")]
     assert trains == ["TRAIN 1 ch=0 amp=10 freq=50 pw=200 dur=20"]
+
+
+def test_train_line_uses_plain_decimals_never_exponents() -> None:
+    from rig_adapters.serial_driver import plain_decimal
+
+    line = format_train(3, PulseTrain(amplitude=0.00005, frequency=1e6, pulse_width=0.1, train_duration=1234567.0))
+    assert line == "TRAIN 3 ch=0 amp=0.00005 freq=1000000 pw=0.1 dur=1234570"
+    assert not re.search(r"\d[eE][+-]?\d", line)
+    assert [plain_decimal(x) for x in (1e-7, 25.5, 100.0, 123.456789)] == ["0.0000001", "25.5", "100", "123.457"]

@@ -1,6 +1,7 @@
 """`cloop rig` (run a rig worker on a rig PC) and `cloop keys generate` (Curve key pairs).
 
-Registered into the main Typer app by ``orchestrator.cli`` through :func:`register`.
+The rig side owns its command: ``orchestrator.cli`` adds it to the main Typer app through
+:func:`register`, and ``python -m rig_adapters`` runs it alone on a rig PC (:func:`main`).
 Exit codes follow the main CLI: 2 for bad input (unknown adapter, bad option, missing keys,
 --insecure on a non-loopback address), 0 when the worker is stopped with SIGTERM/SIGINT.
 """
@@ -8,6 +9,8 @@ Exit codes follow the main CLI: 2 for bad input (unknown adapter, bad option, mi
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,6 +18,7 @@ from typing import Optional
 import typer
 
 BAD_INPUT = 2
+_RIG_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 
 
 def _fail(message: str) -> None:
@@ -30,6 +34,39 @@ def _options(pairs: list[str]) -> dict[str, str]:
             _fail(f"--option expects KEY=VALUE, got {pair!r}")
         out[key.replace("-", "_")] = value
     return out
+
+
+def connect_problem(endpoint: str) -> str | None:
+    """Why ``endpoint`` is not something a rig can connect to (None when it is): checked before any
+    socket exists, so a typo gives one line instead of a ZMQ or security traceback."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        return f"--connect {endpoint!r}: expected tcp://HOST:PORT (e.g. tcp://10.0.0.5:5555)"
+    if scheme == "ipc":
+        return None if rest else f"--connect {endpoint!r}: ipc:// needs a path"
+    if scheme != "tcp":
+        return f"--connect {endpoint!r}: unsupported scheme {scheme!r}; use tcp://HOST:PORT"
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host.strip("[]"):
+        return f"--connect {endpoint!r}: expected tcp://HOST:PORT with both a host and a port"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"--connect {endpoint!r}: port {port!r} is not a number in 1..65535"
+    if host in ("*", "0.0.0.0"):
+        return f"--connect {endpoint!r}: {host} is a bind address; give the orchestrator's host"
+    return None
+
+
+def _state_dir_problem(state_dir: Path) -> str | None:
+    """Why the journal cannot live in ``state_dir`` (None when it can)."""
+    if state_dir.exists() and not state_dir.is_dir():
+        return f"--state-dir {state_dir}: exists and is not a directory"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"--state-dir {state_dir}: cannot create it ({exc.strerror or exc})"
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        return f"--state-dir {state_dir}: not writable by this user"
+    return None
 
 
 def rig(
@@ -61,6 +98,13 @@ def rig(
     from rig_adapters.base import AdapterError, build_adapter
     from rig_adapters.worker import RigWorker
 
+    problem = connect_problem(connect)
+    if problem is None and rig_id is not None and not _RIG_ID.fullmatch(rig_id):
+        problem = f"--rig-id {rig_id!r}: use 1-64 characters from A-Z a-z 0-9 _ . : @ -"
+    if problem is None and state_dir is not None:
+        problem = _state_dir_problem(state_dir)
+    if problem is not None:
+        _fail(problem)
     opts = _options(option)
     for key, value in (("truth", truth), ("seed", seed), ("trial_seconds", trial_seconds)):
         if value is not None:
@@ -109,3 +153,10 @@ def register(app: typer.Typer) -> None:
     keys_app = typer.Typer(help="CurveZMQ key pairs for the orchestrator and the rigs.", no_args_is_help=True)
     keys_app.command("generate")(keys_generate)
     app.add_typer(keys_app, name="keys")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rig_adapters ...``: the ``cloop rig`` command without the rest of the CLI."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    register(app)
+    app(args=["rig", *(sys.argv[1:] if argv is None else argv)], prog_name="cloop-rig")
