@@ -62,6 +62,11 @@ class SessionRequest:
     wait_for_rig_s: float | None = None
 
 
+def _waiting_note(message: str) -> None:
+    """The rig server's waiting notes: the first is what the observers already printed, later ones news."""
+    log.log(logging.DEBUG if message.startswith("waiting up to") else logging.INFO, message)
+
+
 def new_seed() -> int:
     """A fresh 31-bit seed; recorded with the session so the session can be reproduced."""
     return secrets.randbelow(2**31 - 1)
@@ -151,13 +156,12 @@ def execute_session(
             store.transition_status(session_id, ("created", "running", "interrupted", "no_rig", "failed", "paused",
                                                  "pause_requested", "continue_requested"), "waiting_for_rig")
             try:
-                found = rigs.wait_for_rigs(protocol.rig.capabilities, protocol.rig.count, timeout)
+                # The observers print the waiting line; the rig server's own narration of it is detail.
+                found = rigs.wait_for_rigs(protocol.rig.capabilities, protocol.rig.count, timeout,
+                                           progress=_waiting_note)
             except TransportNoRig as exc:
                 store.set_session_status(session_id, "no_rig", stopped=True)
-                raise NoRigError(
-                    f"no rig with capabilities {protocol.rig.capabilities} connected to {rigs.endpoint} "
-                    f"within {timeout:g} s; session {session_id} was not started"
-                ) from exc
+                raise NoRigError(f"{exc} Session {session_id} was not started.") from exc
             for rig in found:
                 store.upsert_rig(rig.as_dict())
             def notify(report: TrialReport) -> None:
