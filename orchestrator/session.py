@@ -161,7 +161,7 @@ def execute_session(
                                            progress=_waiting_note)
             except TransportNoRig as exc:
                 store.set_session_status(session_id, "no_rig", stopped=True)
-                raise NoRigError(f"{exc} Session {session_id} was not started.") from exc
+                raise NoRigError(f"no rig ready: {exc} Session {session_id} was not started.") from exc
             for rig in found:
                 store.upsert_rig(rig.as_dict())
             def notify(report: TrialReport) -> None:
