@@ -40,9 +40,10 @@ DEMO_SEED = 15  # a typical subject: the demo's truth is concluded in the median
 
 def _load_or_exit(path: Path):  # -> LoadedProtocol
     from orchestrator.protocol import ProtocolError, load_protocol
+    from orchestrator.protocol_checks import orchestrator_checks
 
     try:
-        return load_protocol(path)
+        return load_protocol(path, checks=orchestrator_checks())
     except ProtocolError as exc:
         for problem in exc.problems:
             typer.echo(str(problem), err=True)

@@ -132,7 +132,7 @@ def cmd_resume(
         request = dataclasses.replace(request, insecure=False)
     elif insecure and keys is None:
         request = dataclasses.replace(request, keys_dir=None)
-    loaded = parse_protocol_text(row["protocol_text"], source=request.protocol_path)
+    loaded = parse_protocol_text(row["protocol_text"], source=request.protocol_path, checks=())  # checked when registered
     from orchestrator.preflight import OptionError, check_keys
 
     try:

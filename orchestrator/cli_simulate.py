@@ -27,11 +27,12 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from orchestrator.protocol import ProtocolError, load_protocol
+        from orchestrator.protocol_checks import orchestrator_checks
         from orchestrator.simulate import SimulationConfig, simulate
 
         torch.set_num_threads(threads)
         try:
-            loaded = load_protocol(protocol)
+            loaded = load_protocol(protocol, checks=orchestrator_checks())
         except ProtocolError as exc:
             for problem in exc.problems:
                 typer.echo(str(problem), err=True)

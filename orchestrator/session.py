@@ -131,7 +131,9 @@ def execute_session(
 
     store = TrialStore(request.db_url)
     # The session runs the protocol text stored when it was registered, never a file edited since.
-    loaded = loaded or parse_protocol_text(store.session(session_id)["protocol_text"], source=request.protocol_path)
+    # It was checked in full when registered, so only the schema is read here.
+    loaded = loaded or parse_protocol_text(store.session(session_id)["protocol_text"], source=request.protocol_path,
+                                           checks=())
     protocol = loaded.protocol
     controller = control or SessionController(store).install_sigint()
     timeout = request.wait_for_rig_s if request.wait_for_rig_s is not None else protocol.rig.wait_for_rig_s

@@ -1,0 +1,81 @@
+"""The newcomer path: every mistake in `cloop run` / `cloop demo` options is one line, exit 2, no session row.
+
+The options are checked before the session is registered (orchestrator.preflight); the database must
+not even be created, so nothing a user has to clean up is left behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import zmq
+from typer.testing import CliRunner
+
+from conftest import free_port
+from orchestrator.cli import app
+from orchestrator.keys import generate
+
+ROOT = Path(__file__).resolve().parent.parent
+RETENTION = str(ROOT / "protocols" / "retention.yaml")
+runner = CliRunner()
+
+
+def _refused(tmp_path: Path, args: list[str], flag: str, fragment: str) -> None:
+    db = tmp_path / "never.db"
+    result = runner.invoke(app, [*args, "--db", f"sqlite:///{db}"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag}: "), result.output
+    assert fragment in lines[0], lines[0]
+    assert not db.exists(), "a refused option must not create the database, let alone a session row"
+
+
+def test_bind_port_in_use(tmp_path: Path) -> None:
+    port = free_port()
+    holder = zmq.Context.instance().socket(zmq.ROUTER)
+    holder.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        _refused(tmp_path, ["run", RETENTION, "--bind", f"tcp://127.0.0.1:{port}", "--no-prefect"],
+                 "--bind", "Address already in use")
+    finally:
+        holder.close(0)
+
+
+@pytest.mark.parametrize("bind, fragment", [
+    ("tcp://127.0.0.1", "is not tcp://HOST:PORT"),
+    ("tcp://127.0.0.1:99999", "outside 0..65535"),
+    ("tcp://127.0.0.1:port", "is not tcp://HOST:PORT"),
+])
+def test_malformed_bind(tmp_path: Path, bind: str, fragment: str) -> None:
+    _refused(tmp_path, ["run", RETENTION, "--bind", bind, "--no-prefect"], "--bind", fragment)
+
+
+def test_unknown_design(tmp_path: Path) -> None:
+    _refused(tmp_path, ["run", RETENTION, "--design", "nosuch", "--no-prefect"], "--design", "unknown strategy 'nosuch'")
+
+
+def test_keys_directory_without_the_orchestrators_key(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    (keys / "rigs").mkdir(parents=True)
+    _refused(tmp_path, ["run", RETENTION, "--keys", str(keys), "--no-prefect"], "--keys", "orchestrator.key_secret")
+
+
+def test_malformed_key_text(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    generate(keys, "orchestrator")
+    (keys / "rigs").mkdir()
+    secret = keys / "orchestrator.key_secret"
+    text = secret.read_text()
+    start = text.index('secret-key = "') + len('secret-key = "')
+    secret.write_text(text[:start] + "not-a-key" + text[text.index('"', start):])
+    _refused(tmp_path, ["run", RETENTION, "--keys", str(keys), "--no-prefect"], "--keys", "not a valid Curve key")
+
+
+def test_subject_name_too_long(tmp_path: Path) -> None:
+    _refused(tmp_path, ["run", RETENTION, "--subject", "m" * 201, "--no-prefect"], "--subject", "at most 200")
+
+
+def test_demo_truth_with_an_unknown_model(tmp_path: Path) -> None:
+    _refused(tmp_path, ["demo", "--truth", "powr:a=0.9", "--no-prefect"], "--truth", "powr")
