@@ -79,3 +79,26 @@ def test_subject_name_too_long(tmp_path: Path) -> None:
 
 def test_demo_truth_with_an_unknown_model(tmp_path: Path) -> None:
     _refused(tmp_path, ["demo", "--truth", "powr:a=0.9", "--no-prefect"], "--truth", "powr")
+
+
+def test_demo_conclusion_line_compares_truth_and_conclusion() -> None:
+    from orchestrator.cli import DEMO_WRONG_FRACTION, conclusion_line
+
+    reached = {"stop_reason": "model 'power' reached P=0.9951 >= 0.99", "probabilities": {"power": 0.9951,
+                                                                                          "exponential": 0.0049}}
+    assert conclusion_line("power:a=0.9,b=0.5", reached).endswith("the conclusion is right")
+    wrong = conclusion_line("exponential:a=0.8,b=0.02", reached)
+    assert "wrong" in wrong and f"{100 * DEMO_WRONG_FRACTION:.1f}%" in wrong
+    assert 0 < DEMO_WRONG_FRACTION < 0.05
+    undecided = {"stop_reason": "reached max_trials=40", "probabilities": {"power": 0.7, "exponential": 0.3}}
+    assert "no model reached the threshold" in conclusion_line("power", undecided)
+
+
+def test_demo_seed_is_a_subject_the_rule_gets_right() -> None:
+    """The demo's own seed, through the same closed loop the demo runs: the truth is what it concludes."""
+    from orchestrator.cli import DEMO_SEED, DEMO_TRUTH
+    from orchestrator.protocol import load_protocol
+    from orchestrator.simulate import SimulationConfig, simulate
+
+    last = list(simulate(load_protocol(RETENTION), SimulationConfig(truth=DEMO_TRUTH, seed=DEMO_SEED)))[-1]
+    assert last["leader"] == DEMO_TRUTH.split(":")[0] and last["p_truth"] >= 0.99

@@ -23,10 +23,11 @@ TRUTH = "power:a=0.9025,b=0.4861"
 SERVER_MARK = "prefect.server.api.server:create_app"
 
 
-def _long_protocol(tmp_path: Path) -> Path:
+def _long_protocol(tmp_path: Path, max_trials: int = 400) -> Path:
     """The retention protocol without its probability stopping rule, so a session runs until stopped."""
     text = (Path(__file__).resolve().parents[1] / "protocols" / "retention.yaml").read_text()
-    text = text.replace("model_probability: 0.99", "model_probability: null").replace("max_trials: 40", "max_trials: 400")
+    text = text.replace("model_probability: 0.99", "model_probability: null").replace(
+        "max_trials: 40", f"max_trials: {max_trials}")
     path = tmp_path / "long.yaml"
     path.write_text(text)
     return path
@@ -67,18 +68,19 @@ def _wait(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def _start(tmp_path: Path, cloop_cmd: list[str], run_env: dict[str, str], prefect: bool) -> tuple:
+def _start(tmp_path: Path, cloop_cmd: list[str], run_env: dict[str, str], prefect: bool, max_trials: int = 400,
+           trial_seconds: float = 0.05) -> tuple:
     db = f"sqlite:///{tmp_path / 'lab.db'}"
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     out, err = open(tmp_path / "run.out", "w+"), open(tmp_path / "run.err", "w+")
     run = subprocess.Popen(
-        [*cloop_cmd, "run", str(_long_protocol(tmp_path)), "--db", db, "--bind", endpoint, "--insecure",
+        [*cloop_cmd, "run", str(_long_protocol(tmp_path, max_trials)), "--db", db, "--bind", endpoint, "--insecure",
          "--seed", "3", "--wait-for-rig", "120", "--prefect" if prefect else "--no-prefect"],
         env=run_env, stdout=out, stderr=err, cwd=tmp_path, start_new_session=True)
     rig = subprocess.Popen(
         [*cloop_cmd, "rig", "--connect", endpoint, "--adapter", "simulated", "--truth", TRUTH, "--seed", "3",
-         "--trial-seconds", "0.05", "--insecure"],
+         "--trial-seconds", str(trial_seconds), "--insecure"],
         env=run_env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "rig.err", "w"), cwd=tmp_path,
         start_new_session=True)
     _wait(lambda: out.seek(0) == 0 and len(out.read().strip()) >= 32 or run.poll() is not None, 120, "the session id")
@@ -123,16 +125,19 @@ def test_ctrl_c_pauses_then_stops_and_leaves_no_server(tmp_path: Path, cloop_cmd
     _wait(lambda: not _servers_of(prefect_home), 10, "the Prefect server to end")
 
 
-def test_sigkilled_run_leaves_no_prefect_server(tmp_path: Path, cloop_cmd: list[str], run_env: dict[str, str]) -> None:
+def test_sigkilled_run_leaves_no_prefect_server_and_resume_is_quiet(tmp_path: Path, cloop_cmd: list[str],
+                                                                     run_env: dict[str, str]) -> None:
     prefect_home = Path(run_env["PREFECT_HOME"])
-    db, session_id, run, rig, out, err = _start(tmp_path, cloop_cmd, run_env, True)
+    db, session_id, run, rig, out, err = _start(tmp_path, cloop_cmd, run_env, True, max_trials=12, trial_seconds=0.4)
     try:
         _wait(lambda: _n_trials(db, session_id) >= 2, 180, "two trials")
-        servers = _servers_of(prefect_home)
-        assert servers, "the Prefect mode runs a temporary Prefect server"
+        assert _servers_of(prefect_home), "the Prefect mode runs a temporary Prefect server"
         run.send_signal(signal.SIGKILL)
         run.wait(timeout=10)
         _wait(lambda: not _servers_of(prefect_home), 15, "the orphaned Prefect server to end")
+        # The rig reconnects to the session's own address; resume finishes the session, quietly.
+        resume = subprocess.run([*cloop_cmd, "resume", session_id[:8], "--db", db], env=run_env,
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
     finally:
         for process in (run, rig):
             if process.poll() is None:
@@ -140,3 +145,8 @@ def test_sigkilled_run_leaves_no_prefect_server(tmp_path: Path, cloop_cmd: list[
                 process.wait()
         for pid in _servers_of(prefect_home):
             os.kill(pid, signal.SIGKILL)
+    assert resume.returncode == 0, resume.stderr
+    assert f"session {session_id} completed: 12 completed" in resume.stdout, resume.stdout
+    for noise in ("httpx", "HTTP Request", "422", "Traceback", "prefect.flow_runs"):
+        assert noise not in resume.stderr, resume.stderr
+    assert not _servers_of(prefect_home)
