@@ -167,7 +167,9 @@ class _DemoRig:
 
     def waiting(self, endpoint: str, message: str) -> None:
         if self.process is None:
-            self.process = subprocess.Popen(
+            from orchestrator.children import start_owned  # Ctrl-C pauses the session, not the rig
+
+            self.process = start_owned(
                 [sys.executable, "-m", "orchestrator", "rig", "--connect", endpoint, "--adapter", "simulated",
                  "--truth", self.truth, "--seed", str(self.seed), "--insecure"],
                 stdout=subprocess.DEVNULL,
@@ -177,12 +179,10 @@ class _DemoRig:
         return None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        from orchestrator.children import stop_owned
+
+        if self.process is not None:
+            stop_owned(self.process, timeout_s=10)
 
 
 #: Measured with `python benchmarks/demo_conclusions.py --sessions 200` (seeds 0-199, the demo's truth,

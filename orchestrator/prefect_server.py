@@ -2,18 +2,16 @@
 
 Prefect would otherwise start its own temporary server as a child in the terminal's process group:
 the experimenter's first Ctrl-C (meant as "pause the session") kills it, and every later call of the
-flow engine retries against a dead server for minutes. This server runs in a session of its own, so
-Ctrl-C at the terminal reaches only `cloop`, and it is tied to its parent with PR_SET_PDEATHSIG, so it
-ends when `cloop` ends, even after a SIGKILL. With PREFECT_API_URL set (a lab's own server) nothing is
+flow engine retries against a dead server for minutes. This one is an owned child process
+(orchestrator.children): Ctrl-C at the terminal reaches only `cloop`, and the server ends when `cloop`
+ends, even after a SIGKILL. With PREFECT_API_URL set (a lab's own server) nothing is
 started.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,9 +19,10 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from orchestrator.children import start_owned, stop_owned
+
 log = logging.getLogger("cloop.prefect")
 
-PR_SET_PDEATHSIG = 1
 STARTUP_TIMEOUT_S = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
 
 
@@ -37,29 +36,17 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _die_with(parent_pid: int) -> None:
-    """Child side, before exec: end with SIGTERM when the parent ends (Linux), and not outlive it."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the parent's stop() is the only guard
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def start_server(timeout_s: float = STARTUP_TIMEOUT_S) -> tuple[subprocess.Popen, str]:
     """Start Prefect's API app under uvicorn in its own session; return (process, API URL) once healthy."""
     import httpx
 
     port = _free_port()
-    parent = os.getpid()
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     env.pop("PREFECT_API_URL", None)
-    process = subprocess.Popen(
+    process = start_owned(
         [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True, preexec_fn=lambda: _die_with(parent),
     )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + timeout_s
@@ -81,15 +68,9 @@ def start_server(timeout_s: float = STARTUP_TIMEOUT_S) -> tuple[subprocess.Popen
             time.sleep(0.1)
 
 
-def stop_server(process: subprocess.Popen, timeout_s: float = 5.0) -> None:
-    """Terminate the server (SIGKILL if it does not end within timeout_s) and reap it."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def stop_server(process: subprocess.Popen) -> None:
+    """Terminate the server and reap it."""
+    stop_owned(process)
     if process.stderr is not None:
         process.stderr.close()
 

@@ -4,6 +4,10 @@ A protocol is the experimenter's whole contract with cloop: what may be shown (s
 hard safety limits), what comes back (response kind), which hypotheses compete (encoding models with
 priors), how stimuli are chosen (design), when to stop, and what the rig must provide. Everything that
 is wrong with a file is reported at once, one line per problem, as ``FILE:LINE: field.path: message``.
+
+Longer than most modules on purpose: the schema and its loader are one concept (every message names
+a field of this schema at its line), and splitting them would put each field's rules in one file and
+the way its problems are reported in another.
 """
 
 from __future__ import annotations
