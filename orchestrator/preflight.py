@@ -37,7 +37,7 @@ def check_bind(bind: str, flag: str = "--bind") -> None:
             raise OptionError(f"{flag}: port {port} is outside 0..65535")
     import zmq
 
-    context = zmq.Context.instance()
+    context = zmq.Context()  # its own: term() returns only once the probe's listener is closed again
     probe = context.socket(zmq.ROUTER)
     try:
         probe.setsockopt(zmq.LINGER, 0)
@@ -47,6 +47,7 @@ def check_bind(bind: str, flag: str = "--bind") -> None:
         raise OptionError(f"{flag}: cannot bind {bind}: {exc.strerror}{hint}") from None
     finally:
         probe.close(0)
+        context.term()
 
 
 def check_keys(keys_dir: Path | str | None, flag: str = "--keys") -> None:
@@ -65,7 +66,8 @@ def check_keys(keys_dir: Path | str | None, flag: str = "--keys") -> None:
         allowed = keyfiles.allowed_keys(folder)
     except (keyfiles.SecurityError, ValueError, OSError) as exc:
         raise OptionError(f"{flag}: {exc}") from None
-    probe = zmq.Context.instance().socket(zmq.ROUTER)
+    context = zmq.Context()
+    probe = context.socket(zmq.ROUTER)
     try:
         for what, key in [("secret key in orchestrator.key_secret", pair.secret),
                           ("public key in orchestrator.key_secret", pair.public),
@@ -77,6 +79,7 @@ def check_keys(keys_dir: Path | str | None, flag: str = "--keys") -> None:
                                   "regenerate it with `cloop keys generate`") from None
     finally:
         probe.close(0)
+        context.term()
 
 
 def check_design(protocol: Any, design: str | None, flag: str = "--design") -> None:

@@ -102,3 +102,19 @@ def test_demo_seed_is_a_subject_the_rule_gets_right() -> None:
 
     last = list(simulate(load_protocol(RETENTION), SimulationConfig(truth=DEMO_TRUTH, seed=DEMO_SEED)))[-1]
     assert last["leader"] == DEMO_TRUTH.split(":")[0] and last["p_truth"] >= 0.99
+
+
+def test_good_options_pass_the_checks(tmp_path: Path) -> None:
+    """The checks refuse only what the session would refuse: a real key set and a free port pass."""
+    from orchestrator.preflight import check_bind, check_keys, check_subject
+
+    keys = tmp_path / "keys"
+    generate(keys, "orchestrator")
+    generate(keys / "rigs", "rig-1")
+    (keys / "rigs" / "rig-1.key_secret").unlink()
+    check_keys(keys)
+    port = free_port()
+    check_bind(f"tcp://127.0.0.1:{port}")
+    check_bind(f"tcp://127.0.0.1:{port}")  # the probe let the address go again
+    check_bind("tcp://127.0.0.1:*")
+    check_subject("m" * 200)
