@@ -133,9 +133,10 @@ def cmd_resume(
     elif insecure and keys is None:
         request = dataclasses.replace(request, keys_dir=None)
     loaded = parse_protocol_text(row["protocol_text"], source=request.protocol_path, checks=())  # checked when registered
-    from orchestrator.preflight import OptionError, check_keys
+    from orchestrator.preflight import OptionError, check_endpoint, check_keys
 
-    try:
+    try:  # the address itself is taken only by the session (a busy one means its orchestrator still runs)
+        check_endpoint(request.bind, flag="--bind" if bind is not None else "stored --bind")
         check_keys(request.keys_dir, flag="--keys" if keys is not None else "stored --keys")
     except OptionError as exc:
         raise _fail(str(exc)) from None

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OptionError", "check_bind", "check_keys", "check_design", "check_subject", "check_truth",
+__all__ = ["OptionError", "check_endpoint", "check_bind", "check_keys", "check_design", "check_subject", "check_truth",
            "check_session_options", "MAX_NAME_LENGTH"]
 
 #: Subject names are stored in a String(200) column (PostgreSQL refuses longer ones with a DataError).
@@ -24,17 +24,22 @@ class OptionError(ValueError):
     """An option the session cannot run with; the message names the flag, e.g. ``--bind: ...``."""
 
 
-def check_bind(bind: str, flag: str = "--bind") -> None:
-    """Refuse a malformed endpoint, and one whose address is taken (found by binding it briefly)."""
-    match = _TCP_RE.match(bind) if bind.startswith("tcp://") else None
+def check_endpoint(bind: str, flag: str = "--bind") -> None:
+    """Refuse an endpoint that is not tcp://HOST:PORT (or ipc://PATH)."""
     if not bind.startswith(("tcp://", "ipc://")):
         raise OptionError(f"{flag}: {bind!r} is not an endpoint; use tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555)")
     if bind.startswith("tcp://"):
+        match = _TCP_RE.match(bind)
         if match is None:
             raise OptionError(f"{flag}: {bind!r} is not tcp://HOST:PORT (PORT a number or '*')")
         port = match.group("port")
         if port != "*" and not 0 <= int(port) <= 65535:
             raise OptionError(f"{flag}: port {port} is outside 0..65535")
+
+
+def check_bind(bind: str, flag: str = "--bind") -> None:
+    """Refuse a malformed endpoint, and one whose address is taken (found by binding it briefly)."""
+    check_endpoint(bind, flag)
     import zmq
 
     context = zmq.Context()  # its own: term() returns only once the probe's listener is closed again

@@ -118,3 +118,18 @@ def test_good_options_pass_the_checks(tmp_path: Path) -> None:
     check_bind(f"tcp://127.0.0.1:{port}")  # the probe let the address go again
     check_bind("tcp://127.0.0.1:*")
     check_subject("m" * 200)
+
+
+def test_resume_with_a_malformed_bind_changes_nothing(tmp_path: Path) -> None:
+    from orchestrator.protocol import load_protocol
+    from orchestrator.session import SessionRequest, register_session
+    from orchestrator.store import TrialStore
+
+    db = f"sqlite:///{tmp_path / 'lab.db'}"
+    request = SessionRequest(protocol_path=RETENTION, db_url=db, bind="tcp://127.0.0.1:5555", insecure=True)
+    session_id, _ = register_session(request, load_protocol(RETENTION))
+    result = runner.invoke(app, ["resume", session_id, "--db", db, "--bind", "tcp://127.0.0.1", "--no-prefect"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: --bind: "), result.output
+    with TrialStore(db) as store:
+        assert store.session(session_id)["status"] == "created"
