@@ -133,7 +133,8 @@ def run_and_report(request: Any, loaded: Any, session_id: str, seed: int, *, pre
     max_trials = request.max_trials or loaded.protocol.stopping.max_trials
     try:
         with ExitStack() as stack:
-            display = stack.enter_context(ProgressDisplay(max_trials, trial_lines=not prefect))
+            # Prefect's console echoes its flow's trial log lines only with -v; otherwise the display does.
+            display = stack.enter_context(ProgressDisplay(max_trials, trial_lines=not (prefect and _verbose)))
             for observer in (display, *observers):
                 stack.enter_context(observing(observer))
             summary = _execute(request, session_id, seed, loaded, prefect)

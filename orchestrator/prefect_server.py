@@ -105,6 +105,6 @@ def _drain_prefect_workers(timeout_s: float = 5.0) -> None:
         return
     for worker in (APILogWorker, EventsWorker):
         try:
-            worker.drain_all(timeout=timeout_s)
+            worker.drain_all(timeout=timeout_s, at_exit=False)
         except Exception as exc:  # noqa: BLE001 - flushing cosmetics must never fail a finished session
             log.debug("could not drain %s: %s", worker.__name__, exc)
