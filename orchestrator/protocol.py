@@ -585,12 +585,11 @@ def parse_protocol_text(text: str, source: str = "<string>", checks: Sequence[Ch
     and never imports torch or BoTorch. The YAML is parsed once; anchors and aliases are refused
     before anything is expanded.
     """
-    node, problems = _compose(text, source)
+    node, data, problems = _compose(text, source)
     if node is None:
         raise ProtocolError(problems)
     lines: dict[tuple[str, ...], int] = {}
     _index_lines(node, (), lines, problems, source)
-    data = yaml.SafeLoader("").construct_document(node)
     if not isinstance(data, dict):
         raise ProtocolError(problems + [Problem(source, lines.get((), 1), "", "top level must be a mapping of protocol fields")])
     protocol: Protocol | None = None
@@ -619,26 +618,47 @@ def parse_protocol_text(text: str, source: str = "<string>", checks: Sequence[Ch
     return LoadedProtocol(protocol, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), source)
 
 
-def _compose(text: str, source: str) -> tuple[yaml.Node | None, list[Problem]]:
-    """The YAML node tree, or None with the problem: syntax errors, anchors/aliases, empty or huge files."""
+class _NoAnchorsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing anchors and aliases as it meets them (before any expansion)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AnchorRefused(event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _AnchorRefused(Exception):
+    def __init__(self, mark: Any) -> None:
+        self.mark = mark
+
+
+def _compose(text: str, source: str) -> tuple[Any, Any, list[Problem]]:
+    """Parse the text once: (node tree, data, []) or (None, None, [the problem]).
+
+    Refused: syntax errors, anchors/aliases (an alias bomb expands a few hundred bytes into
+    gigabytes), empty files and files larger than a protocol can need.
+    """
     if len(text.encode("utf-8", errors="replace")) > MAX_PROTOCOL_BYTES:
-        return None, [Problem(source, None, "", f"file is larger than {MAX_PROTOCOL_BYTES:,} bytes; "
-                                                "a protocol is a page of YAML")]
+        return None, None, [Problem(source, None, "", f"file is larger than {MAX_PROTOCOL_BYTES:,} bytes; "
+                                                      "a protocol is a page of YAML")]
+    loader = _NoAnchorsLoader(text)
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                return None, [Problem(source, event.start_mark.line + 1, "",
-                                      "YAML anchors (&name) and aliases (*name) are not allowed in a protocol; "
-                                      "write each value out")]
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
+        if node is None:
+            return None, None, [Problem(source, 1, "", "file is empty")]
+        return node, loader.construct_document(node), []
+    except _AnchorRefused as refused:
+        return None, None, [Problem(source, refused.mark.line + 1, "",
+                                    "YAML anchors (&name) and aliases (*name) are not allowed in a protocol; "
+                                    "write each value out")]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         message = getattr(exc, "problem", None) or str(exc)
-        return None, [Problem(source, line, "", f"YAML syntax error: {message}")]
-    if node is None:
-        return None, [Problem(source, 1, "", "file is empty")]
-    return node, []
+        return None, None, [Problem(source, line, "", f"YAML syntax error: {message}")]
+    finally:
+        loader.dispose()
 
 
 def _check_each_model(check: Checker, partial: Protocol, models: Any) -> list[tuple[str, str]]:
