@@ -106,3 +106,24 @@ def test_a_stop_in_the_middle_of_a_batch_leaves_no_open_trial(store: TrialStore,
     assert result.status == "stopped" and result.trials_completed == 2
     statuses = [t["status"] for t in store.trials(session_id)]
     assert statuses == ["completed", "completed", "abandoned"] and not store.open_trials(session_id)
+
+
+def test_an_implausible_response_is_stored_invalid_and_never_reaches_the_models(store: TrialStore) -> None:
+    from orchestrator.simulate import SimulatedOutcome
+
+    poisson = parse_protocol_text((ROOT / "protocols" / "retention.yaml").read_text().replace(
+        "  kind: binomial\n  n: 10\n", "  kind: poisson\n").replace(
+        "builtin: retention_power", "formula: \"exp(a - b * t)\"").replace(
+        "builtin: retention_exponential", "formula: \"exp(a) / (1 + b * t)\""))
+
+    class Overflowing:
+        def run_trial(self, cmd):  # noqa: ANN001, ANN201
+            value = 2**64 - 1 if cmd.index == 1 else 3
+            return SimulatedOutcome(rig_id="sim", attempt=cmd.attempt, response={"value": value})
+
+    session_id = _session(store, poisson, 1)
+    result = run_session(poisson, store=store, rigs=Overflowing(), session_id=session_id, seed=1, max_trials=3)
+    trials = store.trials(session_id)
+    assert [t["status"] for t in trials] == ["completed", "invalid", "completed"]
+    assert "above the plausible high" in trials[1]["error"]
+    assert result.trials_invalid == 1 and [v for _, v in store.observations(session_id)] == [3.0, 3.0]
