@@ -7,7 +7,6 @@ Exit codes: 0 success, 1 the session could not run (no rig came, a rig failure),
 from __future__ import annotations
 
 import importlib
-from contextlib import nullcontext
 import logging
 import os
 import subprocess
@@ -18,6 +17,8 @@ from typing import Optional
 import typer
 
 from orchestrator import code_version
+from orchestrator.cli_common import ExitCode, db_option, fail, run_and_report, setup_logging
+from orchestrator.preflight import check_session_options
 
 app = typer.Typer(
     name="cloop",
@@ -33,56 +34,43 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-BAD_INPUT = 2
-RUN_FAILED = 1
 DEMO_TRUTH = "power:a=0.9025,b=0.4861"
-
-
-def _fail(message: str, code: int = BAD_INPUT) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+DEMO_SEED = 15  # a typical subject: the demo's truth is concluded in the median number of trials
 
 
 def _load_or_exit(path: Path):  # -> LoadedProtocol
     from orchestrator.protocol import ProtocolError, load_protocol
+    from orchestrator.protocol_checks import orchestrator_checks
 
     try:
-        return load_protocol(path)
+        return load_protocol(path, checks=orchestrator_checks())
     except ProtocolError as exc:
         for problem in exc.problems:
             typer.echo(str(problem), err=True)
-        raise typer.Exit(BAD_INPUT)
+        raise typer.Exit(ExitCode.BAD_INPUT)
 
 
 def _check_security(bind: str, keys: Optional[Path], insecure: bool) -> bool:
     """Decide whether the socket runs without Curve; refuse plaintext on anything but loopback."""
     if keys is not None and insecure:
-        _fail("give either --keys DIR or --insecure, not both")
+        fail("give either --keys DIR or --insecure, not both")
     if keys is not None:
         return False
     if not bind.startswith("tcp://"):
-        _fail(f"--bind must be a tcp:// endpoint, got {bind!r}")
-    from orchestrator.keys import is_loopback
+        fail(f"--bind must be a tcp:// endpoint, got {bind!r}")
+    from orchestrator.keys import SecurityError, is_loopback
 
-    if not is_loopback(bind):
-        _fail(
+    try:
+        loopback = is_loopback(bind)
+    except SecurityError as exc:
+        fail(f"--bind: {exc}")
+    if not loopback:
+        fail(
             f"--bind {bind} is not loopback: rig traffic on a network must be authenticated and "
             "encrypted; give --keys DIR (see `cloop keys generate --help`)"
             + (" (--insecure is refused for non-loopback binds)" if insecure else "")
         )
-    if not insecure:
-        logging.getLogger("cloop.cli").warning("loopback bind without --keys: running without Curve")
     return True
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("alembic", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @app.command()
@@ -100,7 +88,7 @@ def validate(protocol: Path = typer.Argument(..., help="Protocol YAML file to ch
 @app.command()
 def run(
     protocol: Path = typer.Argument(..., help="Protocol YAML file."),
-    db: Optional[str] = typer.Option(None, "--db", help="Database URL (default $CLOOP_DB or sqlite:///./cloop.db)."),
+    db: Optional[str] = db_option(),
     bind: str = typer.Option("tcp://127.0.0.1:5555", "--bind", help="Endpoint rigs connect to."),
     subject: str = typer.Option("anonymous", "--subject", help="Subject id (created if new)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the design and models (random if omitted; stored)."),
@@ -112,16 +100,45 @@ def run(
         None, "--wait-for-rig", min=0.1, help="Seconds to wait for rigs before giving up (default: protocol)."
     ),
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or directly."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step (HTTP, Prefect, rig network)."),
 ) -> None:
     """Run a session: prints the session id first, waits for rigs, runs trials until a stopping rule fires."""
     from orchestrator.store import resolve_url
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     loaded = _load_or_exit(protocol)
+    explicit_insecure = insecure
     insecure = _check_security(bind, keys, insecure)
+    _preflight(lambda: check_session_options(loaded.protocol, bind=bind, keys_dir=keys, design=design,
+                                             subject=subject))
+    if insecure and not explicit_insecure:
+        logging.getLogger("cloop.cli").warning("loopback bind without --keys: running without Curve")
     request = _request(protocol, resolve_url(db), bind, subject, seed, max_trials, design, keys, insecure, wait_for_rig)
-    _run_request(request, loaded, prefect)
+    session_id, seed = _register(request, loaded)
+    run_and_report(request, loaded, session_id, seed, prefect=prefect)
+
+
+def _preflight(check) -> None:  # noqa: ANN001
+    """Run option checks before anything is written; an OptionError is one line and exit 2."""
+    from orchestrator.preflight import OptionError
+
+    try:
+        check()
+    except OptionError as exc:
+        fail(str(exc))
+
+
+def _register(request, loaded) -> tuple[str, int]:  # noqa: ANN001
+    """Create the session row and print its id as the first line of output."""
+    from orchestrator.session import register_session
+    from orchestrator.store import StoreError
+
+    try:
+        session_id, seed = register_session(request, loaded)
+    except StoreError as exc:
+        fail(f"--db: {exc}")
+    typer.echo(session_id)
+    return session_id, seed
 
 
 def _request(protocol, db_url, bind, subject, seed, max_trials, design, keys, insecure, wait_for_rig):  # noqa: ANN001
@@ -134,57 +151,13 @@ def _request(protocol, db_url, bind, subject, seed, max_trials, design, keys, in
     )
 
 
-def _run_request(request, loaded, prefect: bool, extra_observer=None):  # noqa: ANN001, ANN202
-    """Register the session (printing its id as the first line), then run it with live progress."""
-    from orchestrator.progress import ProgressDisplay
-    from orchestrator.keys import SecurityError
-    from orchestrator.session import NoRigError, observing, register_session
-    from orchestrator.transport import TransportError
-
-    session_id, seed = register_session(request, loaded)
-    typer.echo(session_id)
-    max_trials = request.max_trials or loaded.protocol.stopping.max_trials
-    try:
-        with ProgressDisplay(max_trials, trial_lines=not prefect) as display, observing(display), \
-                (observing(extra_observer) if extra_observer is not None else nullcontext()):
-            summary = _execute(request, session_id, seed, loaded, prefect)
-    except NoRigError as exc:
-        _fail(str(exc), RUN_FAILED)
-    except TransportError as exc:
-        _fail(f"{exc} (session {session_id} is resumable: cloop resume {session_id})", RUN_FAILED)
-    except SecurityError as exc:
-        _fail(str(exc), BAD_INPUT)
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted; session {session_id} can be resumed", err=True)
-        raise typer.Exit(130)
-    probabilities = ", ".join(f"{k}={v:.4f}" for k, v in summary["probabilities"].items())
-    typer.echo(
-        f"session {session_id} {summary['status']}: {summary['trials_completed']} completed, "
-        f"{summary['trials_invalid']} invalid, {summary['trials_failed']} failed trial(s); "
-        f"{summary['stop_reason']}; P({probabilities})"
-    )
-    return session_id, summary
-
-
-def _execute(request, session_id: str, seed: int, loaded, prefect: bool) -> dict:  # noqa: ANN001
-    from dataclasses import asdict
-
-    from orchestrator.session import execute_session
-
-    if prefect:
-        from orchestrator.flows import session_flow
-
-        return session_flow(request, session_id=session_id, seed=seed)
-    return asdict(execute_session(request, session_id, seed, loaded=loaded))
-
-
 def _bundled_protocol(name: str) -> Path:
     from orchestrator.resources import ResourceNotFound, bundled_protocol
 
     try:
         return bundled_protocol(name)
     except ResourceNotFound as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 class _DemoRig:
@@ -196,7 +169,9 @@ class _DemoRig:
 
     def waiting(self, endpoint: str, message: str) -> None:
         if self.process is None:
-            self.process = subprocess.Popen(
+            from orchestrator.children import start_owned  # Ctrl-C pauses the session, not the rig
+
+            self.process = start_owned(
                 [sys.executable, "-m", "orchestrator", "rig", "--connect", endpoint, "--adapter", "simulated",
                  "--truth", self.truth, "--seed", str(self.seed), "--insecure"],
                 stdout=subprocess.DEVNULL,
@@ -206,37 +181,60 @@ class _DemoRig:
         return None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        from orchestrator.children import stop_owned
+
+        if self.process is not None:
+            stop_owned(self.process, timeout_s=10)
+
+
+#: Measured with `python benchmarks/demo_conclusions.py --sessions 200` (seeds 0-199, the demo's truth,
+#: the retention protocol's P >= 0.99 rule): the fraction of sessions that conclude the wrong model.
+DEMO_WRONG_FRACTION = 0.01  # 2 of 200 (seeds 7 and 66)
+
+
+def conclusion_line(truth: str, summary: dict) -> str:
+    """One line comparing the simulated subject's truth with the session's conclusion."""
+    true_model = truth.split(":", 1)[0].strip()
+    probabilities = summary["probabilities"]
+    winner = max(probabilities, key=probabilities.get)
+    if not summary["stop_reason"].startswith("model "):
+        return (f"truth {true_model!r}; no model reached the threshold ({summary['stop_reason']}); "
+                f"leading: {winner!r} P={probabilities[winner]:.4f}")
+    if winner == true_model:
+        return f"truth {true_model!r}, conclusion {winner!r} (P={probabilities[winner]:.4f}): the conclusion is right"
+    return (f"truth {true_model!r}, conclusion {winner!r} (P={probabilities[winner]:.4f}): wrong; at this threshold "
+            f"that happens to {100 * DEMO_WRONG_FRACTION:.1f}% of simulated subjects with this truth "
+            "(benchmarks/demo_conclusions.py)")
 
 
 @app.command()
 def demo(
-    db: Optional[str] = typer.Option(None, "--db", help="Database URL (default $CLOOP_DB or sqlite:///./cloop.db)."),
-    seed: int = typer.Option(7, "--seed", help="Seed for design, models and the simulated subject."),
+    db: Optional[str] = db_option(),
+    seed: int = typer.Option(DEMO_SEED, "--seed", help="Seed for design, models and the simulated subject."),
     max_trials: Optional[int] = typer.Option(None, "--max-trials", min=1),
     truth: str = typer.Option(DEMO_TRUTH, "--truth", help="Ground truth of the simulated subject."),
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step (HTTP, Prefect, rig network)."),
 ) -> None:
     """A full closed-loop session: retention protocol, simulated rig worker process over ZMQ, SQLite."""
+    from orchestrator.preflight import check_truth
     from orchestrator.store import resolve_url
 
-    _setup_logging(False)
+    setup_logging(verbose)
     protocol = _bundled_protocol("retention.yaml")
     loaded = _load_or_exit(protocol)
+    _preflight(lambda: check_truth(loaded.protocol, truth))
     db_url = resolve_url(db)
     request = _request(protocol, db_url, "tcp://127.0.0.1:*", "demo-subject", seed, max_trials, None, None, True, 30.0)
     rig = _DemoRig(truth, seed)
     typer.echo(f"cloop {code_version()} demo: {loaded.protocol.description.strip()}", err=True)
     typer.echo(f"simulated subject's truth: {truth}", err=True)
+    session_id, seed = _register(request, loaded)
     try:
-        session_id, _ = _run_request(request, loaded, prefect, extra_observer=rig)
+        summary = run_and_report(request, loaded, session_id, seed, prefect=prefect, observers=[rig])
     finally:
         rig.stop()
+    typer.echo(conclusion_line(truth, summary))
     db_arg = "" if db is None and "CLOOP_DB" not in os.environ else f" --db {db_url}"
     typer.echo(
         "\n".join(

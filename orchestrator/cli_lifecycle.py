@@ -11,24 +11,20 @@ is already finished) is one ``error: ...`` line and exit code 2.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from orchestrator import store as st
+from orchestrator.cli_common import ExitCode, db_option, run_and_report, setup_logging
 from orchestrator.control import FINISHED_STATUSES
 
-DB_HELP = "Database URL (default: $CLOOP_DB, else sqlite:///./cloop.db)."
-BAD_INPUT = 2
-RUN_FAILED = 1
 
-
-def _fail(message: str, code: int = BAD_INPUT) -> typer.Exit:
+def _fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> typer.Exit:
+    """Print one `error: ...` line; return the Exit for the caller to raise (keeps `from None` chains)."""
     typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+    return typer.Exit(int(code))
 
 
 def _open(db: Optional[str]) -> st.TrialStore:
@@ -62,14 +58,14 @@ def _request(command: str, session: str, db: Optional[str], wait: float) -> None
             try:
                 final = control.wait_for(store, session_id, control.HONOURED[command], wait)
             except TimeoutError as exc:
-                raise _fail(str(exc), RUN_FAILED) from None
+                raise _fail(str(exc), ExitCode.RUN_FAILED) from None
             typer.echo(f"session {session_id}: {final}")
     finally:
         store.close()
 
 
 SessionArg = typer.Argument(..., help="Session id, unique id prefix, or 'latest'.")
-DbOpt = typer.Option(None, "--db", help=DB_HELP, show_default=False)
+DbOpt = db_option()
 WaitOpt = typer.Option(0.0, "--wait", min=0, help="Seconds to wait until the orchestrator has honoured it (0: don't).")
 
 
@@ -100,7 +96,7 @@ def cmd_resume(
     insecure: Optional[bool] = typer.Option(None, "--insecure/--secure", help="Override the stored security mode."),
     wait_for_rig: Optional[float] = typer.Option(None, "--wait-for-rig", min=0.1, help="Seconds to wait for rigs."),
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or directly."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step (HTTP, Prefect, rig network)."),
 ) -> None:
     """Continue a session after the orchestrator died (crash, SIGKILL, power loss) or was interrupted.
 
@@ -108,6 +104,7 @@ def cmd_resume(
     with the rig (the rig answers from its result cache if it presented it), and carries on with the
     same seed, so the stimuli chosen are those an uninterrupted session would have chosen.
     """
+    setup_logging(verbose)
     url = st.resolve_url(db)
     store = _open(db)
     try:
@@ -135,47 +132,20 @@ def cmd_resume(
         request = dataclasses.replace(request, insecure=False)
     elif insecure and keys is None:
         request = dataclasses.replace(request, keys_dir=None)
-    loaded = parse_protocol_text(row["protocol_text"], source=request.protocol_path)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    loaded = parse_protocol_text(row["protocol_text"], source=request.protocol_path, checks=())  # checked when registered
+    from orchestrator.preflight import OptionError, check_endpoint, check_keys
+
+    try:  # the address itself is taken only by the session (a busy one means its orchestrator still runs)
+        check_endpoint(request.bind, flag="--bind" if bind is not None else "stored --bind")
+        check_keys(request.keys_dir, flag="--keys" if keys is not None else "stored --keys")
+    except OptionError as exc:
+        raise _fail(str(exc)) from None
     typer.echo(session_id)
     typer.echo(
         f"resuming session {session_id} ({row['protocol']}, subject {row['subject']}, seed {seed}): "
         f"{row['counts']['completed']} completed trial(s) to replay, {len(open_trials)} in flight to "
         f"reconcile, rigs reconnect to {request.bind}", err=True)
-    _run(request, session_id, seed, loaded, prefect)
-
-
-def _run(request, session_id: str, seed: int, loaded, prefect: bool) -> None:  # noqa: ANN001
-    """Run with the same live progress and exit codes as `cloop run`."""
-    import zmq
-
-    from orchestrator.cli import _execute
-    from orchestrator.keys import SecurityError
-    from orchestrator.progress import ProgressDisplay
-    from orchestrator.session import NoRigError, observing
-
-    max_trials = request.max_trials or loaded.protocol.stopping.max_trials
-    try:
-        with ProgressDisplay(max_trials) as display, observing(display):
-            summary = _execute(request, session_id, seed, loaded, prefect)
-    except NoRigError as exc:
-        raise _fail(str(exc), RUN_FAILED) from None
-    except SecurityError as exc:
-        raise _fail(str(exc)) from None
-    except zmq.ZMQError as exc:
-        raise _fail(f"cannot bind {request.bind}: {exc}; is an orchestrator still running session "
-                    f"{session_id}? (`cloop sessions` shows its status; give --bind to use another address)",
-                    RUN_FAILED) from None
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted; session {session_id} can be resumed with `cloop resume {session_id[:8]}`", err=True)
-        raise typer.Exit(130)
-    probabilities = ", ".join(f"{k}={v:.4f}" for k, v in summary["probabilities"].items())
-    typer.echo(
-        f"session {session_id} {summary['status']}: {summary['trials_completed']} completed, "
-        f"{summary['trials_invalid']} invalid, {summary['trials_failed']} failed trial(s); "
-        f"{summary['stop_reason']}; P({probabilities})"
-    )
+    run_and_report(request, loaded, session_id, seed, prefect=prefect)
 
 
 # -- deploy ---------------------------------------------------------------------------------------

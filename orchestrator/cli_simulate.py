@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from orchestrator.cli_common import ExitCode, fail
+
 
 def register(app: typer.Typer) -> None:
     """Add the `simulate` command to the cloop Typer app."""
@@ -27,22 +29,29 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from orchestrator.protocol import ProtocolError, load_protocol
+        from orchestrator.protocol_checks import orchestrator_checks
         from orchestrator.simulate import SimulationConfig, simulate
 
         torch.set_num_threads(threads)
         try:
-            loaded = load_protocol(protocol)
+            loaded = load_protocol(protocol, checks=orchestrator_checks())
         except ProtocolError as exc:
             for problem in exc.problems:
                 typer.echo(str(problem), err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(ExitCode.BAD_INPUT)
+        from orchestrator.preflight import OptionError, check_design, check_truth
+
+        try:  # before the first trial, one line naming the option
+            check_truth(loaded.protocol, truth)
+            check_design(loaded.protocol, design)
+        except OptionError as exc:
+            fail(str(exc))
         config = SimulationConfig(truth=truth, design=design, replicates=replicates, seed=seed, max_trials=max_trials)
         try:
             records = simulate(loaded.protocol, config)
             first = next(records, None)
         except ValueError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2)
+            fail(str(exc))
         rec = first
         while rec is not None:
             if as_json:

@@ -1,7 +1,7 @@
 """The closed loop. One short function a reader can follow:
 
-    propose stimulus -> safety check -> record planned trial -> dispatch (with retries)
-    -> record response -> update models -> record model state -> check stopping
+    propose stimuli (a batch of one or more) -> record them planned -> for each: safety check
+    -> dispatch (with retries) -> record response -> update models -> record model state -> check stopping
 
 Every named part lives in its own module (design, inference, transport, store); this file only
 orders them. The database is written ahead: a trial is planned before it is dispatched and its
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol as TypingProtocol
 
 from orchestrator.design import Decision, make_design
@@ -50,6 +50,7 @@ class TrialReport:
     decision: Decision
     attempts: int
     error: str | None = None
+    update_ms: float = 0.0  # time the models took to assimilate the response
 
 
 @dataclass
@@ -112,8 +113,9 @@ def run_session(
     comparison = ModelComparison.from_protocol(protocol, seed)
     design = make_design(protocol, seed, design_override)
     replay_history(store, session_id, comparison)
-    in_flight = store.open_trials(session_id)  # planned/dispatched when the orchestrator died
-    index = store.next_index(session_id) - len(in_flight)
+    # Trials already planned: the rest of a batch, and the trial in flight when the orchestrator died.
+    queue = [(trial, _resumed(trial)) for trial in store.open_trials(session_id)]
+    index = store.next_index(session_id) - len(queue)
     counts = store.trial_counts(session_id)
     # Not a blind set: a pause/stop requested while waiting for rigs (or before a crash) must survive.
     store.transition_status(session_id, ("created", "waiting_for_rig", "interrupted", "no_rig", "failed"), "running")
@@ -122,27 +124,27 @@ def run_session(
 
     while True:
         reason = _stop_reason(protocol, comparison, result.trials_completed, index, limit)
-        # An in-flight trial from before a crash is reconciled first: the rig may have presented it.
-        if reason is None and not in_flight and control.checkpoint(session_id) == "stop":
+        # A trial dispatched before a crash is reconciled first: the rig may have presented it.
+        reconcile = bool(queue) and queue[0][0]["status"] != "planned"
+        if reason is None and not reconcile and control.checkpoint(session_id) == "stop":
             reason = STOPPED_BY_EXPERIMENTER
         if reason is not None:
             result.stop_reason = reason
             break
 
-        if in_flight:  # reconcile: same trial id again, so a rig that presented it answers from its cache
-            trial = in_flight.pop(0)
-            trial_id, index = trial["id"], trial["index"]
-            decision = Decision(trial["stimulus"], "resumed", "re-dispatched after an orchestrator restart", None, 0.0)
-        else:
-            decision = design.propose(comparison, index)
-            trial_id = store.plan_trial(session_id, index, decision)
+        if not queue:  # a new decision: every trial of its batch is planned (written ahead) before the first is sent
+            queue = _plan_batch(store, session_id, index, design.propose(comparison, index), limit)
+        trial, decision = queue.pop(0)
+        trial_id, index = trial["id"], trial["index"]
         protocol.check_safe(decision.stimulus)  # defence in depth: an unsafe stimulus is never sent
         outcome, attempts, error = _dispatch(loaded, store, rigs, session_id, trial_id, index, decision)
 
         value: float | None = None
+        update_ms = 0.0
         if outcome is None and error is not None and error.startswith(ABORTED):
             # The operator pressed Escape at the rig: keep the trial as abandoned and pause the session.
             store.abandon_open_trials(session_id, error)
+            queue = []
             store.transition_status(session_id, ("running",), "pause_requested")
             status = "abandoned"
         elif outcome is None:
@@ -156,7 +158,9 @@ def run_session(
                 status, error = "invalid", str(exc)
             store.complete_trial(trial_id, outcome, value, error)  # committed before the models see it
             if status == "completed":
+                started = time.perf_counter()
                 comparison.update(decision.stimulus, value)
+                update_ms = 1000 * (time.perf_counter() - started)
                 result.trials_completed += 1
             else:
                 log.warning("trial %d: invalid response stored, models not updated: %s", index, error)
@@ -164,15 +168,35 @@ def run_session(
         probabilities = comparison.probabilities()
         store.record_model_state(trial_id, probabilities, comparison.summary(),
                                  None if decision.strategy == "resumed" else decision)
-        report = TrialReport(index, status, decision.stimulus, value, probabilities, decision, attempts, error)
+        report = TrialReport(index, status, decision.stimulus, value, probabilities, decision, attempts, error,
+                             update_ms)
         if on_trial is not None:
             on_trial(report)
         index += 1
 
+    if queue:  # planned trials of a batch the session no longer needs: never sent, so nothing is lost
+        store.abandon_open_trials(session_id, f"not presented: the session ended ({result.stop_reason})")
     result.probabilities = comparison.probabilities()
     result.status = "stopped" if result.stop_reason == STOPPED_BY_EXPERIMENTER else "completed"
     store.set_session_status(session_id, result.status, stopped=True)
     return result
+
+
+def _resumed(trial: dict[str, Any]) -> Decision:
+    """The decision of a trial planned before this process started (it is re-sent under the same id)."""
+    return Decision(trial["stimulus"], "resumed", "re-dispatched after an orchestrator restart", None, 0.0)
+
+
+def _plan_batch(store: TrialStore, session_id: str, index: int, decision: Decision,
+                limit: int) -> list[tuple[dict[str, Any], Decision]]:
+    """Plan every trial of a decision's batch (at most up to `limit`); the first keeps the decision's cost."""
+    stimuli = list(decision.batch or (decision.stimulus,))[: max(limit - index, 1)]
+    planned = []
+    for offset, stimulus in enumerate(stimuli):
+        part = decision if offset == 0 else replace(decision, stimulus=stimulus, compute_ms=0.0, batch=())
+        trial_id = store.plan_trial(session_id, index + offset, part)
+        planned.append(({"id": trial_id, "index": index + offset, "stimulus": stimulus, "status": "planned"}, part))
+    return planned
 
 
 def _stop_reason(protocol: Any, comparison: ModelComparison, completed: int, index: int, limit: int) -> str | None:

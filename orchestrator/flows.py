@@ -37,6 +37,7 @@ from prefect.runtime import flow_run  # noqa: E402
 
 from orchestrator.engine import TrialReport  # noqa: E402
 from orchestrator.protocol import load_protocol  # noqa: E402
+from orchestrator.protocol_checks import orchestrator_checks  # noqa: E402
 from orchestrator.session import (  # noqa: E402
     SessionRequest,
     execute_session,
@@ -82,7 +83,7 @@ def migrate_database(db_url: str) -> None:
 @task(name="register-session")
 def register_session_task(request: SessionRequest) -> tuple[str, int]:
     """Create the session row; not retried, a retry could register a second session."""
-    return register_session(request, load_protocol(request.protocol_path))
+    return register_session(request, load_protocol(request.protocol_path, checks=orchestrator_checks()))
 
 
 @task(name="run-trials", retries=1, retry_delay_seconds=3, retry_condition_fn=_retry_if_transient)
@@ -132,7 +133,7 @@ def refuse_finished(db_url: str, session: str) -> None:
 
 def _protocol_name(path: str) -> str:
     try:
-        return load_protocol(path).protocol.name
+        return load_protocol(path, checks=()).protocol.name
     except Exception:  # noqa: BLE001 - a name is only cosmetic; the flow reports the real error
         return os.path.splitext(os.path.basename(str(path)))[0] or "protocol"
 

@@ -57,7 +57,7 @@ class ProgressDisplay:
         self.rig_status = f"waiting on {endpoint}"
         if self._progress is not None and self._task_id is not None:
             self._progress.update(self._task_id, rig=self.rig_status)
-        print(message, file=self.stream, flush=True)
+        self._write(message)
 
     def trial(self, report: TrialReport) -> None:
         self.rig_status = "connected"
@@ -72,10 +72,13 @@ class ProgressDisplay:
         if not self.trial_lines:
             return
         stimulus = " ".join(f"{k}={v}" for k, v in report.stimulus.items())
-        print(
+        self._write(
             f"trial {report.index + 1}/{self.max_trials} {report.status} {stimulus} "
             f"response={report.response} leader={leader} P={p:.3f} decision={decision}"
-            + (f" error={report.error}" if report.error else ""),
-            file=self.stream,
-            flush=True,
+            + (f" error={report.error}" if report.error else "")
         )
+
+    def _write(self, line: str) -> None:
+        # Not print(): inside a Prefect flow with log_prints, print() becomes a second, logged copy.
+        self.stream.write(line + "\n")
+        self.stream.flush()

@@ -4,6 +4,10 @@ A protocol is the experimenter's whole contract with cloop: what may be shown (s
 hard safety limits), what comes back (response kind), which hypotheses compete (encoding models with
 priors), how stimuli are chosen (design), when to stop, and what the rig must provide. Everything that
 is wrong with a file is reported at once, one line per problem, as ``FILE:LINE: field.path: message``.
+
+Longer than most modules on purpose: the schema and its loader are one concept (every message names
+a field of this schema at its line), and splitting them would put each field's rules in one file and
+the way its problems are reported in another.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 __all__ = [
     "Protocol",
@@ -113,13 +117,23 @@ class InvalidResponse(ValueError):
     """A response that must not reach the models (NaN, wrong type, out of range)."""
 
 
+#: Plausible ranges of a response value when the protocol gives none (`response.low` / `response.high`
+#: widen or narrow them). A value outside is stored as `invalid` and never reaches the models: one
+#: absurd value (a counter overflow, 2**64-1) must not stall inference or a resume that replays it.
+DEFAULT_RESPONSE_RANGE: dict[str, tuple[float, float]] = {
+    "poisson": (0.0, 1e6),
+    "gaussian": (-1e9, 1e9),
+}
+
+
 class ResponseSpec(_Strict):
     kind: Literal["bernoulli", "binomial", "poisson", "gaussian"]
     n: int | None = Field(default=None, ge=1)
     timeout_s: float = Field(default=30.0, gt=0)
     low: float | None = None
-    """Gaussian only: optional plausible range; values outside are invalid."""
+    """Poisson and gaussian: the lowest plausible value (default 0 / -1e9); values below are invalid."""
     high: float | None = None
+    """Poisson and gaussian: the highest plausible value (default 1e6 / 1e9); values above are invalid."""
 
     @model_validator(mode="after")
     def _n_for_binomial(self) -> "ResponseSpec":
@@ -127,9 +141,27 @@ class ResponseSpec(_Strict):
             raise ValueError("binomial responses need n (number of sub-trials)")
         if self.kind != "binomial" and self.n is not None:
             raise ValueError(f"n is only meaningful for binomial responses, not {self.kind}")
-        if (self.low is not None or self.high is not None) and self.kind != "gaussian":
-            raise ValueError("low/high are only meaningful for gaussian responses")
+        if (self.low is not None or self.high is not None) and self.kind not in DEFAULT_RESPONSE_RANGE:
+            raise ValueError(f"low/high are only meaningful for poisson and gaussian responses, not {self.kind}")
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number")
+        lo, hi = self.plausible_range()
+        if self.kind == "poisson" and lo < 0:
+            raise ValueError(f"low must be >= 0 for poisson counts, got {lo:g}")
+        if lo >= hi:
+            raise ValueError(f"low ({lo:g}) must be below high ({hi:g})")
         return self
+
+    def plausible_range(self) -> tuple[float, float]:
+        """The values a response may take: (low, high), the protocol's own or the kind's default."""
+        if self.kind == "bernoulli":
+            return 0.0, 1.0
+        if self.kind == "binomial":
+            return 0.0, float(self.n or 0)
+        lo, hi = DEFAULT_RESPONSE_RANGE[self.kind]
+        return (lo if self.low is None else self.low), (hi if self.high is None else self.high)
 
     def validate(self, payload: Any) -> float:
         """Return the response value as a float, or raise InvalidResponse saying what is wrong."""
@@ -140,7 +172,10 @@ class ResponseSpec(_Strict):
             value = int(value)
         if not isinstance(value, (int, float)):
             raise InvalidResponse(f"response.value must be a number, got {type(value).__name__}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            raise InvalidResponse("response.value is too large to be a plausible response") from None
         if not math.isfinite(value):
             raise InvalidResponse(f"response.value is not finite ({value})")
         if self.kind in ("bernoulli", "binomial", "poisson") and value != int(value):
@@ -151,11 +186,12 @@ class ResponseSpec(_Strict):
             raise InvalidResponse(f"binomial response must be in 0..{self.n}, got {value:g}")
         if self.kind == "poisson" and value < 0:
             raise InvalidResponse(f"poisson count must be >= 0, got {value:g}")
-        if self.kind == "gaussian":
-            if self.low is not None and value < self.low:
-                raise InvalidResponse(f"response {value:g} is below response.low={self.low:g}")
-            if self.high is not None and value > self.high:
-                raise InvalidResponse(f"response {value:g} is above response.high={self.high:g}")
+        if self.kind in DEFAULT_RESPONSE_RANGE:
+            lo, hi = self.plausible_range()
+            if value < lo:
+                raise InvalidResponse(f"response {value:g} is below the plausible low {lo:g} (response.low sets it)")
+            if value > hi:
+                raise InvalidResponse(f"response {value:g} is above the plausible high {hi:g} (response.high sets it)")
         return value
 
 
@@ -222,10 +258,33 @@ class TruncNormalPrior(_Prior):
         return self
 
 
+class FixedPrior(_Prior):
+    """Not a distribution: the parameter is held at `value` (the same as `settings.fixed`)."""
+
+    dist: Literal["fixed"]
+    value: float
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("value must be a finite number")
+        return value
+
+
 Prior = Annotated[
-    Union[UniformPrior, NormalPrior, LogNormalPrior, BetaPrior, GammaPrior, HalfNormalPrior, TruncNormalPrior],
+    Union[UniformPrior, NormalPrior, LogNormalPrior, BetaPrior, GammaPrior, HalfNormalPrior, TruncNormalPrior,
+          FixedPrior],
     Field(discriminator="dist"),
 ]
+
+#: Each prior's argument names, for messages that show how to write one.
+PRIOR_EXAMPLES = {
+    "uniform": "{dist: uniform, low: 0, high: 1}", "normal": "{dist: normal, mean: 0, sd: 1}",
+    "lognormal": "{dist: lognormal, mu: 0, sigma: 1}", "beta": "{dist: beta, alpha: 2, beta: 1}",
+    "gamma": "{dist: gamma, shape: 2, rate: 1}", "halfnormal": "{dist: halfnormal, scale: 1}",
+    "truncnormal": "{dist: truncnormal, mean: 0, sd: 1, low: -1, high: 1}", "fixed": "{dist: fixed, value: 0.5}",
+}
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -240,6 +299,33 @@ class ModelSpec(_Strict):
     prior_probability: float | None = Field(default=None, gt=0)
     priors: dict[str, Prior] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("priors", mode="before")
+    @classmethod
+    def _priors_are_mappings(cls, priors: Any) -> Any:
+        if isinstance(priors, dict):
+            for name, prior in priors.items():
+                if isinstance(prior, (int, float)) and not isinstance(prior, bool):
+                    raise ValueError(
+                        f"{name}: a prior is a mapping such as {PRIOR_EXAMPLES['beta']}; to fix {name} at "
+                        f"{prior:g} write `{name}: {{dist: fixed, value: {prior:g}}}`")
+        return priors
+
+    @model_validator(mode="after")
+    def _fixed_priors_to_settings(self) -> "ModelSpec":
+        """`{dist: fixed, value: v}` means what `settings.fixed` means: the model sees one form."""
+        fixed = {name: prior.value for name, prior in self.priors.items() if isinstance(prior, FixedPrior)}
+        if not fixed:
+            return self
+        settings = dict(self.settings)
+        already = dict(settings.get("fixed") or {}) if isinstance(settings.get("fixed"), dict) else {}
+        both = sorted(set(already) & set(fixed))
+        if both:
+            raise ValueError(f"priors: {both} are fixed both as a prior and in settings.fixed; keep one")
+        settings["fixed"] = {**already, **fixed}
+        object.__setattr__(self, "priors", {n: p for n, p in self.priors.items() if n not in fixed})
+        object.__setattr__(self, "settings", settings)
+        return self
 
     @model_validator(mode="after")
     def _one_definition(self) -> "ModelSpec":
@@ -287,6 +373,19 @@ class CategoricalLimit(_Strict):
     allowed: list[Union[str, int, float]] = Field(min_length=1)
 
 
+def _fixed_outside(name: str, value: Any, limit: "NumericLimit | CategoricalLimit") -> str | None:
+    """Why a fixed stimulus value breaks its safety limit, or None: fixed values obey `safety` too."""
+    if isinstance(limit, CategoricalLimit):
+        return None if value in limit.allowed else f"{value!r} is not in safety.{name}.allowed {limit.allowed}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{value!r} is not a finite number, but safety.{name} sets numeric limits"
+    if limit.min is not None and value < limit.min:
+        return f"{value:g} is below safety.{name}.min={limit.min:g}"
+    if limit.max is not None and value > limit.max:
+        return f"{value:g} is above safety.{name}.max={limit.max:g}"
+    return None
+
+
 class SafetyViolation(ValueError):
     """A stimulus outside the protocol's hard limits. It is never sent to a rig."""
 
@@ -326,9 +425,14 @@ class Protocol(_Strict):
                     )
         for name, limit in self.safety.items():
             spec = self.stimulus.parameters.get(name)
-            if spec is None:
+            if spec is None and name in self.stimulus.fixed:
+                problem = _fixed_outside(name, self.stimulus.fixed[name], limit)
+                if problem:
+                    problems.append(f"stimulus.fixed.{name}: {problem}")
+            elif spec is None:
                 problems.append(
-                    f"safety.{name}: not a stimulus parameter (known: {sorted(self.stimulus.parameters)})"
+                    f"safety.{name}: not a stimulus parameter (known: {sorted(self.stimulus.parameters)}"
+                    + (f"; fixed: {sorted(self.stimulus.fixed)})" if self.stimulus.fixed else ")")
                 )
             elif isinstance(spec, CategoricalParameter):
                 if not isinstance(limit, CategoricalLimit):
@@ -453,43 +557,142 @@ class LoadedProtocol:
     source: str
 
 
-def load_protocol(path: str | Path) -> LoadedProtocol:
-    """Read and validate a protocol file; raise ProtocolError listing every problem."""
+#: A semantic check owned by another module (model formulas, stimulus types, design capabilities):
+#: takes the protocol (validated, or partly validated: see _partial_protocol) and returns
+#: (field path, message) pairs. Each declares the top-level fields it reads in `NEEDS`.
+Checker = Callable[[Any], list[tuple[str, str]]]
+
+#: The text sizes a protocol file may have; a protocol is a page of YAML, not a data set.
+MAX_PROTOCOL_BYTES = 1_000_000
+
+
+def load_protocol(path: str | Path, checks: Sequence[Checker] | None = None) -> LoadedProtocol:
+    """Read and validate a protocol file; raise ProtocolError listing every problem (see parse_protocol_text)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ProtocolError([Problem(str(path), None, "", f"cannot read file: {exc}")]) from exc
-    return parse_protocol_text(text, source=str(path))
+    return parse_protocol_text(text, source=str(path), checks=checks)
 
 
-def parse_protocol_text(text: str, source: str = "<string>") -> LoadedProtocol:
-    """Validate protocol YAML text; raise ProtocolError listing every problem with its line."""
+def parse_protocol_text(text: str, source: str = "<string>", checks: Sequence[Checker] | None = None) -> LoadedProtocol:
+    """Validate protocol YAML text; raise ProtocolError listing every problem with its line, in one pass.
+
+    `checks` are the semantic checks to run beside the schema. None means the orchestrator's
+    (orchestrator.protocol_checks.orchestrator_checks: models, stimulus types, design limits; they
+    import torch). A rig passes ``checks=()``: it parses the text the orchestrator already validated
+    and never imports torch or BoTorch. The YAML is parsed once; anchors and aliases are refused
+    before anything is expanded.
+    """
+    node, data, problems = _compose(text, source)
+    if node is None:
+        raise ProtocolError(problems)
+    lines: dict[tuple[str, ...], int] = {}
+    _index_lines(node, (), lines, problems, source)
+    if not isinstance(data, dict):
+        raise ProtocolError(problems + [Problem(source, lines.get((), 1), "", "top level must be a mapping of protocol fields")])
+    protocol: Protocol | None = None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        protocol = Protocol.model_validate(data)
+        valid_fields = set(Protocol.model_fields)
+    except ValidationError as exc:
+        problems.extend(_problems_from_validation(exc, lines, source))
+        partial, valid_fields = _partial_protocol(data)
+    if checks is None:
+        from orchestrator.protocol_checks import orchestrator_checks
+
+        checks = orchestrator_checks()
+    target = protocol if protocol is not None else partial
+    found: list[tuple[str, str]] = []
+    for check in checks:
+        needs = set(getattr(check, "NEEDS", Protocol.model_fields))
+        if needs <= valid_fields:
+            found.extend(check(target))
+        elif needs - valid_fields == {"models"} and "models" in data:
+            found.extend(_check_each_model(check, target, data["models"]))
+    problems.extend(Problem(source, _line_for(tuple(path.split(".")), lines), path, message) for path, message in found)
+    problems.sort(key=lambda problem: problem.line or 0)  # file order, whichever stage found it
+    if problems or protocol is None:
+        raise ProtocolError(problems)
+    return LoadedProtocol(protocol, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), source)
+
+
+class _NoAnchorsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing anchors and aliases as it meets them (before any expansion)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AnchorRefused(event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _AnchorRefused(Exception):
+    def __init__(self, mark: Any) -> None:
+        self.mark = mark
+
+
+def _compose(text: str, source: str) -> tuple[Any, Any, list[Problem]]:
+    """Parse the text once: (node tree, data, []) or (None, None, [the problem]).
+
+    Refused: syntax errors, anchors/aliases (an alias bomb expands a few hundred bytes into
+    gigabytes), empty files and files larger than a protocol can need.
+    """
+    if len(text.encode("utf-8", errors="replace")) > MAX_PROTOCOL_BYTES:
+        return None, None, [Problem(source, None, "", f"file is larger than {MAX_PROTOCOL_BYTES:,} bytes; "
+                                                      "a protocol is a page of YAML")]
+    loader = _NoAnchorsLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None, [Problem(source, 1, "", "file is empty")]
+        return node, loader.construct_document(node), []
+    except _AnchorRefused as refused:
+        return None, None, [Problem(source, refused.mark.line + 1, "",
+                                    "YAML anchors (&name) and aliases (*name) are not allowed in a protocol; "
+                                    "write each value out")]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         message = getattr(exc, "problem", None) or str(exc)
-        raise ProtocolError([Problem(source, line, "", f"YAML syntax error: {message}")]) from exc
-    if node is None:
-        raise ProtocolError([Problem(source, 1, "", "file is empty")])
-    lines: dict[tuple[str, ...], int] = {}
-    problems: list[Problem] = []
-    _index_lines(node, (), lines, problems, source)
-    if problems:
-        raise ProtocolError(problems)
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ProtocolError([Problem(source, lines.get((), 1), "", "top level must be a mapping of protocol fields")])
-    try:
-        protocol = Protocol.model_validate(data)
-    except ValidationError as exc:
-        raise ProtocolError(_problems_from_validation(exc, lines, source)) from None
-    extra = _semantic_problems(protocol, lines, source)
-    if extra:
-        raise ProtocolError(extra)
-    return LoadedProtocol(protocol, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), source)
+        return None, None, [Problem(source, line, "", f"YAML syntax error: {message}")]
+    finally:
+        loader.dispose()
+
+
+def _check_each_model(check: Checker, partial: Protocol, models: Any) -> list[tuple[str, str]]:
+    """Run a model check on each model that validates alone (the list as a whole did not)."""
+    found: list[tuple[str, str]] = []
+    for i, raw in enumerate(models if isinstance(models, list) else []):
+        try:
+            model = ModelSpec.model_validate(raw)
+        except ValidationError:
+            continue
+        for path, message in check(partial.model_copy(update={"models": [model]})):
+            if path == "models.0" or path.startswith("models.0."):
+                path = f"models.{i}" + path[len("models.0"):]
+            found.append((path, message))
+    return found
+
+
+def _partial_protocol(data: dict[str, Any]) -> tuple[Protocol, set[str]]:
+    """The top-level fields that validate on their own, so semantic checks can run on them too."""
+    valid: dict[str, Any] = {}
+    for name, field in Protocol.model_fields.items():
+        adapter = TypeAdapter(Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation)
+        if name not in data:
+            if not field.is_required():
+                valid[name] = field.get_default(call_default_factory=True)
+            continue
+        value = data[name]
+        if name == "version" and isinstance(value, (int, float)):
+            value = str(value)
+        try:
+            valid[name] = adapter.validate_python(value)
+        except ValidationError:
+            continue
+    return Protocol.model_construct(**valid), set(valid)
 
 
 def _index_lines(
@@ -555,17 +758,3 @@ def _problems_from_validation(exc: ValidationError, lines: dict[tuple[str, ...],
         seen.add(key)
         problems.append(Problem(source, _line_for(loc, lines), ".".join(loc), message))
     return problems
-
-
-def _semantic_problems(protocol: Protocol, lines: dict[tuple[str, ...], int], source: str) -> list[Problem]:
-    """Checks owned by other modules (model formulas, stimulus types, design names), run if present."""
-    found: list[tuple[str, str]] = []
-    for module_name in ("orchestrator.models", "orchestrator.design", "stimuli"):
-        try:
-            module = __import__(module_name, fromlist=["check_protocol"])
-        except ImportError:
-            continue
-        checker = getattr(module, "check_protocol", None)
-        if checker is not None:
-            found.extend(checker(protocol))
-    return [Problem(source, _line_for(tuple(path.split(".")), lines), path, message) for path, message in found]

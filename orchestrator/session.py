@@ -62,6 +62,11 @@ class SessionRequest:
     wait_for_rig_s: float | None = None
 
 
+def _waiting_note(message: str) -> None:
+    """The rig server's waiting notes: the first is what the observers already printed, later ones news."""
+    log.log(logging.DEBUG if message.startswith("waiting up to") else logging.INFO, message)
+
+
 def new_seed() -> int:
     """A fresh 31-bit seed; recorded with the session so the session can be reproduced."""
     return secrets.randbelow(2**31 - 1)
@@ -126,7 +131,9 @@ def execute_session(
 
     store = TrialStore(request.db_url)
     # The session runs the protocol text stored when it was registered, never a file edited since.
-    loaded = loaded or parse_protocol_text(store.session(session_id)["protocol_text"], source=request.protocol_path)
+    # It was checked in full when registered, so only the schema is read here.
+    loaded = loaded or parse_protocol_text(store.session(session_id)["protocol_text"], source=request.protocol_path,
+                                           checks=())
     protocol = loaded.protocol
     controller = control or SessionController(store).install_sigint()
     timeout = request.wait_for_rig_s if request.wait_for_rig_s is not None else protocol.rig.wait_for_rig_s
@@ -151,13 +158,12 @@ def execute_session(
             store.transition_status(session_id, ("created", "running", "interrupted", "no_rig", "failed", "paused",
                                                  "pause_requested", "continue_requested"), "waiting_for_rig")
             try:
-                found = rigs.wait_for_rigs(protocol.rig.capabilities, protocol.rig.count, timeout)
+                # The observers print the waiting line; the rig server's own narration of it is detail.
+                found = rigs.wait_for_rigs(protocol.rig.capabilities, protocol.rig.count, timeout,
+                                           progress=_waiting_note)
             except TransportNoRig as exc:
                 store.set_session_status(session_id, "no_rig", stopped=True)
-                raise NoRigError(
-                    f"no rig with capabilities {protocol.rig.capabilities} connected to {rigs.endpoint} "
-                    f"within {timeout:g} s; session {session_id} was not started"
-                ) from exc
+                raise NoRigError(f"no rig ready: {exc} Session {session_id} was not started.") from exc
             for rig in found:
                 store.upsert_rig(rig.as_dict())
             def notify(report: TrialReport) -> None:

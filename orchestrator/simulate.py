@@ -1,20 +1,28 @@
-"""In-process closed loop against a simulated subject (`cloop simulate`): pilot a protocol offline.
+"""`cloop simulate`: the real closed loop (orchestrator.engine) against an in-process simulated subject.
 
-Same parts as the real engine - ModelComparison, make_design, the protocol's response validation
-and safety checks - without rigs or a database. Replicate r uses seed `seed + r` for models and
-design and answers trial i with numpy.random.default_rng([seed + r, i]), like the simulated rig.
+A pilot must behave as the live session will, batches (`design.batch_size`) included, so this runs
+`engine.run_session` itself: a throw-away database in memory-backed storage, and an in-process rig
+pool that answers like the simulated rig worker. Replicate r uses seed `seed + r` for models and
+design and answers trial i with numpy.random.default_rng([seed + r, i]), like `cloop rig --adapter
+simulated --seed`.
 """
 from __future__ import annotations
 
-import time
+import hashlib
+import json
+import queue
+import tempfile
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from orchestrator.design import make_design
-from orchestrator.inference import ModelComparison
+from orchestrator.engine import TrialReport, run_session
 from orchestrator.models import build_truth
+from orchestrator.protocol import LoadedProtocol, Protocol
+from orchestrator.store import TrialStore, upgrade
 
 
 @dataclass
@@ -28,53 +36,108 @@ class SimulationConfig:
     min_trials: int | None = None
 
 
-def simulate(protocol: Any, config: SimulationConfig) -> Iterator[dict[str, Any]]:
-    """Yield one JSON-safe record per trial (all replicates, in order)."""
-    truth = build_truth(protocol, config.truth)  # validates the truth spec up front
-    max_trials = int(config.max_trials if config.max_trials is not None else protocol.stopping.max_trials)
-    stop_at = config.stop_at if config.stop_at is not None else protocol.stopping.model_probability
-    min_trials = int(config.min_trials if config.min_trials is not None else protocol.stopping.min_trials)
+class SimulatedRigPool:
+    """The engine's RigPool, in this process: the truth answers each trial at once."""
+
+    def __init__(self, truth: Any, seed: int) -> None:
+        self.truth, self.seed = truth, seed
+
+    def run_trial(self, cmd: Any) -> "SimulatedOutcome":
+        raw = self.truth.sample(cmd.stimulus, np.random.default_rng([self.seed, int(cmd.index)]))
+        return SimulatedOutcome(rig_id="simulated", attempt=cmd.attempt, response={"value": raw})
+
+
+class SimulatedOutcome(dict):
+    """A rig's answer as the store reads it (a mapping), with `.response` as the engine reads it."""
+
+    @property
+    def response(self) -> dict[str, Any]:
+        return self["response"]
+
+
+def _memory_dir() -> str | None:
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() else None
+
+
+def simulate(protocol: Protocol | LoadedProtocol, config: SimulationConfig) -> Iterator[dict[str, Any]]:
+    """Yield one JSON-safe record per trial (all replicates, in order), as the engine runs them."""
+    loaded = protocol if isinstance(protocol, LoadedProtocol) else _as_loaded(protocol)
+    truth = build_truth(loaded.protocol, config.truth)  # validates the truth spec up front
+    max_trials = int(config.max_trials if config.max_trials is not None else loaded.protocol.stopping.max_trials)
     if max_trials < 1:
         raise ValueError("max_trials must be >= 1")
-    for r in range(int(config.replicates)):
-        seed = int(config.seed) + r
-        comparison = ModelComparison.from_protocol(protocol, seed)
-        design = make_design(protocol, seed, config.design)
-        trial = 0
-        while trial < max_trials:
-            t0 = time.perf_counter()
-            decision = design.propose(comparison, trial)
-            decision_ms = (time.perf_counter() - t0) * 1000.0
-            stimuli = list(decision.batch) if decision.batch else [decision.stimulus]
-            for stimulus in stimuli:
-                if trial >= max_trials:
-                    break
-                protocol.check_safe(stimulus)
-                raw = truth.sample(stimulus, np.random.default_rng([seed, trial]))
-                value = protocol.response.validate({"value": raw})
-                t1 = time.perf_counter()
-                comparison.update(stimulus, value)
-                update_ms = (time.perf_counter() - t1) * 1000.0
-                probs = comparison.probabilities()
-                leader, p_lead = max(probs.items(), key=lambda kv: kv[1])
-                yield {
-                    "replicate": r,
-                    "trial": trial,
-                    "stimulus": stimulus,
-                    "response": value,
-                    "model_probabilities": probs,
-                    "decision_ms": round(decision_ms, 3),
-                    "update_ms": round(update_ms, 3),
-                    "strategy": decision.strategy,
-                    "score": decision.score,
-                    "truth": truth.model_name,
-                    "leader": leader,
-                    "p_truth": probs[truth.model_name],
-                }
-                trial += 1
-                decision_ms = 0.0  # the rest of a batch needed no extra decision time
-                if stop_at is not None and trial >= min_trials and p_lead >= stop_at:
-                    break
-            else:
-                continue
-            break
+    loaded = _with_stopping(loaded, config)
+    with tempfile.TemporaryDirectory(prefix="cloop-simulate-", dir=_memory_dir()) as folder:
+        url = f"sqlite:///{folder}/simulation.db"
+        upgrade(url)
+        with TrialStore(url) as store:
+            protocol_id = store.add_protocol(loaded)
+            for r in range(int(config.replicates)):
+                seed = int(config.seed) + r
+                session_id = store.create_session(protocol_id=protocol_id, subject_id=None, seed=seed,
+                                                  design=config.design or loaded.protocol.design.strategy)
+                for report in _run(loaded, store, session_id, seed, max_trials, config.design, truth):
+                    yield _record(r, report, truth.model_name)
+
+
+def _run(loaded: LoadedProtocol, store: TrialStore, session_id: str, seed: int, max_trials: int,
+         design: str | None, truth: Any) -> Iterator[TrialReport]:
+    """Run one session in a thread and hand its trial reports out as they happen."""
+    reports: queue.Queue = queue.Queue(maxsize=64)
+    done = object()
+    failure: list[BaseException] = []
+    pool = SimulatedRigPool(truth, seed)
+
+    def work() -> None:
+        try:
+            run_session(loaded, store=store, rigs=pool, session_id=session_id, seed=seed, max_trials=max_trials,
+                        design_override=design, on_trial=reports.put)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failure.append(exc)
+        finally:
+            reports.put(done)
+
+    thread = threading.Thread(target=work, name=f"simulate-{session_id[:8]}", daemon=True)
+    thread.start()
+    while (item := reports.get()) is not done:
+        yield item
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _record(replicate: int, report: TrialReport, truth_model: str) -> dict[str, Any]:
+    probabilities = report.probabilities
+    leader, _ = max(probabilities.items(), key=lambda kv: kv[1])
+    return {
+        "replicate": replicate,
+        "trial": report.index,
+        "stimulus": report.stimulus,
+        "response": report.response,
+        "model_probabilities": probabilities,
+        "decision_ms": round(report.decision.compute_ms, 3),
+        "update_ms": round(report.update_ms, 3),
+        "strategy": report.decision.strategy,
+        "score": report.decision.score,
+        "truth": truth_model,
+        "leader": leader,
+        "p_truth": probabilities[truth_model],
+    }
+
+
+def _as_loaded(protocol: Protocol) -> LoadedProtocol:
+    """A protocol built in code gets a text (its JSON, which is YAML) so the store can keep it."""
+    text = json.dumps(protocol.model_dump(mode="json"), sort_keys=True)
+    return LoadedProtocol(protocol, text, hashlib.sha256(text.encode()).hexdigest(), "<simulation>")
+
+
+def _with_stopping(loaded: LoadedProtocol, config: SimulationConfig) -> LoadedProtocol:
+    """Apply the simulation's own stopping overrides (--stop-at / --min-trials) to the protocol."""
+    updates = {k: v for k, v in (("model_probability", config.stop_at), ("min_trials", config.min_trials))
+               if v is not None}
+    if not updates:
+        return loaded
+    stopping = loaded.protocol.stopping.model_copy(update=updates)
+    return LoadedProtocol(loaded.protocol.model_copy(update={"stopping": stopping}), loaded.text, loaded.sha256,
+                          loaded.source)

@@ -162,6 +162,8 @@ def test_demo_through_prefect_then_trials_csv(cloop_cmd, run_env, tmp_path) -> N
                           timeout=240, cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "cloop trials latest" in demo.stdout and db in demo.stdout
+    assert "truth 'power', conclusion 'power'" in demo.stdout and "the conclusion is right" in demo.stdout
+    assert "Traceback" not in demo.stderr and "httpx" not in demo.stderr, demo.stderr
     session_id = demo.stdout.splitlines()[0]
     with TrialStore(db) as store:
         completed = store.trial_counts(session_id)["completed"]
