@@ -193,7 +193,7 @@ class PsychoPyDisplayAdapter(Adapter):
     def start(self, session: SessionInfo) -> None:
         from orchestrator.protocol import parse_protocol_text
 
-        protocol = parse_protocol_text(session.protocol_text, source=f"<session {session.session_id}>").protocol
+        protocol = parse_protocol_text(session.protocol_text, source=f"<session {session.session_id}>", checks=()).protocol
         try:
             stype = get_stimulus_type(protocol.stimulus.type)
         except UnknownStimulusType as exc:

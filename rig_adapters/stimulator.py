@@ -102,7 +102,7 @@ class StimulatorAdapter(Adapter):
     def start(self, session: SessionInfo) -> None:
         from orchestrator.protocol import parse_protocol_text
 
-        protocol = parse_protocol_text(session.protocol_text, source=f"<session {session.session_id}>").protocol
+        protocol = parse_protocol_text(session.protocol_text, source=f"<session {session.session_id}>", checks=()).protocol
         if protocol.stimulus.type != "pulse_train":
             raise AdapterError(f"the stimulator adapter delivers pulse_train, not {protocol.stimulus.type!r}")
         self._fixed = dict(protocol.stimulus.fixed)
