@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -172,6 +172,9 @@ class RigConfig(_Strict):
     keyboard: KeyboardConfig = Field(default_factory=KeyboardConfig)
     stimulator: StimulatorConfig | None = None
     zmq: ZmqSourceConfig | None = None
+    sources: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Settings of plugin response sources by source name (e.g. ``openephys``, ``lsl``); each
+    source validates its own section when it is selected, naming the field at fault."""
 
 
 def load_rig_config(path: str | Path | None) -> RigConfig:
