@@ -38,8 +38,9 @@ from pydantic import Field, model_validator
 
 from rig_adapters.base import AdapterError
 from rig_adapters.rig_config import RigConfig
-from rig_adapters.sources.alignment import TtlLog
+from rig_adapters.sources.alignment import OffsetEstimator, TtlLog
 from rig_adapters.sources.window import (
+    AcquisitionError,
     AcquisitionGap,
     AcquisitionSource,
     AcquisitionStalled,
@@ -50,7 +51,13 @@ from rig_adapters.sources.window import (
     source_settings,
 )
 
-__all__ = ["LslSource", "LslSettings", "epoch_to_lsl_offset"]
+__all__ = ["LslSource", "LslSettings", "ClockMismatch", "epoch_to_lsl_offset"]
+
+
+class ClockMismatch(AcquisitionError):
+    """The outlet's timestamps are not on the clock LSL's time correction maps: no trustworthy onset."""
+
+    code = "clock_mismatch"
 
 
 class LslSettings(SourceSettings):
@@ -65,6 +72,8 @@ class LslSettings(SourceSettings):
     sync_required: bool = True
     sync_tolerance_s: float = Field(default=0.1, gt=0, le=10)
     heartbeat_value: str | None = None
+    clock_mismatch_s: float = Field(default=0.5, gt=0)
+    """Without a marker, refuse trials when receipt times and time correction disagree by more than this."""
     settle_s: float = Field(default=0.0, ge=0, le=5)
     """Extra stream time past the window's end before it is final (for outlets that push slightly out of order)."""
 
@@ -125,6 +134,9 @@ class LslSource(AcquisitionSource):
         self.srate = 0.0
         self.labels: list[str] = []
         self.sync = TtlLog()
+        self.receipt = OffsetEstimator()
+        """This machine's LSL clock at pull minus the newest stamp pulled: finds onset markers even when the
+        outlet stamps with a clock liblsl's time correction does not know (e.g. a sorter's sample clock)."""
         self._string = False
         self._cols: np.ndarray | None = None
         self._sync_col: int | None = None
@@ -183,8 +195,14 @@ class LslSource(AcquisitionSource):
                                    f"of the stream")
             self._sync_col = where[self.cfg.sync_channel]
 
+    @staticmethod
+    def _local_clock() -> float:
+        import pylsl
+
+        return float(pylsl.local_clock())
+
     def _pump(self) -> None:
-        from pylsl import LostError
+        from pylsl.util import LostError
 
         while True:
             try:
@@ -197,9 +215,14 @@ class LslSource(AcquisitionSource):
             n = len(stamps)
             if n == 0:
                 return
-            self.last_rx = time.time()
             self.messages += n
             t = np.asarray(stamps, dtype=np.float64)
+            local = self._local_clock()
+            self.receipt.add_many(local, t)
+            # liblsl buffers in the background: date the data by its newest stamp, not by this pull
+            est = self.receipt.estimate()
+            age = max(0.0, local - float(t.max()) - est[0]) if est is not None else 0.0
+            self.last_rx = max(self.last_rx or -math.inf, time.time() - age)
             if self.kind == "events":
                 self._on_events(samples, t)
             else:
@@ -278,10 +301,14 @@ class LslSource(AcquisitionSource):
         clock = {"epoch_to_lsl_s": e2l, "time_correction_s": tc, "time_correction_uncertainty_s": tc_unc,
                  **self.stream_desc}
         alignment: Alignment | None = None
+        receipt = self.receipt.estimate()
+        if receipt is not None:
+            clock["receipt_offset_s"] = receipt[0]
         if self.cfg.sync_value is not None or self.cfg.sync_channel is not None:
-            edge = self.sync.nearest(0, predicted, self.cfg.sync_tolerance_s)
+            expect = pending.onset + e2l - receipt[0] if receipt is not None else predicted
+            edge = self.sync.nearest(0, expect, self.cfg.sync_tolerance_s)
             if edge is None:
-                if self.progress < predicted + self.cfg.sync_tolerance_s:
+                if self.progress < expect + self.cfg.sync_tolerance_s:
                     return None
                 if self.cfg.sync_required:
                     raise SyncMissing(f"lsl: no onset marker within {self.cfg.sync_tolerance_s:g} s of the onset of "
@@ -293,6 +320,10 @@ class LslSource(AcquisitionSource):
                 alignment = Alignment("ttl", pending.onset, edge, period,
                                       {"sync_residual_s": edge - predicted, **clock})
         if alignment is None:
+            if receipt is not None and abs(receipt[0] - tc) > self.cfg.clock_mismatch_s:
+                raise ClockMismatch(f"lsl: the outlet's timestamps are {tc - receipt[0]:+.3f} s off the clock LSL's "
+                                    f"time correction maps (it does not stamp with its lsl local_clock); configure an "
+                                    f"onset marker (sources.lsl.sync_value / sync_channel)")
             alignment = Alignment("time_correction", pending.onset, predicted, tc_unc + e2l_unc, clock)
         pending.state["alignment"] = alignment
         return alignment
