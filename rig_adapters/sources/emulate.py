@@ -12,6 +12,8 @@ For rehearsing a rig without the recording PC, for the tests and for the latency
 
 Both send one processing block at a time once its last sample is "recorded" and can add per-block
 delay (jitter), drop blocks, or stop altogether, so the failure paths can be exercised for real.
+:class:`FlipPresenter` is a rig adapter without a display, for driving a source through a real
+``cloop rig`` worker.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["SpikeTrains", "OpenEphysEmulator", "LslEmulator", "poisson_trains"]
+from orchestrator.messages import Trial
+from rig_adapters.base import Adapter, AdapterError, AdapterResult, SessionInfo
+from rig_adapters.responses import ResponseSource, make_response_source, wait_for_response
+from rig_adapters.rig_config import RigConfigError, load_rig_config
+
+__all__ = ["SpikeTrains", "OpenEphysEmulator", "LslEmulator", "FlipPresenter", "poisson_trains"]
 
 
 @dataclass
@@ -297,3 +304,46 @@ class LslEmulator:
     def close(self) -> None:
         self.stop()
         self.outlet = None
+
+
+class FlipPresenter(Adapter):
+    """A presenter without a display: the "flip" is the moment the trial arrives.
+
+    ``cloop rig --adapter rig_adapters.sources.emulate:FlipPresenter -o rig_config=RIG.yaml
+    -o response=openephys`` rehearses an acquisition source end to end (network, alignment,
+    binning, retries) before a display is attached.
+    """
+
+    name = "flip"
+
+    def __init__(self, response: ResponseSource) -> None:
+        self.response = response
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "FlipPresenter":
+        unknown = set(options) - {"rig_config", "response", "truth", "seed"}
+        if unknown:
+            raise AdapterError(f"the flip presenter has no option(s) {sorted(unknown)}")
+        try:
+            rig = load_rig_config(options.get("rig_config") or None)
+        except RigConfigError as exc:
+            raise AdapterError(str(exc)) from None
+        return cls(make_response_source(options.get("response") or "openephys", rig=rig,
+                                        truth=options.get("truth"), seed=int(options.get("seed") or 0)))
+
+    def capabilities(self) -> dict[str, list[str]]:
+        return {"stimulus_types": ["*"], "response_kinds": list(self.response.response_kinds)}
+
+    def start(self, session: SessionInfo) -> None:
+        self.response.start(session)
+
+    def present(self, cmd: Trial) -> AdapterResult:
+        onset = time.time()
+        self.response.begin(cmd, onset)
+        payload = wait_for_response(self.response, cmd, onset)
+        responded_at = float(payload.pop("responded_at", time.time()))
+        return AdapterResult(response=payload, timing={"presented_at": onset, "responded_at": responded_at},
+                             meta={"adapter": self.name, "response_source": self.response.name})
+
+    def close(self) -> None:
+        self.response.close()
