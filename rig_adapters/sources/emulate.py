@@ -33,6 +33,12 @@ from rig_adapters.base import Adapter, AdapterError, AdapterResult, SessionInfo
 from rig_adapters.responses import ResponseSource, make_response_source, wait_for_response
 from rig_adapters.rig_config import RigConfigError, load_rig_config
 
+try:
+    from orjson import dumps as _dumps
+except ImportError:  # pragma: no cover
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj).encode()
+
 __all__ = ["SpikeTrains", "OpenEphysEmulator", "LslEmulator", "FlipPresenter", "poisson_trains"]
 
 
@@ -139,7 +145,7 @@ class OpenEphysEmulator:
             info = {"event_type": "spike", "stream": self.stream, "source_node": 104, "electrode": electrode,
                     "num_channels": 4, "sample_rate": self.sample_rate, "sample_number": sample,
                     "sorted_id": sorted_id, "amp1": 50.0, "amp2": 40.0, "amp3": 30.0, "amp4": 20.0}
-            self._sock.send_multipart([struct.pack("<H", 1), json.dumps(info).encode()])
+            self._sock.send_multipart([struct.pack("<H", 1), _dumps(info)])
             return
         self.message_num += 1
         header = {"message_num": self.message_num, "type": "spike",
@@ -147,13 +153,13 @@ class OpenEphysEmulator:
                             "num_channels": 4, "num_samples": 40, "sorted_id": sorted_id,
                             "threshold": [-50.0] * 4},
                   "timestamp": int(time.time() * 1000)}
-        self._sock.send_multipart([b"EVENT\x00", json.dumps(header).encode(), bytes(4 * 40 * 4)])
+        self._sock.send_multipart([b"EVENT\x00", _dumps(header), bytes(4 * 40 * 4)])
 
     def _send_ttl(self, sample: int, line: int, state: bool) -> None:
         if self.fmt == "event_broadcaster":
             info = {"event_type": "ttl", "stream": self.stream, "source_node": 100, "sample_rate": self.sample_rate,
                     "channel_name": "TTL", "sample_number": sample, "line": line, "state": int(state)}
-            self._sock.send_multipart([struct.pack("<H", 0), json.dumps(info).encode()])
+            self._sock.send_multipart([struct.pack("<H", 0), _dumps(info)])
             return
         self.message_num += 1
         header = {"message_num": self.message_num, "type": "event",
@@ -161,7 +167,7 @@ class OpenEphysEmulator:
                   "data_size": 10, "timestamp": int(time.time() * 1000)}
         word = (1 << line) if state else 0
         payload = struct.pack("<BBQ", line, int(state), word)
-        self._sock.send_multipart([b"EVENT\x00", json.dumps(header).encode(), payload])
+        self._sock.send_multipart([b"EVENT\x00", _dumps(header), payload])
 
     def _send_data(self, first: int, n: int) -> None:
         if self.fmt == "event_broadcaster":
@@ -171,7 +177,7 @@ class OpenEphysEmulator:
                   "content": {"stream": self.stream, "channel_num": 0, "channel_name": "CH1", "num_samples": n,
                               "sample_num": first, "sample_rate": self.sample_rate},
                   "data_size": 4 * n, "timestamp": int(time.time() * 1000)}
-        self._sock.send_multipart([b"DATA\x00", json.dumps(header).encode(), bytes(4 * n)])
+        self._sock.send_multipart([b"DATA\x00", _dumps(header), bytes(4 * n)])
 
     # ------------------------------------------------------------------ real time
     def _run(self) -> None:
@@ -289,10 +295,10 @@ class LslEmulator:
                     self.outlet.push_chunk(frames[keep].tolist(), stamps[keep].tolist())
             else:
                 merged = sorted([(float(stamps[k]), values[k]) for k in range(i, j)] + due, key=lambda m: m[0])
-                for ts, v in merged:
-                    self.outlet.push_sample([v], ts)
                 if heartbeat is not None:
-                    self.outlet.push_sample([heartbeat], now)
+                    merged.append((now, heartbeat))
+                if merged:
+                    self.outlet.push_chunk([[v] for _, v in merged], [ts for ts, _ in merged])
             i = j
 
     def stop(self) -> None:
