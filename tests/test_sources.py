@@ -236,3 +236,72 @@ def test_documented_formats_decode_and_others_are_refused() -> None:
     with pytest.raises(ValueError, match="set the plugin's output format to JSON"):
         parse_frames([struct.pack("<H", 1), b"\x00\x01binary"])
     assert OpenEphysSettings(endpoints="tcp://x:1").endpoints == ["tcp://x:1"]
+
+
+def _zmq_spike(num: int, sample: int, electrode: str, sorted_id: int = 0) -> list[bytes]:
+    import json
+
+    header = {"message_num": num, "type": "spike", "timestamp": 0,
+              "spike": {"stream": "s", "source_node": 104, "electrode": electrode, "sample_num": sample,
+                        "num_channels": 1, "num_samples": 40, "sorted_id": sorted_id, "threshold": [-50.0]}}
+    return [b"EVENT\x00", json.dumps(header).encode(), bytes(160)]
+
+
+def _zmq_data(num: int, first: int, n: int) -> list[bytes]:
+    import json
+
+    header = {"message_num": num, "type": "data", "data_size": 4 * n, "timestamp": 0,
+              "content": {"stream": "s", "channel_num": 0, "num_samples": n, "sample_num": first,
+                          "sample_rate": FS}}
+    return [b"DATA\x00", json.dumps(header).encode(), bytes(4 * n)]
+
+
+def test_window_edges_are_sample_exact_and_units_follow_the_protocol_order() -> None:
+    """Start sample counted, end sample not; unknown units reported, not counted; unit order kept."""
+    import json
+
+    settings = OpenEphysSettings(endpoints=["tcp://127.0.0.1:1"], unit_map={"a": "E1#0", "b": "E2#3"},
+                                 sync={"line": 0}, settle_s=0.0)
+    src = OpenEphysSource(RigConfig(), settings=settings)  # not started: frames are fed directly
+    src.window = parse_population_window("response: {kind: population, units: [b, a], window_s: 0.1, latency_s: 0.01}")
+    src.unit_index = {settings.unit_map.get(u, u): i for i, u in enumerate(src.window.unit_ids)}
+    epoch0 = 1000.0  # epoch of acquisition sample 0: received with no delay below
+    onset_sample = 60000
+    start, end = onset_sample + 300, onset_sample + 3300  # latency 10 ms, window 100 ms at 30 kHz
+
+    def feed(frames: list[bytes], last_sample: int) -> None:
+        src._on_frames(0, frames, epoch0 + last_sample / FS)
+
+    ttl = [b"EVENT\x00", json.dumps({"message_num": 2, "type": "event", "data_size": 10, "timestamp": 0,
+                                      "content": {"stream": "s", "source_node": 1, "type": 3,
+                                                  "sample_num": onset_sample}}).encode(), bytes([0, 1]) + bytes(8)]
+    feed(_zmq_data(1, onset_sample - 3000, 3000), onset_sample)
+    feed(ttl, onset_sample)
+    for num, (sample, el, sid) in enumerate([(start, "E1", 0), (start - 1, "E1", 0), (end - 1, "E2", 3),
+                                              (end, "E2", 3), (start + 10, "E9", 1), (start + 20, "E1", 0)], 3):
+        feed(_zmq_spike(num, sample, el, sid), sample)
+    cmd = trial(0)
+    onset_epoch = epoch0 + onset_sample / FS - 0.004  # the flip, 4 ms before the photodiode edge
+    src.begin(cmd, onset_epoch)
+    feed(_zmq_data(9, onset_sample, end - 10 - onset_sample), end - 10)
+    assert src.poll(epoch0 + (end - 10) / FS) is None  # the stream has not passed the window's end yet
+    feed(_zmq_data(10, end - 10, 300), end + 290)
+    payload = src.poll(epoch0 + (end + 290) / FS)
+    assert payload is not None
+    al = payload["alignment"]
+    assert al["method"] == "ttl" and al["ttl_sample"] == onset_sample
+    assert al["offset_s"] == pytest.approx(epoch0 - 0.004, abs=1e-9)
+    lo, hi = al["window_acq_s"]
+    assert (lo, hi) == pytest.approx((start / FS, end / FS), abs=1e-12)
+    assert payload["value"] == [1, 2]  # b: end-1 in, end out; a: start and start+20 in, start-1 out
+    assert al["unmapped_events"] == 1
+
+
+def test_lost_and_restarted_sequences_are_gaps() -> None:
+    settings = OpenEphysSettings(endpoints=["tcp://127.0.0.1:1"], sample_rate_hz=FS)
+    src = OpenEphysSource(RigConfig(), settings=settings)
+    src._on_frames(0, _zmq_data(10, 0, 300), 1.0)
+    src._on_frames(0, _zmq_data(13, 600, 300), 1.0)  # 11 and 12 never arrived
+    assert len(src.gaps) == 1 and "2 message(s) lost" in src.gaps[0][2]
+    src._on_frames(0, _zmq_data(1, 0, 300), 1.0)  # the GUI restarted acquisition
+    assert src._restarted and "restarted" in src._restarted
