@@ -246,16 +246,19 @@ class OpenEphysSource(AcquisitionSource):
                 ready = dict(poller.poll(50))
                 if not ready:
                     continue
-                with self.lock:
-                    for i, sock in enumerate(self._socks):
-                        if sock not in ready:
-                            continue
-                        for _ in range(10_000):
-                            try:
-                                frames = sock.recv_multipart(zmq.NOBLOCK)
-                            except zmq.Again:
-                                break
-                            self._on_frames(i, frames, time.time())
+                for i, sock in enumerate(self._socks):
+                    if sock not in ready:
+                        continue
+                    more = True
+                    while more:  # in short batches, so the presenter never waits long for the lock
+                        with self.lock:
+                            for _ in range(256):
+                                try:
+                                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                                except zmq.Again:
+                                    more = False
+                                    break
+                                self._on_frames(i, frames, time.time())
         except Exception as exc:  # surfaced to the presenter by the next begin/poll
             if not self._closing.is_set():
                 self._rx_error = f"{type(exc).__name__}: {exc}"

@@ -310,8 +310,8 @@ class AcquisitionSource(ResponseSource):
     def begin(self, cmd: Trial, onset: float) -> None:
         if self.window is None:
             raise AdapterError(f"{self.name} response source: no session started")
+        # called right after the onset flip: nothing slow here (the next frame is due), data waits for poll
         with self.lock:
-            self._pump()
             self._pending = _Pending(cmd=cmd, onset=float(onset), begun=time.time())
 
     def poll(self, now: float) -> dict[str, Any] | None:
