@@ -8,6 +8,7 @@ markers, lost samples, and an outlet that stops mid-session.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 
 import numpy as np
@@ -51,7 +52,8 @@ def to_stream(emu: LslEmulator, epoch: float) -> float:
 
 def spike_stream(offset_s: float, n_units: int = 10, heartbeat: bool = True) -> tuple[LslEmulator, np.ndarray,
                                                                                          np.ndarray]:
-    emu = LslEmulator(name=f"cloop-test-spikes-{next(_names)}", kind="events", clock_offset_s=offset_s)
+    emu = LslEmulator(name=f"cloop-test-spikes-{os.getpid()}-{next(_names)}", kind="events",
+                      clock_offset_s=offset_s)
     trains = poisson_trains(n_units, 50.0, 60.0, 30000.0, seed=3)
     t0 = emu.stream_time()
     stamps = t0 + trains.samples / 30000.0  # a sorter stamping spikes at 30 kHz resolution
@@ -116,8 +118,8 @@ def test_time_correction_alignment_without_markers() -> None:
 def continuous_stream(n: int, srate: float = 200.0, offset_s: float = 0.0) -> tuple[LslEmulator, np.ndarray,
                                                                                   np.ndarray]:
     labels = [f"roi{i}" for i in range(n)] + ["photodiode"]
-    emu = LslEmulator(name=f"cloop-test-dff-{next(_names)}", kind="continuous", n_channels=n + 1, srate=srate,
-                      labels=labels, channel_format="float32", clock_offset_s=offset_s)
+    emu = LslEmulator(name=f"cloop-test-dff-{os.getpid()}-{next(_names)}", kind="continuous", n_channels=n + 1,
+                      srate=srate, labels=labels, channel_format="float32", clock_offset_s=offset_s)
     t0 = emu.stream_time()
     stamps = t0 + np.arange(int(60 * srate)) / srate
     rng = np.random.default_rng(5)

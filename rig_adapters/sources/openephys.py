@@ -133,6 +133,7 @@ def parse_frames(frames: list[bytes]) -> OeMessage | None:
 
     Raises ValueError naming what is wrong for anything that is neither documented format.
     """
+    frames = [_raw(f) for f in frames[:2]] + list(frames[2:])  # zmq.Frame (zero-copy) or bytes
     if len(frames) >= 2 and bytes(frames[0]) in _ZMQ_ENVELOPES:
         return _zmq_interface(frames)
     if len(frames) == 2 and len(frames[0]) == 2:
@@ -156,12 +157,16 @@ def _zmq_interface(frames: list[bytes]) -> OeMessage | None:
                          source_node=int(s.get("source_node", 0)))
     if kind == "event":
         c = header["content"]
-        if int(c.get("type", OE_TTL_TYPE)) != OE_TTL_TYPE or len(frames) < 3 or len(frames[2]) < 2:
+        if int(c.get("type", OE_TTL_TYPE)) != OE_TTL_TYPE or len(frames) < 3 or len(_raw(frames[2])) < 2:
             return OeMessage("other", int(c.get("sample_num", 0)), None, str(c.get("stream", "")), "zmq_interface", num)
-        payload = bytes(frames[2])
+        payload = _raw(frames[2])
         return OeMessage("ttl", int(c["sample_num"]), None, str(c.get("stream", "")), "zmq_interface", num,
                          source_node=int(c.get("source_node", 0)), line=payload[0], state=bool(payload[1]))
     raise ValueError(f"ZMQ Interface header type {kind!r} is not data, event or spike")
+
+
+def _raw(frame: Any) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
 
 
 def _event_broadcaster(frames: list[bytes]) -> OeMessage | None:
@@ -224,7 +229,8 @@ class OpenEphysSource(AcquisitionSource):
                 sock.connect(endpoint)
             except zmq.ZMQError as exc:
                 sock.close(0)
-                raise AdapterError(f"rig config sources.openephys.endpoints: cannot connect to {endpoint!r}: {exc}") from None
+                raise AdapterError(f"rig config sources.openephys.endpoints: cannot connect to {endpoint!r}: "
+                                   f"{exc}") from None
             self._socks.append(sock)
         self._closing.clear()
         self._thread = threading.Thread(target=self._receive, name="cloop-openephys-rx", daemon=True)
@@ -252,9 +258,9 @@ class OpenEphysSource(AcquisitionSource):
                     more = True
                     while more:  # in short batches, so the presenter never waits long for the lock
                         with self.lock:
-                            for _ in range(256):
+                            for _ in range(64):
                                 try:
-                                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                                 except zmq.Again:
                                     more = False
                                     break
