@@ -212,6 +212,7 @@ class OpenEphysSource(AcquisitionSource):
         self._thread: threading.Thread | None = None
         self._rx_error: str | None = None
         self._keys: dict[tuple[str, int, str, int], str] = {}
+        self._index_of: dict[tuple[str, int, str, int], int] = {}
 
     # ------------------------------------------------------------------ stream
     def _connect(self) -> None:
@@ -257,6 +258,8 @@ class OpenEphysSource(AcquisitionSource):
                         continue
                     more = True
                     while more:  # in short batches, so the presenter never waits long for the lock
+                        while self.lock_wanted.is_set() and not self._closing.is_set():
+                            time.sleep(0.0002)  # the presenter takes its turn first
                         with self.lock:
                             for _ in range(64):
                                 try:
@@ -276,6 +279,8 @@ class OpenEphysSource(AcquisitionSource):
             log.warning("%s", text)
 
     def _on_frames(self, sock_index: int, frames: list[bytes], received: float) -> None:
+        if self.sample_rate is not None and len(frames) == 3 and self._fast_spike(sock_index, frames, received):
+            return
         try:
             msg = parse_frames(frames)
         except (ValueError, KeyError, TypeError, IndexError) as exc:
@@ -320,6 +325,52 @@ class OpenEphysSource(AcquisitionSource):
                 self.unmapped[key] += 1
             else:
                 self.events.add(t, index)
+
+    def _units_changed(self) -> None:
+        self._index_of.clear()
+        self.events.clear()
+
+    def _fast_spike(self, sock_index: int, frames: list[Any], received: float) -> bool:
+        """The same as the general path for a ZMQ Interface spike (nearly all traffic), at half the cost."""
+        if _raw(frames[0]) != b"EVENT\x00":
+            return False
+        try:
+            header = _loads(_raw(frames[1]))
+            if header.get("type") != "spike":
+                return False
+            spike = header["spike"]
+            sample = int(spike["sample_num"])
+            ident = (str(spike["electrode"]), int(spike.get("sorted_id", 0)), str(spike.get("stream", "")),
+                     int(spike.get("source_node", 0)))
+            num = header.get("message_num")
+        except (ValueError, KeyError, TypeError):
+            return False  # the general path reports it
+        assert self.sample_rate is not None
+        t = sample / self.sample_rate
+        self.last_rx = received
+        self.messages += 1
+        self.formats.add("zmq_interface")
+        if isinstance(num, int):
+            last = self._last_num.get(sock_index)
+            if last is not None and num == last[0] + 1:
+                self._last_num[sock_index] = (num, t)
+            else:
+                self._check_sequence(sock_index, num, t)
+        if self.cfg.stream is not None and ident[2] != self.cfg.stream:
+            return True
+        self.progress = max(self.progress, t - self.cfg.block_s - self.cfg.settle_s)
+        self.clock.add(received, t)
+        index = self._index_of.get(ident, -2)
+        if index == -2:
+            key = self.cfg.unit_key.format(electrode=ident[0], sorted_id=ident[1], stream=ident[2],
+                                           source_node=ident[3])
+            index = self._index_of[ident] = self.unit_index.get(key, -1)
+            self._keys[ident] = key
+        if index < 0:
+            self.unmapped[self._keys[ident]] += 1
+        else:
+            self.events.add(t, index)
+        return True
 
     def _check_sequence(self, sock_index: int, num: int, t: float) -> None:
         last = self._last_num.get(sock_index)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import yaml
@@ -278,6 +279,9 @@ class AcquisitionSource(ResponseSource):
         self.messages = 0
         self.lock = threading.RLock()
         """Held while the stream's state is read or changed (a source may receive on its own thread)."""
+        self.lock_wanted = threading.Event()
+        """Set while the presenter waits for :attr:`lock`: a busy receiver thread must step aside (Python
+        locks are not fair, and a flood of messages would otherwise keep the presenter waiting)."""
         self._pending: _Pending | None = None
 
     # -- what a concrete source provides
@@ -293,6 +297,9 @@ class AcquisitionSource(ResponseSource):
     def _align(self, pending: _Pending, now: float) -> Alignment | None:
         """Map the pending onset onto the acquisition clock, or None while still waiting (e.g. for a TTL)."""
 
+    def _units_changed(self) -> None:
+        """A new session's unit list is in :attr:`unit_index` (drop anything cached from the last one)."""
+
     def _values(self, start: float, end: float) -> list[Any]:
         """The population vector over [start, end); default: event counts per unit."""
         assert self.window is not None
@@ -304,14 +311,16 @@ class AcquisitionSource(ResponseSource):
     # -- ResponseSource
     def start(self, session: SessionInfo) -> None:
         self.window = parse_population_window(session.protocol_text)
-        self.unit_index = {self.settings.unit_map.get(uid, uid): i for i, uid in enumerate(self.window.unit_ids)}
+        with self._locked():
+            self.unit_index = {self.settings.unit_map.get(uid, uid): i for i, uid in enumerate(self.window.unit_ids)}
+            self._units_changed()
         self._connect()
 
     def begin(self, cmd: Trial, onset: float) -> None:
         if self.window is None:
             raise AdapterError(f"{self.name} response source: no session started")
         # called right after the onset flip: nothing slow here (the next frame is due), data waits for poll
-        with self.lock:
+        with self._locked():
             self._pending = _Pending(cmd=cmd, onset=float(onset), begun=time.time())
 
     def poll(self, now: float) -> dict[str, Any] | None:
@@ -319,7 +328,7 @@ class AcquisitionSource(ResponseSource):
         if pending is None:
             return None
         try:
-            with self.lock:
+            with self._locked():
                 self._pump()
                 return self._finish(pending, now)
         except AdapterError:
@@ -345,6 +354,13 @@ class AcquisitionSource(ResponseSource):
             raise AcquisitionLate(f"{self.name}: the stream had not passed the end of the response window "
                                   f"{self.settings.max_delay_s:g} s after it closed (behind by {behind:.3f} s)")
         return None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.lock_wanted.set()
+        with self.lock:
+            self.lock_wanted.clear()
+            yield
 
     def _payload(self, pending: _Pending, alignment: Alignment, start: float, end: float,
                  now: float) -> dict[str, Any]:
