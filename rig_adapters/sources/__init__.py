@@ -15,7 +15,7 @@ The payload is ``{"value": [count or mean per unit, protocol unit order], "align
 ``alignment`` records how onset was mapped and how uncertain that mapping is, and is stored with
 the trial. A window the stream has not passed yet is never reported: the trial fails with an
 :class:`~rig_adapters.sources.window.AcquisitionError` whose ``code`` says why (late, stalled,
-gap, sync missing) and the orchestrator retries it per the protocol. See docs/acquisition.md.
+gap, sync missing, clock mismatch) and the orchestrator retries it per the protocol. See docs/acquisition.md.
 """
 
 from rig_adapters.sources.window import (
