@@ -305,3 +305,12 @@ def test_lost_and_restarted_sequences_are_gaps() -> None:
     assert len(src.gaps) == 1 and "2 message(s) lost" in src.gaps[0][2]
     src._on_frames(0, _zmq_data(1, 0, 300), 1.0)  # the GUI restarted acquisition
     assert src._restarted and "restarted" in src._restarted
+
+
+def test_spikes_before_the_sample_rate_is_known_make_their_time_a_gap() -> None:
+    src = OpenEphysSource(RigConfig(), settings=OpenEphysSettings(endpoints=["tcp://127.0.0.1:1"]))
+    src._on_frames(0, _zmq_spike(1, 90000, "E1"), 1.0)  # no rate yet: cannot be placed
+    assert src.bad_messages == 1 and not src.gaps
+    src._on_frames(0, _zmq_data(2, 90000, 300), 1.0)
+    lo, hi, why = src.gaps[0]
+    assert lo == float("-inf") and hi >= 3.0 and "sample rate" in why

@@ -213,6 +213,8 @@ class OpenEphysSource(AcquisitionSource):
         self._rx_error: str | None = None
         self._keys: dict[tuple[str, int, str, int], str] = {}
         self._index_of: dict[tuple[str, int, str, int], int] = {}
+        self._unplaced = -1
+        """Latest sample number of spikes dropped while the sample rate was unknown (-1: none)."""
 
     # ------------------------------------------------------------------ stream
     def _connect(self) -> None:
@@ -296,10 +298,16 @@ class OpenEphysSource(AcquisitionSource):
             self.sample_rate = msg.sample_rate
         fs = self.sample_rate
         if fs is None:
+            # a ZMQ Interface spike before the first data header: it cannot be placed in time
+            self._unplaced = max(self._unplaced, msg.sample_number)
             self.bad_messages += 1
-            self._warn_once("rate", "openephys: message without a sample rate: set sources.openephys.sample_rate_hz")
+            self._warn_once("rate", "openephys: spikes before any message with a sample rate are not counted "
+                                    "(set sources.openephys.sample_rate_hz, or select a continuous channel)")
             return
         t = msg.sample_number / fs
+        if self._unplaced >= 0:  # no window that could have held them is ever reported
+            self.gaps.append((-math.inf, self._unplaced / fs + self.cfg.block_s, "spikes before the sample rate"))
+            self._unplaced = -1
         if msg.message_num is not None:
             self._check_sequence(sock_index, msg.message_num, t)
         if self.cfg.stream is not None and msg.stream != self.cfg.stream:
