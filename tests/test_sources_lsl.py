@@ -107,7 +107,8 @@ def test_time_correction_alignment_without_markers() -> None:
         payload = wait_for_response(src, cmd, onset)
         a = payload["alignment"]
         assert a["method"] == "time_correction"
-        assert a["onset_acq_s"] == pytest.approx(to_stream(emu, onset), abs=1e-3)
+        # two independent epoch -> LSL clock readings (here and in the source) under a loaded machine
+        assert a["onset_acq_s"] == pytest.approx(to_stream(emu, onset), abs=3e-3 + a["uncertainty_s"])
         assert 0 < a["uncertainty_s"] < 0.01
         assert payload["value"] == true_counts(stamps, units, a["onset_acq_s"] + LATENCY_S, list(range(6)), 6)
     finally:
