@@ -107,7 +107,7 @@ def test_clock_offset_mapping_without_ttl_is_explicit_and_close() -> None:
             a = payload["alignment"]
             assert a["method"] == "clock_offset"
             true_onset_acq = onset - emu.acq_start_epoch
-            # biased late by the smallest transport delay only (about a millisecond here, loaded)
+            # early by the smallest transport delay only (about a millisecond here, loaded)
             assert a["onset_acq_s"] - true_onset_acq == pytest.approx(0.0, abs=5e-3)
             assert a["uncertainty_s"] > 0
             assert payload["value"] == expected(emu, order, a["onset_acq_s"])

@@ -8,8 +8,8 @@ Two ways, best first:
   estimate predicts it, and never uses one edge for two trials.
 - **Clock offset**: without such an event, ``epoch = acq + offset`` is estimated from the stream
   itself. :class:`OffsetEstimator` keeps ``receipt time - acquisition time`` of recent messages;
-  its minimum is the offset plus the smallest transport delay (NTP's reasoning), so the mapping is
-  late by at most that delay and the spread of the recent values is reported as the uncertainty.
+  its minimum is the offset plus the smallest transport delay (NTP's reasoning), so an onset lands
+  at most that delay early on the acquisition clock; the spread of recent values is the uncertainty.
   LSL streams use liblsl's ``time_correction`` instead (see :mod:`rig_adapters.sources.lsl`).
 """
 
