@@ -218,6 +218,9 @@ class RigConfig(_Strict):
     stimulator: StimulatorConfig | None = None
     zmq: ZmqSourceConfig | None = None
     image_limits: ImageLimits = Field(default_factory=ImageLimits)
+    sources: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Settings of plugin response sources by source name (e.g. ``openephys``, ``lsl``); each
+    source validates its own section when it is selected, naming the field at fault."""
 
 
 def load_rig_config(path: str | Path | None) -> RigConfig:
