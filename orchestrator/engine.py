@@ -80,17 +80,17 @@ def replay_history(store: TrialStore, session_id: str, comparison: ModelComparis
     A crash between recording a response and recording the posterior after it leaves that trial
     without model state; replay fills it in, so every finished trial has one.
     """
-    missing = {m["trial_id"] for m in store.model_states(session_id)
-               if m["probabilities"] is None and m["status"] in ("completed", "invalid", "failed")}
+    missing = {m.trial_id for m in store.model_states(session_id)
+               if m.probabilities is None and m.status in ("completed", "invalid", "failed")}
     if not missing:
         for stimulus, value in store.observations(session_id):
             comparison.update(stimulus, value)
         return
     for trial in store.trials(session_id):
-        if trial["status"] == "completed":
-            comparison.update(trial["stimulus"], trial["value"])
-        if trial["id"] in missing:
-            store.record_model_state(trial["id"], comparison.probabilities(), comparison.summary())
+        if trial.status == "completed":
+            comparison.update(trial.stimulus, trial.value)
+        if trial.id in missing:
+            store.record_model_state(trial.id, comparison.probabilities(), comparison.summary())
 
 
 def run_session(
@@ -131,8 +131,8 @@ def run_session(
 
         if in_flight:  # reconcile: same trial id again, so a rig that presented it answers from its cache
             trial = in_flight.pop(0)
-            trial_id, index = trial["id"], trial["index"]
-            decision = Decision(trial["stimulus"], "resumed", "re-dispatched after an orchestrator restart", None, 0.0)
+            trial_id, index = trial.id, trial.index
+            decision = Decision(trial.stimulus, "resumed", "re-dispatched after an orchestrator restart", None, 0.0)
         else:
             decision = design.propose(comparison, index)
             trial_id = store.plan_trial(session_id, index, decision)

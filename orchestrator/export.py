@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import io
 import json
 import os
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator
 
+from orchestrator.columns import RECORD_COLUMNS, TIME_COLUMNS, flatten
 from orchestrator.store import StoreError, iso, json_safe
 
 if TYPE_CHECKING:
@@ -21,14 +24,46 @@ if TYPE_CHECKING:
 
     from orchestrator.analysis import SessionData
 
-TIME_COLUMNS = ("planned_at", "dispatched_at", "presented_at", "responded_at", "recorded_at")
-RECORD_COLUMNS = ("index", "trial_id", "status", "attempts", "stimulus", "value", "response", "error", "rig_id",
-                  *TIME_COLUMNS)
 FORMATS = ("csv", "parquet", "nwb")
 
 
 class ExportError(StoreError):
     """The export cannot be made (empty session, unwritable path, missing optional package)."""
+
+
+#: Optional packages and the extra of cloop that installs them.
+EXTRAS = {"pyarrow": "analysis", "pynwb": "analysis", "hdmf": "analysis", "matplotlib": "analysis",
+          "psycopg": "postgres"}
+#: What each file suffix means when ``--format`` is not given.
+SUFFIX_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".nwb": "nwb"}
+
+
+def need(module: str, feature: str) -> ModuleType:
+    """Import an optional package, or raise ExportError naming the extra that installs it."""
+    top = module.split(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != top:
+            raise
+        extra = EXTRAS.get(top, "analysis")
+        raise ExportError(f"{feature} needs the optional package {top}: pip install 'cloop[{extra}]'") from None
+
+
+def format_from_suffix(output: str | os.PathLike[str]) -> str:
+    """The export format a file name asks for (``x.parquet`` -> parquet), or ExportError."""
+    suffix = Path(output).suffix.lower()
+    if suffix not in SUFFIX_FORMATS:
+        raise ExportError(f"cannot tell the export format from {str(output)!r}; "
+                          f"give --format ({', '.join(FORMATS)}) or name the file .csv, .parquet or .nwb")
+    return SUFFIX_FORMATS[suffix]
+
+
+def file_mode() -> int:
+    """Permissions of a new export: 0666 minus the process umask, as `open()` would create it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,17 +77,6 @@ def trial_record(trial: dict[str, Any]) -> dict[str, Any]:
     for k in TIME_COLUMNS:
         rec[k] = iso(trial.get(k))
     return rec
-
-
-def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    """Dotted-key flattening of nested dicts (lists are kept as JSON text)."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            flatten(f"{prefix}.{k}", v, out)
-    elif isinstance(value, (list, tuple)):
-        out[prefix] = json.dumps(json_safe(value))
-    else:
-        out[prefix] = value
 
 
 def flat_records(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -114,7 +138,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -138,6 +162,10 @@ def export_session(db_url: str | None, session: str, fmt: str, output: str | os.
         raise ExportError(f"unknown export format {fmt!r} (use one of {', '.join(FORMATS)})")
     output = Path(output)
     _check_writable(output)
+    if fmt == "parquet":
+        need("pyarrow", "Parquet export")
+    elif fmt == "nwb":
+        need("pynwb", "NWB export")
     data = load_session(db_url, session)
     if data.trials.empty:
         raise ExportError(f"session {data.session_id} has no trials; nothing to export")
@@ -328,7 +356,7 @@ def _nwb_value(dtype: Any, v: Any) -> Any:
 
 def read_export(path: str | os.PathLike[str], fmt: str | None = None) -> "pd.DataFrame":
     """Read the trials table of a csv / parquet / nwb export back as the analysis DataFrame."""
-    from orchestrator.analysis import normalize_frame, time_column, typed_column
+    from orchestrator.columns import normalize_frame, time_column, typed_column
 
     import pandas as pd
 

@@ -16,7 +16,7 @@ from orchestrator import code_version
 from orchestrator.engine import SessionControl, SessionResult, TrialReport, run_session
 from orchestrator.control import SessionController
 from orchestrator.protocol import LoadedProtocol, parse_protocol_text
-from orchestrator.store import TrialStore, upgrade
+from orchestrator.store import TrialStore, check_subject_name, upgrade
 
 log = logging.getLogger("cloop.session")
 
@@ -69,6 +69,7 @@ def new_seed() -> int:
 
 def register_session(request: SessionRequest, loaded: LoadedProtocol) -> tuple[str, int]:
     """Migrate the database, store protocol/subject/session rows; return (session id, seed)."""
+    check_subject_name(request.subject)  # before anything is written (the column holds 200 characters)
     upgrade(request.db_url)
     store = TrialStore(request.db_url)
     try:
@@ -97,12 +98,12 @@ def request_for_resume(db_url: str, session: str, **overrides: object) -> tuple[
         row = store.session(session)
     finally:
         store.close()
-    stored = dict((row.get("meta") or {}).get("request") or {})
-    stored.update(db_url=db_url, seed=row["seed"])
+    stored = dict((row.meta or {}).get("request") or {})
+    stored.update(db_url=db_url, seed=row.seed)
     stored.update({k: v for k, v in overrides.items() if v is not None})
     known = set(SessionRequest.__dataclass_fields__)
     request = SessionRequest(**{k: v for k, v in stored.items() if k in known})
-    return request, row["id"], int(row["seed"])
+    return request, row.id, int(row.seed)
 
 
 def execute_session(
@@ -126,7 +127,7 @@ def execute_session(
 
     store = TrialStore(request.db_url)
     # The session runs the protocol text stored when it was registered, never a file edited since.
-    loaded = loaded or parse_protocol_text(store.session(session_id)["protocol_text"], source=request.protocol_path)
+    loaded = loaded or parse_protocol_text(store.session(session_id).protocol_text, source=request.protocol_path)
     protocol = loaded.protocol
     controller = control or SessionController(store).install_sigint()
     timeout = request.wait_for_rig_s if request.wait_for_rig_s is not None else protocol.rig.wait_for_rig_s
@@ -179,7 +180,7 @@ def execute_session(
             )
     except BaseException:
         # Leave a truthful status behind; a resumable session stays resumable.
-        status = store.session(session_id)["status"]
+        status = store.session(session_id).status
         if bound and status not in ("completed", "stopped", "no_rig"):
             store.set_session_status(session_id, "interrupted")
         elif not bound:  # e.g. the address is in use: a new session never ran; a live one is not ours

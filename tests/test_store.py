@@ -71,9 +71,10 @@ def test_trial_lifecycle_is_written_before_dispatch_and_completed_after(store: s
     store.mark_dispatched(tid, 2, None)
 
     presented = dt.datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=dt.timezone.utc)
-    timing = {"worker": {"presented_at": 100.5, "responded_at": 101.0},
-              "mapped": {"presented_at": presented.timestamp(), "responded_at": presented.timestamp() + 0.5}}
-    store.complete_trial(tid, {"rig_id": "rig-9", "response": {"value": 6, "rt_s": 0.4}, "timing": timing}, 6.0, None)
+    worker = {"presented_at": 100.5, "responded_at": 101.0}
+    mapped = {"presented_at": presented.timestamp(), "responded_at": presented.timestamp() + 0.5}
+    store.complete_trial(tid, {"rig_id": "rig-9", "response": {"value": 6, "rt_s": 0.4}, "timing": worker,
+                               "mapped_timing": mapped}, 6.0, None)
     (row,) = store.trials("latest")
     assert row["status"] == "completed" and row["value"] == 6.0 and row["attempts"] == 2
     assert row["response"] == {"value": 6, "rt_s": 0.4} and row["rig_id"] == "rig-9"
@@ -207,7 +208,7 @@ def test_cli_db_upgrade_sessions_and_trials(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("CLOOP_DB", f"sqlite:///{db}")  # no --db: the env var is used
     res = runner.invoke(app, ["db", "upgrade"])
     assert res.exit_code == 0, res.output
-    assert res.stdout.strip() == f"database sqlite:///{db} is at revision 0001 (head)"
+    assert res.stdout.strip() == f"database sqlite:///{db} is at revision {st.head_revision()} (head)"
     res = runner.invoke(app, ["sessions"])
     assert res.exit_code == 0 and "no sessions yet" in res.stdout
 
