@@ -117,6 +117,10 @@ def cmd_resume(
             raise _fail(str(exc)) from None
         if row.status in FINISHED_STATUSES:
             raise _fail(f"session {row.id} is already {row.status}; nothing to resume")
+        holder = store.live_holder(row.id)
+        if holder is not None:
+            raise _fail(f"session {row.id} is being run by another orchestrator ({holder}); "
+                        f"stop it first (`cloop stop {row.id[:8]}`)")
         open_trials = store.open_trials(row.id)
         # Nothing is written here: only once the rig address is bound (proof that no orchestrator of this
         # session runs on this machine) does the session drop a pause from before the crash; a stop
@@ -160,6 +164,10 @@ def _run(request, session_id: str, seed: int, loaded, prefect: bool) -> None:  #
         with ProgressDisplay(max_trials) as display, observing(display):
             summary = _execute(request, session_id, seed, loaded, prefect)
     except NoRigError as exc:
+        raise _fail(str(exc), RUN_FAILED) from None
+    except st.LeaseHeld as exc:
+        raise _fail(str(exc)) from None
+    except st.LeaseLost as exc:
         raise _fail(str(exc), RUN_FAILED) from None
     except SecurityError as exc:
         raise _fail(str(exc)) from None

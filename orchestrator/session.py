@@ -16,9 +16,13 @@ from orchestrator import code_version
 from orchestrator.engine import SessionControl, SessionResult, TrialReport, run_session
 from orchestrator.control import SessionController
 from orchestrator.protocol import LoadedProtocol, parse_protocol_text
-from orchestrator.store import TrialStore, check_subject_name, upgrade
+from orchestrator.store import LeaseKeeper, LeaseLost, TrialStore, check_subject_name, upgrade
 
 log = logging.getLogger("cloop.session")
+
+#: Seconds a session's lease outlives its last renewal (renewed every third of it); a killed
+#: orchestrator's lease is free at once on the same host, after this long from another one.
+LEASE_TTL_S = 15.0
 
 
 class SessionObserver(TypingProtocol):
@@ -129,6 +133,12 @@ def execute_session(
     # The session runs the protocol text stored when it was registered, never a file edited since.
     loaded = loaded or parse_protocol_text(store.session(session_id).protocol_text, source=request.protocol_path)
     protocol = loaded.protocol
+    lease = LeaseKeeper(store, session_id, ttl_s=LEASE_TTL_S)
+    try:
+        lease.acquire()  # LeaseHeld: another live orchestrator runs this session; nothing is written
+    except BaseException:
+        store.close()
+        raise
     controller = control or SessionController(store).install_sigint()
     timeout = request.wait_for_rig_s if request.wait_for_rig_s is not None else protocol.rig.wait_for_rig_s
     bound = False  # until the rig address is ours, a failure says nothing about this session's state
@@ -162,6 +172,7 @@ def execute_session(
             for rig in found:
                 store.upsert_rig(rig.as_dict())
             def notify(report: TrialReport) -> None:
+                lease.check()  # a trial boundary: stop at once if another orchestrator took over
                 if on_trial is not None:
                     on_trial(report)
                 for observer in list(_observers):
@@ -178,6 +189,8 @@ def execute_session(
                 control=controller,
                 on_trial=notify,
             )
+    except LeaseLost:
+        raise  # the session belongs to its new holder now: leave its status alone
     except BaseException:
         # Leave a truthful status behind; a resumable session stays resumable.
         status = store.session(session_id).status
@@ -187,6 +200,7 @@ def execute_session(
             store.transition_status(session_id, ("created",), "interrupted")
         raise
     finally:
+        lease.release()
         if isinstance(controller, SessionController):
             controller.uninstall_sigint()
         store.close()

@@ -160,11 +160,21 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "LeaseKeeper":
+    def acquire(self) -> "LeaseKeeper":
+        """Take the lease (LeaseHeld if a live orchestrator has it) and start renewing it."""
         self.holder = self.store.acquire_lease(self.session_id, ttl_s=self.ttl_s)
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.session_id[:8]}", daemon=True)
         self._thread.start()
         return self
+
+    def check(self) -> None:
+        """Raise LeaseLost if a renewal found the lease taken (called at trial boundaries)."""
+        if self.lost.is_set():
+            raise LeaseLost(f"session {self.session_id}: this orchestrator lost its lease; stopping without "
+                            f"further writes")
+
+    def __enter__(self) -> "LeaseKeeper":
+        return self.acquire()
 
     def renew(self) -> None:
         """Renew now (also called at trial boundaries); raises LeaseLost if it is gone."""
@@ -186,6 +196,10 @@ class LeaseKeeper:
                 log.warning("lease renewal of session %s failed: %s", self.session_id, exc)
 
     def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Stop renewing and give the lease up (a lost lease is left to its new holder)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
