@@ -14,9 +14,12 @@ or ``"latest"``.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from orchestrator.columns import (
@@ -30,11 +33,11 @@ from orchestrator.columns import (
     time_column,
     typed_column,
 )
-from orchestrator.store import SessionRecord, TrialRecord, TrialStore, resolve_url
+from orchestrator.store import SessionRecord, StoreError, TrialRecord, TrialStore, resolve_url
 
 __all__ = ["TIME_COLUMNS", "TRIAL_HEAD", "TRIAL_TAIL", "SessionData", "decisions", "load_session",
            "model_probabilities", "normalize_frame", "numeric_or_none", "parameter_summaries",
-           "population_responses", "sessions", "time_column", "trials", "trials_frame", "typed_column"]
+           "population_responses", "sessions", "stimulus_images", "unit_ids", "time_column", "trials", "trials_frame", "typed_column"]
 
 
 @dataclass
@@ -50,6 +53,8 @@ class SessionData:
     attempts: pd.DataFrame
     models: list[str] = field(default_factory=list)
     rows: list[TrialRecord] = field(default_factory=list)  # the store's trial records, unflattened
+    population_ids: list[int] = field(default_factory=list)  # trial ids of the rows of `population`
+    population: np.ndarray | None = None  # trials x units (population sessions only)
 
     @property
     def session_id(self) -> str:
@@ -101,6 +106,7 @@ def load_session(db_url: str | None = None, session: str = "latest") -> SessionD
         trial_rows = store.trials(sid)
         states = store.model_states(sid)
         attempt_rows = store.attempt_rows(sid)
+        population_ids, population = store.population_responses(sid)
     trials_df = trials_frame(trial_rows)
 
     models: list[str] = []
@@ -150,7 +156,8 @@ def load_session(db_url: str | None = None, session: str = "latest") -> SessionD
         "dispatched_at": time_column([a.dispatched_at for a in attempt_rows]),
         "finished_at": time_column([a.finished_at for a in attempt_rows]),
     })
-    return SessionData(info, trials_df, prob, decisions, parameters, evidence, att, models, trial_rows)
+    return SessionData(info, trials_df, prob, decisions, parameters, evidence, att, models, trial_rows,
+                       population_ids, population if population_ids else None)
 
 
 def _num(v: Any) -> float:
@@ -198,3 +205,80 @@ def sessions(db_url: str | None = None) -> pd.DataFrame:
     for c in ("started_at", "stopped_at"):
         df[c] = time_column(list(df[c]))
     return df
+
+
+# --------------------------------------------------------------------------------------------
+# population responses and image stimuli
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def unit_ids(protocol_text: str, n_units: int) -> list[Any]:
+    """The protocol's unit ids (``response.units`` as a list), else 0..N-1."""
+    try:
+        import yaml
+
+        units = ((yaml.safe_load(protocol_text) or {}).get("response") or {}).get("units")
+    except Exception:  # an unparsable stored text still has its data
+        units = None
+    if isinstance(units, list) and len(units) == n_units:
+        return list(units)
+    return list(range(n_units))
+
+
+def population_responses(db_url: str | None = None, session: str = "latest") -> tuple[pd.DataFrame, np.ndarray]:
+    """A population session's responses: (trial metadata DataFrame, trials x units float64 array).
+
+    Row i of the array is the response of the trial in row i of the frame (completed trials with
+    a stored vector, in trial order); NaN marks a unit masked on that trial. The frame has the
+    columns of `trials` plus ``n_units`` and ``n_masked``; ``frame.attrs["units"]`` names the
+    array's columns (the protocol's unit ids, else 0..N-1).
+    """
+    with TrialStore(resolve_url(db_url)) as store:
+        info = store.session(session)
+        rows = {r.id: r for r in store.trials(info.id)}
+        ids, responses = store.population_responses(info.id)
+    meta = trials_frame([rows[i] for i in ids])
+    meta["n_units"] = pd.Series([responses.shape[1]] * len(ids), dtype="int64")
+    meta["n_masked"] = pd.Series(np.isnan(responses).sum(axis=1) if ids else [], dtype="int64")
+    meta.attrs["units"] = unit_ids(info.protocol_text or "", responses.shape[1])
+    meta.attrs["session_id"] = info.id
+    return meta, responses
+
+
+def image_refs(stimuli: list[Any]) -> list[str]:
+    """The sha256 image references (``{"image": hex}``) among stimuli, first-seen order, no repeats."""
+    seen: dict[str, None] = {}
+    for stim in stimuli:
+        ref = stim.get("image") if isinstance(stim, dict) else None
+        if isinstance(ref, str) and _SHA256.match(ref):
+            seen.setdefault(ref, None)
+    return list(seen)
+
+
+def stimulus_images(db_url: str | None = None, session: str = "latest",
+                    artifacts: str | Path | None = None) -> dict[str, np.ndarray]:
+    """The exact uint8 pixels of every image a session showed, by sha256.
+
+    Images live in the artifact store beside a SQLite database (``<db path>.artifacts/``), or
+    where `artifacts` / ``$CLOOP_ARTIFACTS`` says (PostgreSQL sessions).
+    """
+    url = resolve_url(db_url)
+    with TrialStore(url) as store:
+        refs = image_refs([t.stimulus for t in store.trials(session)])
+    if not refs:
+        return {}
+    return load_images(url, refs, artifacts)
+
+
+def load_images(db_url: str, refs: list[str], artifacts: str | Path | None = None) -> dict[str, np.ndarray]:
+    """Read image artifacts by sha256 (each verified against its hash by the artifact store)."""
+    try:
+        from orchestrator.artifacts import ArtifactError, ArtifactStore
+    except ImportError:
+        raise StoreError("this session references image artifacts, but this cloop has no artifact store") from None
+    images = ArtifactStore.for_database(db_url, artifacts)
+    try:
+        return {sha: images.get(sha) for sha in refs}
+    except ArtifactError as exc:
+        raise StoreError(str(exc)) from None

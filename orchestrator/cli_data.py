@@ -171,6 +171,9 @@ def cmd_export(
     age: Optional[str] = typer.Option(None, help="NWB only: subject age as ISO 8601 duration, e.g. P25Y."),
     experimenter: Optional[str] = typer.Option(None, help="NWB only: experimenter name."),
     institution: Optional[str] = typer.Option(None, help="NWB only: institution."),
+    artifacts: Optional[Path] = typer.Option(
+        None, "--artifacts", help="NWB only: directory of the session's image artifacts "
+        "(default: $CLOOP_ARTIFACTS, else <sqlite file>.artifacts)."),
 ) -> None:
     """Export one session's trials (and metadata) to CSV, Parquet or NWB."""
     from orchestrator import export
@@ -184,7 +187,7 @@ def cmd_export(
     if sex is not None and sex not in ("M", "F", "U", "O"):
         raise fail(f"--sex must be one of M, F, U, O (got {sex!r})")
     with user_errors():
-        path = export.export_session(st.resolve_url(db), session, fmt.value, output,
+        path = export.export_session(st.resolve_url(db), session, fmt.value, output, artifacts=artifacts,
                                      **({k: v for k, v in nwb.items() if v is not None} if fmt is ExportFormat.nwb else {}))
     typer.echo(f"wrote {path}")
 

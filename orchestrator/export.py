@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator
 
 from orchestrator.columns import RECORD_COLUMNS, TIME_COLUMNS, flatten
-from orchestrator.store import StoreError, iso, json_safe
+from orchestrator.store import StoreError, iso, json_safe, resolve_url
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -150,13 +150,14 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 # session export
 
 
-def export_session(db_url: str | None, session: str, fmt: str, output: str | os.PathLike[str], **nwb_options: Any) -> Path:
+def export_session(db_url: str | None, session: str, fmt: str, output: str | os.PathLike[str], *,
+                   artifacts: str | os.PathLike[str] | None = None, **nwb_options: Any) -> Path:
     """Write one session to ``output`` as csv, parquet or nwb; returns the path written.
 
     Raises ExportError for an empty session, an unknown format or an unwritable path; the
     target is only replaced once the file is complete.
     """
-    from orchestrator.analysis import load_session
+    from orchestrator.analysis import image_refs, load_images, load_session
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r} (use one of {', '.join(FORMATS)})")
@@ -169,6 +170,9 @@ def export_session(db_url: str | None, session: str, fmt: str, output: str | os.
     data = load_session(db_url, session)
     if data.trials.empty:
         raise ExportError(f"session {data.session_id} has no trials; nothing to export")
+    if fmt == "nwb":
+        refs = image_refs([r.stimulus for r in data.rows])
+        nwb_options["images"] = load_images(resolve_url(db_url), refs, artifacts) if refs else {}
     writer = {"csv": write_csv, "parquet": write_parquet, "nwb": write_nwb}[fmt]
     with atomic_path(output) as tmp:
         writer(data, tmp, **(nwb_options if fmt == "nwb" else {}))
@@ -222,11 +226,12 @@ NWB_TIME_COLUMNS = {k: k.replace("_at", "_time") for k in TIME_COLUMNS}
 
 def write_nwb(data: "SessionData", path: Path, *, species: str | None = None, sex: str | None = None,
               age: str | None = None, experimenter: str | None = None, institution: str | None = None,
-              lab: str | None = None) -> None:
+              lab: str | None = None, images: dict[str, Any] | None = None) -> None:
     """NWB 2 file: trials table (stimulus, responses, onset/offset), subject, protocol text, model states.
 
     Subject species/sex/age are not known to cloop; pass them (sex defaults to "U", unknown) or
-    nwbinspector will report them missing. Model states go to ``processing["misc"]``.
+    nwbinspector will report them missing. Model states go to ``processing["misc"]``; population
+    responses and image pixels as `orchestrator.export_population` describes.
 
     ``start_time``/``stop_time`` are stimulus onset and response (seconds since session start);
     for trials never presented they fall back to dispatch/plan and record times. Exact times of
@@ -238,6 +243,8 @@ def write_nwb(data: "SessionData", path: Path, *, species: str | None = None, se
     from hdmf.common import DynamicTable, VectorData
     from pynwb import NWBHDF5IO, NWBFile
     from pynwb.file import Subject
+
+    from orchestrator.export_population import add_images, add_population
 
     info = data.info
     start: dt.datetime = info["started_at"]
@@ -274,9 +281,11 @@ def write_nwb(data: "SessionData", path: Path, *, species: str | None = None, se
         nwb.add_trial_column(c, _column_description(c))
     for k, name in NWB_TIME_COLUMNS.items():
         nwb.add_trial_column(name, f"{k.replace('_at', '')} time in s since session_start_time (NaN: did not happen)")
+    starts: dict[int, float] = {}
     for row in df.to_dict("records"):
         times = {k: rel(row[k]) for k in TIME_COLUMNS}
         t0 = next((times[k] for k in ("presented_at", "dispatched_at", "planned_at") if not math.isnan(times[k])), 0.0)
+        starts[int(row["trial_id"])] = t0
         t1 = next((times[k] for k in ("responded_at", "recorded_at") if not math.isnan(times[k]) and times[k] >= t0), t0)
         values = {c: _nwb_value(df[c].dtype, row[c]) for c in columns}
         nwb.add_trial(start_time=t0, stop_time=t1, index=int(row["index"]), trial_id=int(row["trial_id"]),
@@ -305,6 +314,8 @@ def write_nwb(data: "SessionData", path: Path, *, species: str | None = None, se
                 VectorData(name="mean", description="posterior mean", data=[float(v) for v in p["mean"]]),
                 VectorData(name="sd", description="posterior standard deviation", data=[float(v) for v in p["sd"]]),
             ]))
+    add_population(nwb, data, starts)
+    add_images(nwb, images or {})
     with NWBHDF5IO(str(path), "w") as io_:
         io_.write(nwb)
 
