@@ -460,7 +460,7 @@ def write_report(db_url: str | None, session: str, output: str | os.PathLike[str
     """Render the HTML report for a session to ``output`` (atomically); optionally also the PNGs."""
     output = Path(output)
     _check_writable(output)
-    need("matplotlib", "The HTML report")
+    need("matplotlib", "the HTML report")
     if png_dir is not None:
         _prepare_png_dir(Path(png_dir))
     data = load_session(db_url, session)

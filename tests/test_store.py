@@ -290,3 +290,58 @@ def test_complete_trial_accepts_transport_outcome(store: st.TrialStore) -> None:
     (att,) = store.attempt_rows(sid)
     assert att["worker_times"] == {"presented_at": 50.0, "responded_at": 50.75}
     assert att["mapped_times"]["responded_at"] == t0 + 0.750123 and att["rig_id"] == "rig-z"
+
+
+def test_reads_return_frozen_records(store: st.TrialStore) -> None:
+    import dataclasses
+
+    sid = _session(store)
+    tid = store.plan_trial(sid, 0, {"stimulus": {"lag": 3}, "strategy": "random"})
+    info, (trial,) = store.session(sid), store.trials(sid)
+    assert isinstance(info, st.SessionRecord) and isinstance(trial, st.TrialRecord)
+    assert trial.id == tid and trial["id"] == tid and trial.get("nope", 7) == 7 and "stimulus" in trial
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trial.status = "completed"  # type: ignore[misc]
+    with pytest.raises(KeyError):
+        info["nope"]
+    assert info.counts == {**{k: 0 for k in st.TRIAL_STATUSES}, "planned": 1}
+    assert [s.value for s in st.SessionStatus] == list(st.SESSION_STATUSES)
+
+
+def test_session_status_changes_follow_the_transition_table(store: st.TrialStore) -> None:
+    sid = _session(store, status="created")
+    for status in ("waiting_for_rig", "running", "pause_requested", "paused", "continue_requested", "running",
+                   "stop_requested", "stopped"):
+        store.set_session_status(sid, status)
+        store.set_session_status(sid, status)  # the same status again is a no-op, not an error
+    assert store.session(sid).status == "stopped"
+    with pytest.raises(st.IllegalTransition, match=f"session {sid} cannot go from 'stopped' to 'running'"):
+        store.set_session_status(sid, "running")  # a finished session is a closed record
+    assert store.session(sid).status == "stopped"
+    with pytest.raises(st.IllegalTransition, match="cannot go from 'completed' to 'running'"):
+        store.transition_status(sid, ("interrupted", "completed"), "running")  # a guard naming a closed state
+    with pytest.raises(st.StoreError, match="not one of"):
+        store.transition_status(sid, ("running",), "bogus")
+    other = _session(store, status="interrupted")
+    assert not store.transition_status(other, ("no_rig",), "running")  # compare-and-set: not in an expected state
+    assert store.transition_status(other, ("interrupted", "no_rig"), "running")
+    assert store.session(other).status == "running"
+    for current, targets in st.LEGAL_TRANSITIONS.items():
+        assert all(t in st.SESSION_STATUSES for t in targets)
+        if current in st.FINISHED:
+            assert targets == frozenset()
+
+
+def test_subject_name_over_the_column_limit_is_one_clear_error(store: st.TrialStore) -> None:
+    assert store.subject("m" * 200) == store.subject("m" * 200)
+    with pytest.raises(st.StoreError, match="^subject name is 201 characters long; at most 200 are allowed$"):
+        store.subject("m" * 201)
+
+
+def test_missing_postgres_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    with pytest.raises(st.StoreError, match=r"^PostgreSQL needs the psycopg driver: pip install 'cloop\[postgres\]'$"):
+        st.make_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
