@@ -141,7 +141,12 @@ def _run_request(request, loaded, prefect: bool, extra_observer=None):  # noqa: 
     from orchestrator.session import NoRigError, observing, register_session
     from orchestrator.transport import TransportError
 
-    session_id, seed = register_session(request, loaded)
+    from orchestrator.store import StoreError
+
+    try:
+        session_id, seed = register_session(request, loaded)
+    except StoreError as exc:  # e.g. a subject name the database cannot hold: nothing was written
+        _fail(str(exc), BAD_INPUT)
     typer.echo(session_id)
     max_trials = request.max_trials or loaded.protocol.stopping.max_trials
     try:

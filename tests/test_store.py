@@ -345,3 +345,18 @@ def test_missing_postgres_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "psycopg2", None)
     with pytest.raises(st.StoreError, match=r"^PostgreSQL needs the psycopg driver: pip install 'cloop\[postgres\]'$"):
         st.make_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def test_cli_run_with_an_overlong_subject_exits_2_and_writes_nothing(tmp_path: Path, cloop_cmd: list[str],
+                                                                     run_env: dict[str, str]) -> None:
+    import subprocess
+
+    from store_factory import REPO
+
+    db = tmp_path / "never.db"
+    res = subprocess.run([*cloop_cmd, "run", str(REPO / "protocols" / "retention.yaml"), "--db", f"sqlite:///{db}",
+                          "--subject", "s" * 201, "--no-prefect", "--insecure", "--wait-for-rig", "1"],
+                         env=run_env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr == "error: subject name is 201 characters long; at most 200 are allowed\n"
+    assert res.stdout == "" and list(tmp_path.glob("never.db*")) == []
