@@ -235,3 +235,20 @@ def test_second_resume_of_a_running_session_is_refused(
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_keeper_notices_a_takeover_and_leaves_the_lease_to_the_new_holder(url: str) -> None:
+    with st.TrialStore(url) as store:
+        sid = _session(store)
+        keeper = st.LeaseKeeper(store, sid, ttl_s=0.3, interval_s=0.05).acquire()
+        keeper._stop.set()  # this holder stalls: no renewals
+        keeper._thread.join()
+        time.sleep(0.4)
+        thief = store.acquire_lease(sid, st.Holder("other-host", 1, "t"), ttl_s=30)
+        with pytest.raises(st.LeaseLost):
+            keeper.renew()
+        assert keeper.lost.is_set()
+        with pytest.raises(st.LeaseLost, match="lost its lease"):
+            keeper.check()
+        keeper.release()
+        assert store.lease(sid).holder == thief.id  # never released on the new holder's behalf
