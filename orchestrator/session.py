@@ -16,7 +16,7 @@ from orchestrator import code_version
 from orchestrator.engine import SessionControl, SessionResult, TrialReport, run_session
 from orchestrator.control import SessionController
 from orchestrator.protocol import LoadedProtocol, parse_protocol_text
-from orchestrator.store import LeaseKeeper, LeaseLost, TrialStore, check_subject_name, upgrade
+from orchestrator.store import LeaseKeeper, LeaseLost, TrialStore, check_subject_name, is_legal, upgrade
 
 log = logging.getLogger("cloop.session")
 
@@ -194,7 +194,7 @@ def execute_session(
     except BaseException:
         # Leave a truthful status behind; a resumable session stays resumable.
         status = store.session(session_id).status
-        if bound and status not in ("completed", "stopped", "no_rig"):
+        if bound and status not in ("completed", "stopped", "no_rig") and is_legal(status, "interrupted"):
             store.set_session_status(session_id, "interrupted")
         elif not bound:  # e.g. the address is in use: a new session never ran; a live one is not ours
             store.transition_status(session_id, ("created",), "interrupted")
