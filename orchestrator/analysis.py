@@ -9,7 +9,8 @@ df.groupby("stimulus.lag")["value"].mean()
 Column names match `cloop trials --format csv` and `cloop export`: ``stimulus.<parameter>``,
 ``response.<field>``, ``value`` (the validated response), timestamps as timezone-aware UTC
 datetimes. Everything reads through `TrialStore`, so ``session`` may be an id, a unique prefix
-or ``"latest"``.
+or ``"latest"``. Population sessions: `population_responses` gives (trial metadata, trials x units
+array); `stimulus_images` the exact pixels of every image shown, by sha256.
 """
 from __future__ import annotations
 
