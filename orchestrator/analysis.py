@@ -9,29 +9,43 @@ df.groupby("stimulus.lag")["value"].mean()
 Column names match `cloop trials --format csv` and `cloop export`: ``stimulus.<parameter>``,
 ``response.<field>``, ``value`` (the validated response), timestamps as timezone-aware UTC
 datetimes. Everything reads through `TrialStore`, so ``session`` may be an id, a unique prefix
-or ``"latest"``.
+or ``"latest"``. Population sessions: `population_responses` gives (trial metadata, trials x units
+array); `stimulus_images` the exact pixels of every image shown, by sha256.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from orchestrator.export import TIME_COLUMNS, flatten
-from orchestrator.store import TrialStore, resolve_url
+from orchestrator.columns import (
+    SPECIAL_FLOATS as _SPECIAL,
+    TIME_COLUMNS,
+    TRIAL_HEAD,
+    TRIAL_TAIL,
+    flat_columns as _flat_columns,
+    normalize_frame,
+    numeric_or_none,
+    time_column,
+    typed_column,
+)
+from orchestrator.store import SessionRecord, StoreError, TrialRecord, TrialStore, resolve_url
 
-TRIAL_HEAD = ("index", "trial_id", "status", "attempts")
-TRIAL_TAIL = ("error", "rig_id", *TIME_COLUMNS)
-_SPECIAL = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+__all__ = ["TIME_COLUMNS", "TRIAL_HEAD", "TRIAL_TAIL", "SessionData", "decisions", "load_session",
+           "model_probabilities", "normalize_frame", "numeric_or_none", "parameter_summaries",
+           "population_responses", "sessions", "stimulus_images", "unit_ids", "time_column", "trials", "trials_frame", "typed_column"]
 
 
 @dataclass
 class SessionData:
     """Everything recorded about one session, loaded once (used by export and report too)."""
 
-    info: dict[str, Any]
+    info: SessionRecord
     trials: pd.DataFrame
     probabilities: pd.DataFrame
     decisions: pd.DataFrame
@@ -39,108 +53,41 @@ class SessionData:
     evidence: pd.DataFrame
     attempts: pd.DataFrame
     models: list[str] = field(default_factory=list)
-    rows: list[dict[str, Any]] = field(default_factory=list)  # the store's trial dicts, unflattened
+    rows: list[TrialRecord] = field(default_factory=list)  # the store's trial records, unflattened
+    population_ids: list[int] = field(default_factory=list)  # trial ids of the rows of `population`
+    population: np.ndarray | None = None  # trials x units (population sessions only)
 
     @property
     def session_id(self) -> str:
-        return str(self.info["id"])
+        return str(self.info.id)
 
     @property
     def protocol_text(self) -> str:
-        return str(self.info.get("protocol_text") or "")
+        return str(self.info.protocol_text or "")
 
 
 # --------------------------------------------------------------------------------------------
 # column typing
 
 
-def numeric_or_none(values: list[Any]) -> list[Any] | None:
-    """Values as numbers if every non-missing value is numeric (incl. "NaN"/"Infinity" strings), else None."""
-    out: list[Any] = []
-    for v in values:
-        if v is None:
-            out.append(None)
-        elif isinstance(v, bool):
-            return None
-        elif isinstance(v, (int, float)):
-            out.append(v)
-        elif isinstance(v, str) and v in _SPECIAL:
-            out.append(_SPECIAL[v])
-        else:
-            return None
-    return out
-
-
-def typed_column(values: list[Any]) -> pd.Series:
-    """int64 when all values are present integers, float64 when numeric, else the values as they are."""
-    nums = numeric_or_none(values)
-    if nums is None:
-        if values and all(isinstance(v, bool) for v in values):
-            return pd.Series(values, dtype=bool)
-        return pd.Series([None if v is None else v for v in values], dtype=object)
-    if nums and all(isinstance(v, int) and not isinstance(v, bool) for v in nums):
-        return pd.Series(nums, dtype="int64")
-    return pd.Series([math.nan if v is None else float(v) for v in nums], dtype="float64")
-
-
-def time_column(values: list[Any]) -> pd.Series:
-    """Timezone-aware UTC datetimes with microsecond resolution (NaT where missing)."""
-    return pd.Series(pd.to_datetime(pd.Series(values, dtype=object), utc=True)).astype("datetime64[us, UTC]")
-
-
-def _flat_columns(rows: list[dict[str, Any]], key: str) -> dict[str, list[Any]]:
-    flats: list[dict[str, Any]] = []
-    order: list[str] = []
-    for r in rows:
-        sub: dict[str, Any] = {}
-        value = r.get(key)
-        if value is not None:
-            flatten(key, value if isinstance(value, dict) else {"value": value}, sub)
-        for k in sub:
-            if k not in order:
-                order.append(k)
-        flats.append(sub)
-    return {c: [f.get(c) for f in flats] for c in order}
-
-
-def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Store trial dicts -> the analysts' trials DataFrame (one row per trial, index order)."""
+def trials_frame(rows: list[TrialRecord]) -> pd.DataFrame:
+    """Store trial records -> the analysts' trials DataFrame (one row per trial, index order)."""
     cols: dict[str, pd.Series] = {
-        "index": pd.Series([r["index"] for r in rows], dtype="int64"),
-        "trial_id": pd.Series([r["id"] for r in rows], dtype="int64"),
-        "status": pd.Series([r["status"] for r in rows], dtype=object),
-        "attempts": pd.Series([r["attempts"] for r in rows], dtype="int64"),
+        "index": pd.Series([r.index for r in rows], dtype="int64"),
+        "trial_id": pd.Series([r.id for r in rows], dtype="int64"),
+        "status": pd.Series([r.status for r in rows], dtype=object),
+        "attempts": pd.Series([r.attempts for r in rows], dtype="int64"),
     }
     for name, values in _flat_columns(rows, "stimulus").items():
         cols[name] = typed_column(values)
-    cols["value"] = pd.Series([math.nan if r.get("value") is None else float(r["value"]) for r in rows],
-                              dtype="float64")
+    cols["value"] = pd.Series([math.nan if r.value is None else float(r.value) for r in rows], dtype="float64")
     for name, values in _flat_columns(rows, "response").items():
         cols[name] = typed_column(values)
-    cols["error"] = pd.Series([r.get("error") for r in rows], dtype=object)
-    cols["rig_id"] = pd.Series([r.get("rig_id") for r in rows], dtype=object)
+    cols["error"] = pd.Series([r.error for r in rows], dtype=object)
+    cols["rig_id"] = pd.Series([r.rig_id for r in rows], dtype=object)
     for name in TIME_COLUMNS:
-        cols[name] = time_column([r.get(name) for r in rows])
+        cols[name] = time_column([getattr(r, name) for r in rows])
     return pd.DataFrame(cols)
-
-
-def normalize_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Canonical dtypes for comparing frames from different sources (db, CSV, Parquet, NWB).
-
-    Text columns become object with None for missing values (pandas 3 would otherwise pick its
-    string dtype with NaN), timestamps datetime64[us, UTC].
-    """
-    out = {}
-    for c in df.columns:
-        s = df[c]
-        if c in TIME_COLUMNS:
-            out[c] = time_column(list(s.astype(object).where(s.notna(), None)))
-        elif pd.api.types.is_string_dtype(s.dtype) or s.dtype == object:
-            out[c] = typed_column([None if (v is None or (isinstance(v, float) and math.isnan(v))) else
-                                   (v.item() if hasattr(v, "item") else v) for v in s.astype(object)])
-        else:
-            out[c] = s.reset_index(drop=True)
-    return pd.DataFrame(out)
 
 
 def _stimulus_frame(pairs: list[tuple[int, dict[str, Any] | None]]) -> dict[str, pd.Series]:
@@ -156,60 +103,62 @@ def load_session(db_url: str | None = None, session: str = "latest") -> SessionD
     """Read one session (id, unique prefix or "latest") completely."""
     with TrialStore(resolve_url(db_url)) as store:
         info = store.session(session)
-        sid = info["id"]
+        sid = info.id
         trial_rows = store.trials(sid)
         states = store.model_states(sid)
         attempt_rows = store.attempt_rows(sid)
+        population_ids, population = store.population_responses(sid)
     trials_df = trials_frame(trial_rows)
 
     models: list[str] = []
     for s in states:
-        for name in (s.get("probabilities") or {}):
+        for name in (s.probabilities or {}):
             if name not in models:
                 models.append(name)
     prob = pd.DataFrame({
-        "index": pd.Series([s["index"] for s in states], dtype="int64"),
-        "status": pd.Series([s["status"] for s in states], dtype=object),
-        **{m: pd.Series([_num((s.get("probabilities") or {}).get(m)) for s in states], dtype="float64")
+        "index": pd.Series([s.index for s in states], dtype="int64"),
+        "status": pd.Series([s.status for s in states], dtype=object),
+        **{m: pd.Series([_num((s.probabilities or {}).get(m)) for s in states], dtype="float64")
            for m in models},
     })
     prob.attrs["models"] = models
 
     decisions = pd.DataFrame({
-        "index": pd.Series([s["index"] for s in states], dtype="int64"),
-        "strategy": pd.Series([(s.get("decision") or {}).get("strategy") for s in states], dtype=object),
-        "reason": pd.Series([(s.get("decision") or {}).get("reason") for s in states], dtype=object),
-        "score": pd.Series([_num((s.get("decision") or {}).get("score")) for s in states], dtype="float64"),
-        "compute_ms": pd.Series([_num(s.get("decision_ms")) for s in states], dtype="float64"),
-        **_stimulus_frame([(s["index"], (s.get("decision") or {}).get("stimulus")) for s in states]),
+        "index": pd.Series([s.index for s in states], dtype="int64"),
+        "strategy": pd.Series([(s.decision or {}).get("strategy") for s in states], dtype=object),
+        "reason": pd.Series([(s.decision or {}).get("reason") for s in states], dtype=object),
+        "score": pd.Series([_num((s.decision or {}).get("score")) for s in states], dtype="float64"),
+        "compute_ms": pd.Series([_num(s.decision_ms) for s in states], dtype="float64"),
+        **_stimulus_frame([(s.index, (s.decision or {}).get("stimulus")) for s in states]),
     })
 
     prow: list[dict[str, Any]] = []
     erow: list[dict[str, Any]] = []
     for s in states:
-        for model, summ in (s.get("summaries") or {}).items():
+        for model, summ in (s.summaries or {}).items():
             if not isinstance(summ, dict):
                 continue
-            erow.append({"index": s["index"], "model": model, "log_evidence": _num(summ.get("log_evidence")),
+            erow.append({"index": s.index, "model": model, "log_evidence": _num(summ.get("log_evidence")),
                          "ess": _num(summ.get("ess"))})
             for pname, mom in (summ.get("params") or {}).items():
                 if isinstance(mom, dict):
-                    prow.append({"index": s["index"], "model": model, "parameter": pname,
+                    prow.append({"index": s.index, "model": model, "parameter": pname,
                                  "mean": _num(mom.get("mean")), "sd": _num(mom.get("sd"))})
     parameters = pd.DataFrame(prow, columns=["index", "model", "parameter", "mean", "sd"])
     evidence = pd.DataFrame(erow, columns=["index", "model", "log_evidence", "ess"])
 
     att = pd.DataFrame({
-        "index": pd.Series([a["index"] for a in attempt_rows], dtype="int64"),
-        "trial_id": pd.Series([a["trial_id"] for a in attempt_rows], dtype="int64"),
-        "attempt": pd.Series([a["attempt"] for a in attempt_rows], dtype="int64"),
-        "status": pd.Series([a["status"] for a in attempt_rows], dtype=object),
-        "rig_id": pd.Series([a["rig_id"] for a in attempt_rows], dtype=object),
-        "error": pd.Series([a["error"] for a in attempt_rows], dtype=object),
-        "dispatched_at": time_column([a["dispatched_at"] for a in attempt_rows]),
-        "finished_at": time_column([a["finished_at"] for a in attempt_rows]),
+        "index": pd.Series([a.index for a in attempt_rows], dtype="int64"),
+        "trial_id": pd.Series([a.trial_id for a in attempt_rows], dtype="int64"),
+        "attempt": pd.Series([a.attempt for a in attempt_rows], dtype="int64"),
+        "status": pd.Series([a.status for a in attempt_rows], dtype=object),
+        "rig_id": pd.Series([a.rig_id for a in attempt_rows], dtype=object),
+        "error": pd.Series([a.error for a in attempt_rows], dtype=object),
+        "dispatched_at": time_column([a.dispatched_at for a in attempt_rows]),
+        "finished_at": time_column([a.finished_at for a in attempt_rows]),
     })
-    return SessionData(info, trials_df, prob, decisions, parameters, evidence, att, models, trial_rows)
+    return SessionData(info, trials_df, prob, decisions, parameters, evidence, att, models, trial_rows,
+                       population_ids, population if population_ids else None)
 
 
 def _num(v: Any) -> float:
@@ -248,12 +197,89 @@ def sessions(db_url: str | None = None) -> pd.DataFrame:
     """All sessions with protocol, subject, status, times and trial counts."""
     with TrialStore(resolve_url(db_url)) as store:
         rows = store.sessions()
-    recs = [{"id": r["id"], "status": r["status"], "protocol": r["protocol"], "protocol_version": r["protocol_version"],
-             "subject": r["subject"], "seed": r["seed"], "started_at": r["started_at"], "stopped_at": r["stopped_at"],
-             "n_trials": r["n_trials"], **{f"n_{k}": v for k, v in r["counts"].items()}} for r in rows]
+    recs = [{"id": r.id, "status": r.status, "protocol": r.protocol, "protocol_version": r.protocol_version,
+             "subject": r.subject, "seed": r.seed, "started_at": r.started_at, "stopped_at": r.stopped_at,
+             "n_trials": r.n_trials, **{f"n_{k}": v for k, v in r.counts.items()}} for r in rows]
     df = pd.DataFrame(recs, columns=["id", "status", "protocol", "protocol_version", "subject", "seed", "started_at",
                                      "stopped_at", "n_trials", "n_planned", "n_dispatched", "n_completed",
                                      "n_invalid", "n_failed", "n_abandoned"])
     for c in ("started_at", "stopped_at"):
         df[c] = time_column(list(df[c]))
     return df
+
+
+# --------------------------------------------------------------------------------------------
+# population responses and image stimuli
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def unit_ids(protocol_text: str, n_units: int) -> list[Any]:
+    """The protocol's unit ids (``response.units`` as a list), else 0..N-1."""
+    try:
+        import yaml
+
+        units = ((yaml.safe_load(protocol_text) or {}).get("response") or {}).get("units")
+    except Exception:  # an unparsable stored text still has its data
+        units = None
+    if isinstance(units, list) and len(units) == n_units:
+        return list(units)
+    return list(range(n_units))
+
+
+def population_responses(db_url: str | None = None, session: str = "latest") -> tuple[pd.DataFrame, np.ndarray]:
+    """A population session's responses: (trial metadata DataFrame, trials x units float64 array).
+
+    Row i of the array is the response of the trial in row i of the frame (completed trials with
+    a stored vector, in trial order); NaN marks a unit masked on that trial. The frame has the
+    columns of `trials` plus ``n_units`` and ``n_masked``; ``frame.attrs["units"]`` names the
+    array's columns (the protocol's unit ids, else 0..N-1).
+    """
+    with TrialStore(resolve_url(db_url)) as store:
+        info = store.session(session)
+        rows = {r.id: r for r in store.trials(info.id)}
+        ids, responses = store.population_responses(info.id)
+    meta = trials_frame([rows[i] for i in ids])
+    meta["n_units"] = pd.Series([responses.shape[1]] * len(ids), dtype="int64")
+    meta["n_masked"] = pd.Series(np.isnan(responses).sum(axis=1) if ids else [], dtype="int64")
+    meta.attrs["units"] = unit_ids(info.protocol_text or "", responses.shape[1])
+    meta.attrs["session_id"] = info.id
+    return meta, responses
+
+
+def image_refs(stimuli: list[Any]) -> list[str]:
+    """The sha256 image references (``{"image": hex}``) among stimuli, first-seen order, no repeats."""
+    seen: dict[str, None] = {}
+    for stim in stimuli:
+        ref = stim.get("image") if isinstance(stim, dict) else None
+        if isinstance(ref, str) and _SHA256.match(ref):
+            seen.setdefault(ref, None)
+    return list(seen)
+
+
+def stimulus_images(db_url: str | None = None, session: str = "latest",
+                    artifacts: str | Path | None = None) -> dict[str, np.ndarray]:
+    """The exact uint8 pixels of every image a session showed, by sha256.
+
+    Images live in the artifact store beside a SQLite database (``<db path>.artifacts/``), or
+    where `artifacts` / ``$CLOOP_ARTIFACTS`` says (PostgreSQL sessions).
+    """
+    url = resolve_url(db_url)
+    with TrialStore(url) as store:
+        refs = image_refs([t.stimulus for t in store.trials(session)])
+    if not refs:
+        return {}
+    return load_images(url, refs, artifacts)
+
+
+def load_images(db_url: str, refs: list[str], artifacts: str | Path | None = None) -> dict[str, np.ndarray]:
+    """Read image artifacts by sha256 (each verified against its hash by the artifact store)."""
+    try:
+        from orchestrator.artifacts import ArtifactError, ArtifactStore
+    except ImportError:
+        raise StoreError("this session references image artifacts, but this cloop has no artifact store") from None
+    images = ArtifactStore.for_database(db_url, artifacts)
+    try:
+        return {sha: images.get(sha) for sha in refs}
+    except ArtifactError as exc:
+        raise StoreError(str(exc)) from None

@@ -92,7 +92,7 @@ def exit_for(exc: BaseException, session_id: str, bind: str) -> Optional[tuple[E
     from orchestrator.preflight import OptionError
     from orchestrator.protocol import ProtocolError
     from orchestrator.session import NoRigError
-    from orchestrator.store import StoreError
+    from orchestrator.store import LeaseLost, StoreError
     from orchestrator.transport import TransportError
 
     resumable = f"session {session_id} is resumable: cloop resume {session_id[:8]}"
@@ -102,7 +102,8 @@ def exit_for(exc: BaseException, session_id: str, bind: str) -> Optional[tuple[E
         (SecurityError, ExitCode.BAD_INPUT, str),
         (OptionError, ExitCode.BAD_INPUT, str),
         (ProtocolError, ExitCode.BAD_INPUT, lambda e: str(e).splitlines()[0]),
-        (StoreError, ExitCode.BAD_INPUT, str),
+        (LeaseLost, ExitCode.RUN_FAILED, str),  # another orchestrator took over: not the user's input
+        (StoreError, ExitCode.BAD_INPUT, str),  # LeaseHeld included: the session runs elsewhere
         (zmq.ZMQError, ExitCode.RUN_FAILED, lambda e: (
             f"cannot bind {bind}: {e}; is an orchestrator still running session {session_id}? "
             "(`cloop sessions` shows its status; give --bind to use another address)")),

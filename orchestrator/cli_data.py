@@ -88,11 +88,11 @@ def cmd_sessions(
             sessions = store.sessions()
     records = [
         {
-            "id": s["id"], "status": s["status"], "protocol": s["protocol"],
-            "protocol_version": s["protocol_version"], "subject": s["subject"], "seed": s["seed"],
-            "started_at": st.iso(s["started_at"]), "stopped_at": st.iso(s["stopped_at"]),
-            "n_trials": s["n_trials"], **{f"n_{k}": v for k, v in s["counts"].items()},
-            "code_version": s["code_version"],
+            "id": s.id, "status": s.status, "protocol": s.protocol,
+            "protocol_version": s.protocol_version, "subject": s.subject, "seed": s.seed,
+            "started_at": st.iso(s.started_at), "stopped_at": st.iso(s.stopped_at),
+            "n_trials": s.n_trials, **{f"n_{k}": v for k, v in s.counts.items()},
+            "code_version": s.code_version,
         }
         for s in sessions
     ]
@@ -110,9 +110,9 @@ def cmd_sessions(
         _print_table(
             f"{len(sessions)} session(s)",
             ["id", "status", "protocol", "subject", "started (UTC)", "trials", "done", "invalid", "failed"],
-            [[s["id"][:12], s["status"], f"{s['protocol']} {s['protocol_version']}", s["subject"],
-              _short_time(s["started_at"]), s["n_trials"], s["counts"]["completed"], s["counts"]["invalid"],
-              s["counts"]["failed"]] for s in sessions],
+            [[s.id[:12], s.status, f"{s.protocol} {s.protocol_version}", s.subject,
+              _short_time(s.started_at), s.n_trials, s.counts["completed"], s.counts["invalid"],
+              s.counts["failed"]] for s in sessions],
         )
 
 
@@ -142,8 +142,8 @@ def cmd_trials(
             ["#", "status", "att", "stimulus", "response", "dispatched", "presented", "responded", "rig"],
             [[r["index"], r["status"], r["attempts"],
               ", ".join(f"{k}={_fmt_num(v)}" for k, v in (r["stimulus"] or {}).items()),
-              _fmt_response(r), _short_time(t["dispatched_at"])[11:], _short_time(t["presented_at"])[11:],
-              _short_time(t["responded_at"])[11:], r["rig_id"]] for r, t in zip(records, trials)],
+              _fmt_response(r), _short_time(t.dispatched_at)[11:], _short_time(t.presented_at)[11:],
+              _short_time(t.responded_at)[11:], r["rig_id"]] for r, t in zip(records, trials)],
         )
 
 
@@ -162,7 +162,8 @@ def _fmt_response(r: dict[str, Any]) -> str:
 
 def cmd_export(
     session: str = typer.Argument(..., help="Session id, unique id prefix, or 'latest'."),
-    fmt: ExportFormat = typer.Option(..., "--format", "-f", help="File format."),
+    fmt: Optional[ExportFormat] = typer.Option(
+        None, "--format", "-f", help="File format (default: from the file name: .csv, .parquet, .nwb)."),
     output: Path = typer.Option(..., "--output", "-o", help="File to write (replaced atomically)."),
     db: Optional[str] = DbOption,
     species: Optional[str] = typer.Option(None, help="NWB only: subject species, e.g. 'Homo sapiens'."),
@@ -170,17 +171,23 @@ def cmd_export(
     age: Optional[str] = typer.Option(None, help="NWB only: subject age as ISO 8601 duration, e.g. P25Y."),
     experimenter: Optional[str] = typer.Option(None, help="NWB only: experimenter name."),
     institution: Optional[str] = typer.Option(None, help="NWB only: institution."),
+    artifacts: Optional[Path] = typer.Option(
+        None, "--artifacts", help="NWB only: directory of the session's image artifacts "
+        "(default: $CLOOP_ARTIFACTS, else <sqlite file>.artifacts)."),
 ) -> None:
     """Export one session's trials (and metadata) to CSV, Parquet or NWB."""
     from orchestrator import export
 
+    if fmt is None:
+        with user_errors():
+            fmt = ExportFormat(export.format_from_suffix(output))
     nwb = {"species": species, "sex": sex, "age": age, "experimenter": experimenter, "institution": institution}
     if fmt is not ExportFormat.nwb and any(v is not None for v in nwb.values()):
         raise fail("--species/--sex/--age/--experimenter/--institution only apply to --format nwb")
     if sex is not None and sex not in ("M", "F", "U", "O"):
         raise fail(f"--sex must be one of M, F, U, O (got {sex!r})")
     with user_errors():
-        path = export.export_session(st.resolve_url(db), session, fmt.value, output,
+        path = export.export_session(st.resolve_url(db), session, fmt.value, output, artifacts=artifacts,
                                      **({k: v for k, v in nwb.items() if v is not None} if fmt is ExportFormat.nwb else {}))
     typer.echo(f"wrote {path}")
 

@@ -112,9 +112,13 @@ def cmd_resume(
             row = store.session(session)
         except st.StoreError as exc:
             raise _fail(str(exc)) from None
-        if row["status"] in FINISHED_STATUSES:
-            raise _fail(f"session {row['id']} is already {row['status']}; nothing to resume")
-        open_trials = store.open_trials(row["id"])
+        if row.status in FINISHED_STATUSES:
+            raise _fail(f"session {row.id} is already {row.status}; nothing to resume")
+        holder = store.live_holder(row.id)
+        if holder is not None:
+            raise _fail(f"session {row.id} is being run by another orchestrator ({holder}); "
+                        f"stop it first (`cloop stop {row.id[:8]}`)")
+        open_trials = store.open_trials(row.id)
         # Nothing is written here: only once the rig address is bound (proof that no orchestrator of this
         # session runs on this machine) does the session drop a pause from before the crash; a stop
         # request is kept, and the engine honours it after reconciling the trial in flight.
@@ -125,14 +129,14 @@ def cmd_resume(
 
     try:
         request, session_id, seed = request_for_resume(
-            url, row["id"], bind=bind, keys_dir=keys, insecure=insecure, wait_for_rig_s=wait_for_rig)
+            url, row.id, bind=bind, keys_dir=keys, insecure=insecure, wait_for_rig_s=wait_for_rig)
     except (st.StoreError, TypeError, ValueError) as exc:
-        raise _fail(f"cannot rebuild session {row['id']}'s request: {exc}") from None
+        raise _fail(f"cannot rebuild session {row.id}'s request: {exc}") from None
     if keys is not None and insecure is None:  # new keys replace a stored --insecure, and vice versa
         request = dataclasses.replace(request, insecure=False)
     elif insecure and keys is None:
         request = dataclasses.replace(request, keys_dir=None)
-    loaded = parse_protocol_text(row["protocol_text"], source=request.protocol_path, checks=())  # checked when registered
+    loaded = parse_protocol_text(row.protocol_text, source=request.protocol_path, checks=())  # checked when registered
     from orchestrator.preflight import OptionError, check_endpoint, check_keys
 
     try:  # the address itself is taken only by the session (a busy one means its orchestrator still runs)
@@ -142,8 +146,8 @@ def cmd_resume(
         raise _fail(str(exc)) from None
     typer.echo(session_id)
     typer.echo(
-        f"resuming session {session_id} ({row['protocol']}, subject {row['subject']}, seed {seed}): "
-        f"{row['counts']['completed']} completed trial(s) to replay, {len(open_trials)} in flight to "
+        f"resuming session {session_id} ({row.protocol}, subject {row.subject}, seed {seed}): "
+        f"{row.counts['completed']} completed trial(s) to replay, {len(open_trials)} in flight to "
         f"reconcile, rigs reconnect to {request.bind}", err=True)
     run_and_report(request, loaded, session_id, seed, prefect=prefect)
 

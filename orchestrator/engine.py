@@ -81,17 +81,17 @@ def replay_history(store: TrialStore, session_id: str, comparison: ModelComparis
     A crash between recording a response and recording the posterior after it leaves that trial
     without model state; replay fills it in, so every finished trial has one.
     """
-    missing = {m["trial_id"] for m in store.model_states(session_id)
-               if m["probabilities"] is None and m["status"] in ("completed", "invalid", "failed")}
+    missing = {m.trial_id for m in store.model_states(session_id)
+               if m.probabilities is None and m.status in ("completed", "invalid", "failed")}
     if not missing:
         for stimulus, value in store.observations(session_id):
             comparison.update(stimulus, value)
         return
     for trial in store.trials(session_id):
-        if trial["status"] == "completed":
-            comparison.update(trial["stimulus"], trial["value"])
-        if trial["id"] in missing:
-            store.record_model_state(trial["id"], comparison.probabilities(), comparison.summary())
+        if trial.status == "completed":
+            comparison.update(trial.stimulus, trial.value)
+        if trial.id in missing:
+            store.record_model_state(trial.id, comparison.probabilities(), comparison.summary())
 
 
 def run_session(
@@ -125,7 +125,7 @@ def run_session(
     while True:
         reason = _stop_reason(protocol, comparison, result.trials_completed, index, limit)
         # A trial dispatched before a crash is reconciled first: the rig may have presented it.
-        reconcile = bool(queue) and queue[0][0]["status"] != "planned"
+        reconcile = bool(queue) and queue[0][0].status != "planned"
         if reason is None and not reconcile and control.checkpoint(session_id) == "stop":
             reason = STOPPED_BY_EXPERIMENTER
         if reason is not None:
@@ -135,7 +135,7 @@ def run_session(
         if not queue:  # a new decision: every trial of its batch is planned (written ahead) before the first is sent
             queue = _plan_batch(store, session_id, index, design.propose(comparison, index), limit)
         trial, decision = queue.pop(0)
-        trial_id, index = trial["id"], trial["index"]
+        trial_id, index = trial.id, trial.index
         protocol.check_safe(decision.stimulus)  # defence in depth: an unsafe stimulus is never sent
         outcome, attempts, error = _dispatch(loaded, store, rigs, session_id, trial_id, index, decision)
 
@@ -182,20 +182,30 @@ def run_session(
     return result
 
 
-def _resumed(trial: dict[str, Any]) -> Decision:
+def _resumed(trial: Any) -> Decision:
     """The decision of a trial planned before this process started (it is re-sent under the same id)."""
-    return Decision(trial["stimulus"], "resumed", "re-dispatched after an orchestrator restart", None, 0.0)
+    return Decision(trial.stimulus, "resumed", "re-dispatched after an orchestrator restart", None, 0.0)
+
+
+@dataclass(frozen=True)
+class _PlannedTrial:
+    """The fields of a just-planned trial the loop reads (the same names as the store's TrialRecord)."""
+
+    id: int
+    index: int
+    stimulus: dict[str, Any]
+    status: str = "planned"
 
 
 def _plan_batch(store: TrialStore, session_id: str, index: int, decision: Decision,
-                limit: int) -> list[tuple[dict[str, Any], Decision]]:
+                limit: int) -> list[tuple[Any, Decision]]:
     """Plan every trial of a decision's batch (at most up to `limit`); the first keeps the decision's cost."""
     stimuli = list(decision.batch or (decision.stimulus,))[: max(limit - index, 1)]
     planned = []
     for offset, stimulus in enumerate(stimuli):
         part = decision if offset == 0 else replace(decision, stimulus=stimulus, compute_ms=0.0, batch=())
         trial_id = store.plan_trial(session_id, index + offset, part)
-        planned.append(({"id": trial_id, "index": index + offset, "stimulus": stimulus, "status": "planned"}, part))
+        planned.append((_PlannedTrial(trial_id, index + offset, stimulus), part))
     return planned
 
 

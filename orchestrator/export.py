@@ -7,28 +7,63 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import io
 import json
 import os
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator
 
-from orchestrator.store import StoreError, iso, json_safe
+from orchestrator.columns import RECORD_COLUMNS, TIME_COLUMNS, flatten
+from orchestrator.store import StoreError, iso, json_safe, resolve_url
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from orchestrator.analysis import SessionData
 
-TIME_COLUMNS = ("planned_at", "dispatched_at", "presented_at", "responded_at", "recorded_at")
-RECORD_COLUMNS = ("index", "trial_id", "status", "attempts", "stimulus", "value", "response", "error", "rig_id",
-                  *TIME_COLUMNS)
 FORMATS = ("csv", "parquet", "nwb")
 
 
 class ExportError(StoreError):
     """The export cannot be made (empty session, unwritable path, missing optional package)."""
+
+
+#: Optional packages and the extra of cloop that installs them.
+EXTRAS = {"pyarrow": "analysis", "pynwb": "analysis", "hdmf": "analysis", "matplotlib": "analysis",
+          "psycopg": "postgres"}
+#: What each file suffix means when ``--format`` is not given.
+SUFFIX_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".nwb": "nwb"}
+
+
+def need(module: str, feature: str) -> ModuleType:
+    """Import an optional package, or raise ExportError naming the extra that installs it."""
+    top = module.split(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != top:
+            raise
+        extra = EXTRAS.get(top, "analysis")
+        raise ExportError(f"{feature} needs the optional package {top}: pip install 'cloop[{extra}]'") from None
+
+
+def format_from_suffix(output: str | os.PathLike[str]) -> str:
+    """The export format a file name asks for (``x.parquet`` -> parquet), or ExportError."""
+    suffix = Path(output).suffix.lower()
+    if suffix not in SUFFIX_FORMATS:
+        raise ExportError(f"cannot tell the export format from {str(output)!r}; "
+                          f"give --format ({', '.join(FORMATS)}) or name the file .csv, .parquet or .nwb")
+    return SUFFIX_FORMATS[suffix]
+
+
+def file_mode() -> int:
+    """Permissions of a new export: 0666 minus the process umask, as `open()` would create it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,17 +77,6 @@ def trial_record(trial: dict[str, Any]) -> dict[str, Any]:
     for k in TIME_COLUMNS:
         rec[k] = iso(trial.get(k))
     return rec
-
-
-def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    """Dotted-key flattening of nested dicts (lists are kept as JSON text)."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            flatten(f"{prefix}.{k}", v, out)
-    elif isinstance(value, (list, tuple)):
-        out[prefix] = json.dumps(json_safe(value))
-    else:
-        out[prefix] = value
 
 
 def flat_records(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -114,7 +138,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -126,21 +150,29 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 # session export
 
 
-def export_session(db_url: str | None, session: str, fmt: str, output: str | os.PathLike[str], **nwb_options: Any) -> Path:
+def export_session(db_url: str | None, session: str, fmt: str, output: str | os.PathLike[str], *,
+                   artifacts: str | os.PathLike[str] | None = None, **nwb_options: Any) -> Path:
     """Write one session to ``output`` as csv, parquet or nwb; returns the path written.
 
     Raises ExportError for an empty session, an unknown format or an unwritable path; the
     target is only replaced once the file is complete.
     """
-    from orchestrator.analysis import load_session
+    from orchestrator.analysis import image_refs, load_images, load_session
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r} (use one of {', '.join(FORMATS)})")
     output = Path(output)
     _check_writable(output)
+    if fmt == "parquet":
+        need("pyarrow", "Parquet export")
+    elif fmt == "nwb":
+        need("pynwb", "NWB export")
     data = load_session(db_url, session)
     if data.trials.empty:
         raise ExportError(f"session {data.session_id} has no trials; nothing to export")
+    if fmt == "nwb":
+        refs = image_refs([r.stimulus for r in data.rows])
+        nwb_options["images"] = load_images(resolve_url(db_url), refs, artifacts) if refs else {}
     writer = {"csv": write_csv, "parquet": write_parquet, "nwb": write_nwb}[fmt]
     with atomic_path(output) as tmp:
         writer(data, tmp, **(nwb_options if fmt == "nwb" else {}))
@@ -194,11 +226,12 @@ NWB_TIME_COLUMNS = {k: k.replace("_at", "_time") for k in TIME_COLUMNS}
 
 def write_nwb(data: "SessionData", path: Path, *, species: str | None = None, sex: str | None = None,
               age: str | None = None, experimenter: str | None = None, institution: str | None = None,
-              lab: str | None = None) -> None:
+              lab: str | None = None, images: dict[str, Any] | None = None) -> None:
     """NWB 2 file: trials table (stimulus, responses, onset/offset), subject, protocol text, model states.
 
     Subject species/sex/age are not known to cloop; pass them (sex defaults to "U", unknown) or
-    nwbinspector will report them missing. Model states go to ``processing["misc"]``.
+    nwbinspector will report them missing. Model states go to ``processing["misc"]``; population
+    responses and image pixels as `orchestrator.export_population` describes.
 
     ``start_time``/``stop_time`` are stimulus onset and response (seconds since session start);
     for trials never presented they fall back to dispatch/plan and record times. Exact times of
@@ -210,6 +243,8 @@ def write_nwb(data: "SessionData", path: Path, *, species: str | None = None, se
     from hdmf.common import DynamicTable, VectorData
     from pynwb import NWBHDF5IO, NWBFile
     from pynwb.file import Subject
+
+    from orchestrator.export_population import add_images, add_population
 
     info = data.info
     start: dt.datetime = info["started_at"]
@@ -246,9 +281,11 @@ def write_nwb(data: "SessionData", path: Path, *, species: str | None = None, se
         nwb.add_trial_column(c, _column_description(c))
     for k, name in NWB_TIME_COLUMNS.items():
         nwb.add_trial_column(name, f"{k.replace('_at', '')} time in s since session_start_time (NaN: did not happen)")
+    starts: dict[int, float] = {}
     for row in df.to_dict("records"):
         times = {k: rel(row[k]) for k in TIME_COLUMNS}
         t0 = next((times[k] for k in ("presented_at", "dispatched_at", "planned_at") if not math.isnan(times[k])), 0.0)
+        starts[int(row["trial_id"])] = t0
         t1 = next((times[k] for k in ("responded_at", "recorded_at") if not math.isnan(times[k]) and times[k] >= t0), t0)
         values = {c: _nwb_value(df[c].dtype, row[c]) for c in columns}
         nwb.add_trial(start_time=t0, stop_time=t1, index=int(row["index"]), trial_id=int(row["trial_id"]),
@@ -277,6 +314,8 @@ def write_nwb(data: "SessionData", path: Path, *, species: str | None = None, se
                 VectorData(name="mean", description="posterior mean", data=[float(v) for v in p["mean"]]),
                 VectorData(name="sd", description="posterior standard deviation", data=[float(v) for v in p["sd"]]),
             ]))
+    add_population(nwb, data, starts)
+    add_images(nwb, images or {})
     with NWBHDF5IO(str(path), "w") as io_:
         io_.write(nwb)
 
@@ -328,7 +367,7 @@ def _nwb_value(dtype: Any, v: Any) -> Any:
 
 def read_export(path: str | os.PathLike[str], fmt: str | None = None) -> "pd.DataFrame":
     """Read the trials table of a csv / parquet / nwb export back as the analysis DataFrame."""
-    from orchestrator.analysis import normalize_frame, time_column, typed_column
+    from orchestrator.columns import normalize_frame, time_column, typed_column
 
     import pandas as pd
 

@@ -116,8 +116,8 @@ def session_run_name(db_url: str, session_id: str, resumed: bool | None = None) 
     with TrialStore(db_url) as store:
         row = store.session(session_id)
     if resumed is None:
-        resumed = row["n_trials"] > 0
-    return run_name(row["protocol"], row["subject"] or "anonymous", row["id"], resumed=resumed)
+        resumed = row.n_trials > 0
+    return run_name(row.protocol, row.subject or "anonymous", row.id, resumed=resumed)
 
 
 def refuse_finished(db_url: str, session: str) -> None:
@@ -127,8 +127,8 @@ def refuse_finished(db_url: str, session: str) -> None:
 
     with TrialStore(db_url) as store:
         row = store.session(session)
-    if row["status"] in FINISHED_STATUSES:
-        raise ValueError(f"session {row['id']} is already {row['status']}; nothing to resume")
+    if row.status in FINISHED_STATUSES:
+        raise ValueError(f"session {row.id} is already {row.status}; nothing to resume")
 
 
 def _protocol_name(path: str) -> str:

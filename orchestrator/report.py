@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.analysis import SessionData, load_session
-from orchestrator.export import ExportError, _check_writable, atomic_path
+from orchestrator.export import ExportError, _check_writable, atomic_path, need
 from orchestrator.store import iso
 
 PLOTS = ("probabilities", "stimuli", "predictions", "decision_time", "timing")
@@ -258,10 +258,10 @@ def _gp_curve(data: SessionData, cand: Any, enc: Any, X: Any) -> np.ndarray:
     """Refit the GP on the completed observations (its summaries cannot rebuild it); link(posterior mean)."""
     from orchestrator.models.gp import GPPosterior
 
-    obs = [(r["stimulus"], float(r["value"])) for r in data.rows if r["status"] == "completed" and r["value"] is not None]
+    obs = [(r.stimulus, float(r.value)) for r in data.rows if r.status == "completed" and r.value is not None]
     if len(obs) > MAX_GP_REFIT:
         raise ValueError(f"{len(obs)} observations (refit limited to {MAX_GP_REFIT})")
-    post = GPPosterior(cand, enc, int(data.info.get("seed") or 0))
+    post = GPPosterior(cand, enc, int(data.info.seed or 0))
     for stimulus, value in obs:
         post.update(enc.stimulus_to_raw(stimulus), value)
     mu, _ = post.latent_predictive(X)
@@ -445,13 +445,24 @@ def make_plots(data: SessionData) -> list[Plot]:
     return [PLOT_FUNCS[k](data, protocol) for k in PLOTS]
 
 
+def _prepare_png_dir(png_dir: Path) -> None:
+    """Create a missing plot directory (and its parents); refuse a path that is a file."""
+    if png_dir.exists() and not png_dir.is_dir():
+        raise ExportError(f"cannot write plots to {png_dir}: it is a file, not a directory")
+    try:
+        png_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create plot directory {png_dir}: {exc.strerror}") from None
+
+
 def write_report(db_url: str | None, session: str, output: str | os.PathLike[str],
                  png_dir: str | os.PathLike[str] | None = None) -> Path:
     """Render the HTML report for a session to ``output`` (atomically); optionally also the PNGs."""
     output = Path(output)
     _check_writable(output)
-    if png_dir is not None and not Path(png_dir).is_dir():
-        raise ExportError(f"cannot write plots to {png_dir}: not a directory")
+    need("matplotlib", "the HTML report")
+    if png_dir is not None:
+        _prepare_png_dir(Path(png_dir))
     data = load_session(db_url, session)
     if data.trials.empty:
         raise ExportError(f"session {data.session_id} has no trials; nothing to report")

@@ -16,9 +16,13 @@ from orchestrator import code_version
 from orchestrator.engine import SessionControl, SessionResult, TrialReport, run_session
 from orchestrator.control import SessionController
 from orchestrator.protocol import LoadedProtocol, parse_protocol_text
-from orchestrator.store import TrialStore, upgrade
+from orchestrator.store import LeaseKeeper, LeaseLost, TrialStore, check_subject_name, is_legal, upgrade
 
 log = logging.getLogger("cloop.session")
+
+#: Seconds a session's lease outlives its last renewal (renewed every third of it); a killed
+#: orchestrator's lease is free at once on the same host, after this long from another one.
+LEASE_TTL_S = 15.0
 
 
 class SessionObserver(TypingProtocol):
@@ -74,6 +78,7 @@ def new_seed() -> int:
 
 def register_session(request: SessionRequest, loaded: LoadedProtocol) -> tuple[str, int]:
     """Migrate the database, store protocol/subject/session rows; return (session id, seed)."""
+    check_subject_name(request.subject)  # before anything is written (the column holds 200 characters)
     upgrade(request.db_url)
     store = TrialStore(request.db_url)
     try:
@@ -102,12 +107,12 @@ def request_for_resume(db_url: str, session: str, **overrides: object) -> tuple[
         row = store.session(session)
     finally:
         store.close()
-    stored = dict((row.get("meta") or {}).get("request") or {})
-    stored.update(db_url=db_url, seed=row["seed"])
+    stored = dict((row.meta or {}).get("request") or {})
+    stored.update(db_url=db_url, seed=row.seed)
     stored.update({k: v for k, v in overrides.items() if v is not None})
     known = set(SessionRequest.__dataclass_fields__)
     request = SessionRequest(**{k: v for k, v in stored.items() if k in known})
-    return request, row["id"], int(row["seed"])
+    return request, row.id, int(row.seed)
 
 
 def execute_session(
@@ -132,9 +137,15 @@ def execute_session(
     store = TrialStore(request.db_url)
     # The session runs the protocol text stored when it was registered, never a file edited since.
     # It was checked in full when registered, so only the schema is read here.
-    loaded = loaded or parse_protocol_text(store.session(session_id)["protocol_text"], source=request.protocol_path,
+    loaded = loaded or parse_protocol_text(store.session(session_id).protocol_text, source=request.protocol_path,
                                            checks=())
     protocol = loaded.protocol
+    lease = LeaseKeeper(store, session_id, ttl_s=LEASE_TTL_S)
+    try:
+        lease.acquire()  # LeaseHeld: another live orchestrator runs this session; nothing is written
+    except BaseException:
+        store.close()
+        raise
     controller = control or SessionController(store).install_sigint()
     timeout = request.wait_for_rig_s if request.wait_for_rig_s is not None else protocol.rig.wait_for_rig_s
     bound = False  # until the rig address is ours, a failure says nothing about this session's state
@@ -167,6 +178,7 @@ def execute_session(
             for rig in found:
                 store.upsert_rig(rig.as_dict())
             def notify(report: TrialReport) -> None:
+                lease.check()  # a trial boundary: stop at once if another orchestrator took over
                 if on_trial is not None:
                     on_trial(report)
                 for observer in list(_observers):
@@ -183,15 +195,18 @@ def execute_session(
                 control=controller,
                 on_trial=notify,
             )
+    except LeaseLost:
+        raise  # the session belongs to its new holder now: leave its status alone
     except BaseException:
         # Leave a truthful status behind; a resumable session stays resumable.
-        status = store.session(session_id)["status"]
-        if bound and status not in ("completed", "stopped", "no_rig"):
+        status = store.session(session_id).status
+        if bound and status not in ("completed", "stopped", "no_rig") and is_legal(status, "interrupted"):
             store.set_session_status(session_id, "interrupted")
         elif not bound:  # e.g. the address is in use: a new session never ran; a live one is not ours
             store.transition_status(session_id, ("created",), "interrupted")
         raise
     finally:
+        lease.release()
         if isinstance(controller, SessionController):
             controller.uninstall_sigint()
         store.close()

@@ -98,15 +98,15 @@ def build_session(store: Any, *, n: int = 14, seed: int = 7, subject: str = "sub
         now = time.time()
         p = 0.9 * (lag + 1) ** -0.4
         count = int(rng.binomial(10, p))
-        timing = {"worker": {"presented_at": 5000.0 + i, "responded_at": 5000.25 + i},
-                  "mapped": {"presented_at": now + 0.001, "responded_at": now + 0.001 + 0.25 + 0.01 * i}}
+        worker = {"presented_at": 5000.0 + i, "responded_at": 5000.25 + i}
+        mapped = {"presented_at": now + 0.001, "responded_at": now + 0.001 + 0.25 + 0.01 * i}
         if problems and i == 5:
             store.complete_trial(tid, {"rig_id": "rig-sim-1", "response": {"value": float("nan"), "rt_s": 0.3},
-                                       "timing": timing, "attempt": attempt}, None, "response value is NaN")
+                                       "timing": worker, "mapped_timing": mapped, "attempt": attempt}, None, "response value is NaN")
             built.values.append(None)
         else:
             store.complete_trial(tid, {"rig_id": "rig-sim-1", "response": {"value": count, "rt_s": round(0.2 + 0.01 * i, 3)},
-                                       "timing": timing, "attempt": attempt}, float(count), None)
+                                       "timing": worker, "mapped_timing": mapped, "attempt": attempt}, float(count), None)
             built.values.append(float(count))
             log_odds += 0.45
         p_power = 1 / (1 + math.exp(-log_odds))

@@ -174,3 +174,54 @@ def test_round_trip_from_postgres(tmp_path: Path) -> None:
         for fmt in ("csv", "parquet", "nwb"):
             back = export.read_export(export.export_session(url, built.session_id, fmt, tmp_path / f"pg.{fmt}"))
             _check_equals_db(back, _rows(url, built.session_id))
+
+
+def test_cli_export_takes_the_format_from_the_file_name(db: tuple[str, Built], tmp_path: Path) -> None:
+    url, built = db
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    for name in ("x.parquet", "x.csv", "x.nwb"):
+        res = runner.invoke(app, ["export", built.session_id, "-o", str(tmp_path / name), "--db", url])
+        assert res.exit_code == 0, res.output
+        back = export.read_export(tmp_path / name)  # each file is really in the format its suffix names
+        assert list(back["trial_id"]) == built.trial_ids
+    assert (tmp_path / "x.parquet").read_bytes()[:4] == b"PAR1"
+    assert (tmp_path / "x.nwb").read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+    res = runner.invoke(app, ["export", built.session_id, "-o", str(tmp_path / "x.xlsx"), "--db", url])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1
+    assert res.stderr.startswith("error: cannot tell the export format from") and "--format" in res.stderr
+    assert not (tmp_path / "x.xlsx").exists()
+
+
+@pytest.mark.parametrize(("module", "fmt", "extra"), [("pyarrow", "parquet", "analysis"), ("pynwb", "nwb", "analysis")])
+def test_missing_optional_package_names_the_extra(db: tuple[str, Built], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  module: str, fmt: str, extra: str) -> None:
+    url, built = db
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # as if the package were not installed
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["export", built.session_id, "-o", str(tmp_path / f"x.{fmt}"), "--db", url])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == f"error: {'Parquet' if fmt == 'parquet' else 'NWB'} export needs the optional package " \
+                         f"{module}: pip install 'cloop[{extra}]'\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exports_respect_the_umask(db: tuple[str, Built], tmp_path: Path) -> None:
+    import os
+    import stat
+
+    url, built = db
+    old = os.umask(0o027)
+    try:
+        path = export.export_session(url, built.session_id, "csv", tmp_path / "private.csv")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    old = os.umask(0o002)
+    try:
+        path = export.export_session(url, built.session_id, "csv", tmp_path / "shared.csv")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664

@@ -107,9 +107,10 @@ def test_pause_continue_stop_from_another_process(session: Session) -> None:
     again = session.cli("pause", session.id)  # pausing a paused session is refused, with the reason
     assert again.returncode == 2 and "'paused'" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
-    # A second orchestrator for a live session cannot take over: the address is held, nothing is changed.
+    # A second orchestrator for a live session cannot take over: the session's lease is held, nothing is changed.
     dup = session.cli("resume", session.id, "--no-prefect")
-    assert dup.returncode == 1 and "cannot bind" in dup.stderr, dup.stderr
+    assert dup.returncode == 2 and "being run by another orchestrator" in dup.stderr, dup.stderr
+    assert len(dup.stderr.strip().splitlines()) == 1
     assert session.status() == "paused" and len(session.trials()) == held
 
     cont = session.cli("continue", "latest", "--wait", "30")

@@ -11,11 +11,13 @@ from sqlalchemy import inspect, text
 from orchestrator import store as st
 from store_factory import REPO, postgres_database
 
-TABLES = {"subjects", "protocols", "sessions", "rigs", "trials", "trial_attempts", "model_states"}
+TABLES = {"subjects", "protocols", "sessions", "rigs", "trials", "trial_attempts", "model_states", "session_leases",
+          "population_responses"}
+HEAD = "0003"
 
 
 def _check_empty_to_head(url: str) -> None:
-    assert st.upgrade(url) == st.head_revision() == "0001"
+    assert st.upgrade(url) == st.head_revision() == HEAD
     engine = st.make_engine(url)
     try:
         names = set(inspect(engine).get_table_names())
@@ -30,7 +32,7 @@ def _check_empty_to_head(url: str) -> None:
     finally:
         engine.dispose()
     # Running it again is a no-op; downgrade to base removes everything; and back up works.
-    assert st.upgrade(url) == "0001"
+    assert st.upgrade(url) == HEAD
     st.downgrade(url, "base")
     engine = st.make_engine(url)
     try:
@@ -38,7 +40,7 @@ def _check_empty_to_head(url: str) -> None:
         assert st.current_revision(engine) is None
     finally:
         engine.dispose()
-    assert st.upgrade(url) == "0001"
+    assert st.upgrade(url) == HEAD
     with st.TrialStore(url) as store:
         assert store.sessions() == []
 
@@ -75,7 +77,7 @@ def test_store_refuses_database_not_at_head(tmp_path: Path) -> None:
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE unrelated (x INTEGER)"))
     engine.dispose()
-    with pytest.raises(st.SchemaError, match="has no cloop schema, expected 0001"):
+    with pytest.raises(st.SchemaError, match="has no cloop schema, expected " + HEAD):
         st.TrialStore(f"sqlite:///{empty}")
     with st.TrialStore(f"sqlite:///{empty}", auto_upgrade=True) as store:
         assert store.sessions() == []
@@ -90,6 +92,7 @@ def test_alembic_is_configured_in_code_without_ini() -> None:
     assert st.alembic_dir() == REPO / "alembic"
     assert not (REPO / "alembic.ini").exists()
     versions = sorted(p.name for p in (REPO / "alembic" / "versions").glob("*.py"))
-    assert versions == ["0001_initial_schema.py"]
+    assert versions == ["0001_initial_schema.py", "0002_session_leases.py", "0003_population_responses.py"]
     # Migrations must not import application code (they have to keep working as the ORM evolves).
-    assert "orchestrator" not in (REPO / "alembic" / "versions" / versions[0]).read_text().split('"""', 2)[2]
+    for name in versions:
+        assert "orchestrator" not in (REPO / "alembic" / "versions" / name).read_text().split('"""', 2)[2]

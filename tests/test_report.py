@@ -172,3 +172,28 @@ def test_two_parameter_poisson_session_with_gaussian_process(tmp_path: Path) -> 
         assert xs[0] == 0 and xs[-1] == 180 and np.isfinite(ys).all() and (ys > 0).all(), name
     images = _images(report.write_report(url, sid, tmp_path / "o.html").read_text())
     assert list(images) == list(report.PLOTS) and all(_non_blank(p) for p in images.values())
+
+
+def test_png_dir_is_created_when_missing_and_refused_when_a_file(db: tuple[str, Built], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    url, built = db
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    plots = tmp_path / "new" / "plots"
+    res = runner.invoke(app, ["report", built.session_id, "-o", str(tmp_path / "r.html"), "--png-dir", str(plots),
+                              "--db", url])
+    assert res.exit_code == 0, res.output
+    assert plots.is_dir() and sorted(p.suffix for p in plots.iterdir()) == [".png"] * len(list(plots.iterdir()))
+    assert len(list(plots.iterdir())) >= 3
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    res = runner.invoke(app, ["report", built.session_id, "-o", str(tmp_path / "s.html"), "--png-dir", str(a_file),
+                              "--db", url])
+    assert res.exit_code == 2 and res.stderr == f"error: cannot write plots to {a_file}: it is a file, not a directory\n"
+    assert not (tmp_path / "s.html").exists()
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    res = runner.invoke(app, ["report", built.session_id, "-o", str(tmp_path / "t.html"), "--db", url])
+    assert res.exit_code == 2
+    assert res.stderr == "error: the HTML report needs the optional package matplotlib: pip install 'cloop[analysis]'\n"
+    assert not (tmp_path / "t.html").exists()

@@ -71,9 +71,10 @@ def test_trial_lifecycle_is_written_before_dispatch_and_completed_after(store: s
     store.mark_dispatched(tid, 2, None)
 
     presented = dt.datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=dt.timezone.utc)
-    timing = {"worker": {"presented_at": 100.5, "responded_at": 101.0},
-              "mapped": {"presented_at": presented.timestamp(), "responded_at": presented.timestamp() + 0.5}}
-    store.complete_trial(tid, {"rig_id": "rig-9", "response": {"value": 6, "rt_s": 0.4}, "timing": timing}, 6.0, None)
+    worker = {"presented_at": 100.5, "responded_at": 101.0}
+    mapped = {"presented_at": presented.timestamp(), "responded_at": presented.timestamp() + 0.5}
+    store.complete_trial(tid, {"rig_id": "rig-9", "response": {"value": 6, "rt_s": 0.4}, "timing": worker,
+                               "mapped_timing": mapped}, 6.0, None)
     (row,) = store.trials("latest")
     assert row["status"] == "completed" and row["value"] == 6.0 and row["attempts"] == 2
     assert row["response"] == {"value": 6, "rt_s": 0.4} and row["rig_id"] == "rig-9"
@@ -207,7 +208,7 @@ def test_cli_db_upgrade_sessions_and_trials(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("CLOOP_DB", f"sqlite:///{db}")  # no --db: the env var is used
     res = runner.invoke(app, ["db", "upgrade"])
     assert res.exit_code == 0, res.output
-    assert res.stdout.strip() == f"database sqlite:///{db} is at revision 0001 (head)"
+    assert res.stdout.strip() == f"database sqlite:///{db} is at revision {st.head_revision()} (head)"
     res = runner.invoke(app, ["sessions"])
     assert res.exit_code == 0 and "no sessions yet" in res.stdout
 
@@ -289,3 +290,73 @@ def test_complete_trial_accepts_transport_outcome(store: st.TrialStore) -> None:
     (att,) = store.attempt_rows(sid)
     assert att["worker_times"] == {"presented_at": 50.0, "responded_at": 50.75}
     assert att["mapped_times"]["responded_at"] == t0 + 0.750123 and att["rig_id"] == "rig-z"
+
+
+def test_reads_return_frozen_records(store: st.TrialStore) -> None:
+    import dataclasses
+
+    sid = _session(store)
+    tid = store.plan_trial(sid, 0, {"stimulus": {"lag": 3}, "strategy": "random"})
+    info, (trial,) = store.session(sid), store.trials(sid)
+    assert isinstance(info, st.SessionRecord) and isinstance(trial, st.TrialRecord)
+    assert trial.id == tid and trial["id"] == tid and trial.get("nope", 7) == 7 and "stimulus" in trial
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trial.status = "completed"  # type: ignore[misc]
+    with pytest.raises(KeyError):
+        info["nope"]
+    assert info.counts == {**{k: 0 for k in st.TRIAL_STATUSES}, "planned": 1}
+    assert [s.value for s in st.SessionStatus] == list(st.SESSION_STATUSES)
+
+
+def test_session_status_changes_follow_the_transition_table(store: st.TrialStore) -> None:
+    sid = _session(store, status="created")
+    for status in ("waiting_for_rig", "running", "pause_requested", "paused", "continue_requested", "running",
+                   "stop_requested", "stopped"):
+        store.set_session_status(sid, status)
+        store.set_session_status(sid, status)  # the same status again is a no-op, not an error
+    assert store.session(sid).status == "stopped"
+    with pytest.raises(st.IllegalTransition, match=f"session {sid} cannot go from 'stopped' to 'running'"):
+        store.set_session_status(sid, "running")  # a finished session is a closed record
+    assert store.session(sid).status == "stopped"
+    with pytest.raises(st.IllegalTransition, match="cannot go from 'completed' to 'running'"):
+        store.transition_status(sid, ("interrupted", "completed"), "running")  # a guard naming a closed state
+    with pytest.raises(st.StoreError, match="not one of"):
+        store.transition_status(sid, ("running",), "bogus")
+    other = _session(store, status="interrupted")
+    assert not store.transition_status(other, ("no_rig",), "running")  # compare-and-set: not in an expected state
+    assert store.transition_status(other, ("interrupted", "no_rig"), "running")
+    assert store.session(other).status == "running"
+    for current, targets in st.LEGAL_TRANSITIONS.items():
+        assert all(t in st.SESSION_STATUSES for t in targets)
+        if current in st.FINISHED:
+            assert targets == frozenset()
+
+
+def test_subject_name_over_the_column_limit_is_one_clear_error(store: st.TrialStore) -> None:
+    assert store.subject("m" * 200) == store.subject("m" * 200)
+    with pytest.raises(st.StoreError, match="^subject name is 201 characters long; at most 200 are allowed$"):
+        store.subject("m" * 201)
+
+
+def test_missing_postgres_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    with pytest.raises(st.StoreError, match=r"^PostgreSQL needs the psycopg driver: pip install 'cloop\[postgres\]'$"):
+        st.make_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def test_cli_run_with_an_overlong_subject_exits_2_and_writes_nothing(tmp_path: Path, cloop_cmd: list[str],
+                                                                     run_env: dict[str, str]) -> None:
+    import subprocess
+
+    from store_factory import REPO
+
+    db = tmp_path / "never.db"
+    res = subprocess.run([*cloop_cmd, "run", str(REPO / "protocols" / "retention.yaml"), "--db", f"sqlite:///{db}",
+                          "--subject", "s" * 201, "--no-prefect", "--insecure", "--wait-for-rig", "1"],
+                         env=run_env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr == "error: subject name is 201 characters long; at most 200 are allowed\n"
+    assert res.stdout == "" and list(tmp_path.glob("never.db*")) == []
