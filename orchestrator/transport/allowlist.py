@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq.auth
+from zmq.utils import z85
 
 from orchestrator import keys as keyfiles
 
@@ -28,6 +29,16 @@ _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS,
 
 #: How often (s) the directory is checked for changes.
 CHECK_INTERVAL_S = 2.0
+
+
+def _is_curve_key(public: bytes | None) -> bool:
+    """A z85 text of a 32-byte Curve key (what pyzmq's certificate files hold)."""
+    if not public or len(public) != 40:
+        return False
+    try:
+        return len(z85.decode(public)) == 32
+    except Exception:
+        return False
 
 
 class AllowListUnavailable(OSError):
@@ -81,8 +92,8 @@ class AllowList:
             except Exception as exc:  # empty or malformed certificate file
                 problems[name] = f"not a public key file ({exc})"
                 continue
-            if not public:
-                problems[name] = "holds no public key"
+            if not _is_curve_key(public):
+                problems[name] = "holds no 40-character z85 Curve public key"
                 continue
             if public in found:
                 problems[name] = f"same key as {found[public]}.key"
