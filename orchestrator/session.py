@@ -155,8 +155,8 @@ def execute_session(
             except TransportNoRig as exc:
                 store.set_session_status(session_id, "no_rig", stopped=True)
                 raise NoRigError(
-                    f"no rig with capabilities {protocol.rig.capabilities} connected to {rigs.endpoint} "
-                    f"within {timeout:g} s; session {session_id} was not started"
+                    f"no rig with capabilities {protocol.rig.capabilities} ready on {rigs.endpoint} "
+                    f"within {timeout:g} s ({rigs.seen()}); session {session_id} was not started"
                 ) from exc
             for rig in found:
                 store.upsert_rig(rig.as_dict())
