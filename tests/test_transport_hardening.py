@@ -225,11 +225,10 @@ def test_an_unfinished_huge_multipart_does_not_grow_memory() -> None:
         try:
             srv.wait_for_rigs(["null"], 1, 10)
             frame = bytes([0x03]) + struct.pack(">Q", 1 << 20) + b"\x00" * (1 << 20)  # MORE, long, 1 MiB
-            attacker.settimeout(0.5)
             base = rss_bytes()
             sent = 0
-            end = time.monotonic() + 3.0
-            with pytest.raises(OSError):  # the server ends the connection long before the 3 s are over
+            end = time.monotonic() + 10.0
+            with pytest.raises(OSError):  # the server ends the connection long before the 10 s are over
                 while time.monotonic() < end:  # frame after frame, never the last one
                     attacker.sendall(frame)
                     sent += len(frame)
