@@ -265,7 +265,7 @@ def test_a_rig_sending_many_complete_messages_stays_within_its_budget() -> None:
 # ----------------------------------------------------------------------------- rig id bindings
 def test_a_rig_id_stays_bound_to_its_first_key_after_the_rig_left(keydir: Path) -> None:
     bound: list[tuple[str, str]] = []
-    with RigServer(LOOP, keys_dir=keydir, on_rig_bound=lambda rig, key: bound.append((rig, key))) as srv:
+    with RigServer(LOOP, keys_dir=keydir, on_rig_bound=lambda info: bound.append((info.rig_id, info.key_name))) as srv:
         srv.set_session("s1", "x")
         first = RawRig(srv.endpoint, curve=curve_of(keydir, "good"))
         try:
@@ -294,12 +294,18 @@ def test_a_rig_id_stays_bound_to_its_first_key_after_the_rig_left(keydir: Path) 
     assert bound == [("lab-1", "good"), ("lab-2", "other")]
 
 
-def test_preloaded_bindings_are_honoured(keydir: Path) -> None:
-    with RigServer(LOOP, keys_dir=keydir, rig_keys={"lab-1": "good"}) as srv:
+def test_preloaded_bindings_are_honoured_and_a_failing_callback_does_not_lose_the_rig(keydir: Path) -> None:
+    def broken(info: Any) -> None:
+        raise RuntimeError("database is down")
+
+    with RigServer(LOOP, keys_dir=keydir, rig_keys={"lab-1": "good"}, on_rig_bound=broken) as srv:
         thief = RawRig(srv.endpoint, curve=curve_of(keydir, "other"))
         try:
             thief.hello("lab-1")
             assert thief.expect("error").code == "rig_id_taken"
+            thief.hello("lab-2")
+            assert thief.expect("welcome").rig_id == "lab-2"
+            assert [(r.rig_id, r.key_name) for r in srv.rigs()] == [("lab-2", "other")]
         finally:
             thief.close()
 
@@ -339,3 +345,45 @@ def test_failure_reasons_are_set_when_raised() -> None:
     assert TrialRejected("x", code="lamp_broke").reason is FailureReason.ADAPTER_FAILED
     assert not FailureReason.REFUSED.retryable and FailureReason.TIMEOUT.retryable
     assert isinstance(TrialRejected("x"), AttemptFailed)
+
+
+def test_a_session_that_finds_no_rig_says_what_it_saw(tmp_path: Path) -> None:
+    from conftest import ROOT
+
+    from orchestrator.engine import SessionControl
+    from orchestrator.protocol import load_protocol
+    from orchestrator.session import NoRigError as SessionNoRig
+    from orchestrator.session import SessionRequest, execute_session, register_session
+    from orchestrator.store import TrialStore
+    from test_transport_helpers import free_port
+
+    class Run(SessionControl):
+        def checkpoint(self, session_id: str) -> str:
+            return "run"
+
+    path = ROOT / "protocols" / "retention.yaml"
+    request = SessionRequest(protocol_path=str(path), db_url=f"sqlite:///{tmp_path / 's.db'}",
+                             bind=f"tcp://127.0.0.1:{free_port()}", insecure=True, wait_for_rig_s=2.0, seed=1)
+    session_id, seed = register_session(request, load_protocol(path))
+
+    def rig_with_a_typo() -> None:  # registers, fails to start the session, leaves
+        raw = RawRig(request.bind)
+        try:
+            raw.hello("lab-1", adapters=("simulated",))
+            raw.expect("welcome", timeout=10)
+            raw.send(m.ErrorMessage(code="session_failed", message="unknown truth model 'powr'"))
+            raw.send(m.Bye(reason="adapter failed"))
+            time.sleep(0.2)
+        finally:
+            raw.close()
+
+    th = threading.Thread(target=rig_with_a_typo, daemon=True)
+    th.start()
+    with pytest.raises(SessionNoRig) as err:
+        execute_session(request, session_id, seed, control=Run())
+    th.join(timeout=10)
+    text = str(err.value)
+    assert "registered rigs: none" in text and "rig lab-1 left" in text
+    assert "could not start the session: unknown truth model 'powr'" in text
+    with TrialStore(request.db_url) as store:
+        assert store.session(session_id)["status"] == "no_rig"

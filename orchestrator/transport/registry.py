@@ -9,12 +9,15 @@ refused, session starts that failed) is kept so a failed wait can say what happe
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from orchestrator.rig_api import RigInfo
 from orchestrator.transport.clock import ClockEstimate
+
+log = logging.getLogger("cloop.transport")
 
 #: How many past happenings (losses, refusals) are kept for the "what was seen" report.
 _HISTORY = 20
@@ -71,7 +74,7 @@ class Registry:
     """Registered rigs (by connection identity and by rig id) and the rig id -> key name bindings."""
 
     def __init__(self, bindings: Mapping[str, str] | None = None,
-                 on_bind: Callable[[str, str], None] | None = None) -> None:
+                 on_bind: Callable[[RigInfo], None] | None = None) -> None:
         self.by_ident: dict[bytes, RigEntry] = {}
         self.by_rig_id: dict[str, bytes] = {}
         self.bindings: dict[str, str] = dict(bindings or {})
@@ -103,7 +106,10 @@ class Registry:
         if key_name is not None and rig.info.rig_id not in self.bindings:
             self.bindings[rig.info.rig_id] = key_name
             if self._on_bind is not None:
-                self._on_bind(rig.info.rig_id, key_name)
+                try:  # e.g. the caller records the binding in its database
+                    self._on_bind(rig.info)
+                except Exception:
+                    log.exception("could not record that rig %s is bound to key %s", rig.info.rig_id, key_name)
 
     def remove(self, rig: RigEntry, reason: str) -> bool:
         """Forget a connection (its binding stays); False if it was not registered."""

@@ -64,14 +64,15 @@ class RigServer:
 
     Use as a context manager (or call :meth:`close`). All public methods are thread-safe.
     ``rig_keys`` preloads rig id -> key name bindings (e.g. from the database) and ``on_rig_bound``
-    is called (on the I/O thread) when a rig id is bound to a key for the first time.
+    is called with the rig's info (on the I/O thread, so keep it short) when a rig id is bound to
+    a key for the first time; an exception from it is logged, the rig stays registered.
     """
 
     def __init__(self, bind: str, *, keys_dir: Path | str | None = None, insecure: bool = False,
                  heartbeat_s: float = 0.25, liveness: int = 3, pipeline: int = 1,
                  session_start_grace_s: float = 30.0, max_message_bytes: int = m.MAX_MESSAGE_BYTES,
                  rig_keys: Mapping[str, str] | None = None,
-                 on_rig_bound: Callable[[str, str], None] | None = None) -> None:
+                 on_rig_bound: Callable[[RigInfo], None] | None = None) -> None:
         if heartbeat_s <= 0 or liveness < 1 or pipeline < 1:
             raise ValueError("heartbeat_s must be > 0, liveness >= 1 and pipeline >= 1")
         bind = _normalise_bind(bind)
