@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import resource
 import socket
 import struct
@@ -151,11 +152,11 @@ def test_overwriting_a_key_file_with_another_key_drops_the_old_key_at_once(keydi
             assert srv.rigs() == []
         finally:
             old.close()
+        refused = srv.stats["auth_failed"]
         again = RawRig(srv.endpoint, curve=curve_of(keydir, "good"))  # new connection, revoked key
         new = RawRig(srv.endpoint, curve=curve_of(keydir, "spare"))   # the replacement key, same name
         try:
-            again.hello("lab-1")
-            assert again.recv(1.0) is None  # refused in the handshake: not a single reply
+            assert wait_until(lambda: srv.stats["auth_failed"] > refused, 5)  # refused in the handshake
             new.hello("lab-1")
             assert new.expect("welcome").rig_id == "lab-1"
             assert [(r.rig_id, r.key_name) for r in srv.rigs()] == [("lab-1", "good")]
@@ -186,10 +187,10 @@ def test_a_bad_file_in_the_allow_list_is_reported_and_skipped_and_revocation_sti
         finally:
             good.close()
             other.close()
+        refused = srv.stats["auth_failed"]
         revoked = RawRig(srv.endpoint, curve=curve_of(keydir, "good"))
         try:
-            revoked.hello("lab-1")
-            assert revoked.recv(1.0) is None and srv.rigs() == []
+            assert wait_until(lambda: srv.stats["auth_failed"] > refused, 5) and srv.rigs() == []
         finally:
             revoked.close()
 
@@ -233,7 +234,7 @@ def test_an_unfinished_huge_multipart_does_not_grow_memory() -> None:
                     attacker.sendall(frame)
                     sent += len(frame)
             grown = rss_bytes() - base
-            assert srv.stats["over_budget"] == 1 and sent > PEER_BUFFER_BYTES
+            assert wait_until(lambda: srv.stats["over_budget"] == 1, 2) and sent > PEER_BUFFER_BYTES
             assert grown < 2 * PEER_BUFFER_BYTES + 32e6, f"memory grew {grown / 1e6:.0f} MB for {sent / 1e6:.0f} MB sent"
             assert srv.run_trial(cmd(1)).rig_id == "good"  # the real rig was never disturbed
             assert [r.rig_id for r in srv.rigs()] == ["good"]
@@ -256,7 +257,7 @@ def test_a_rig_sending_many_complete_messages_stays_within_its_budget() -> None:
                     raw.send(note)
                 time.sleep(0.3)
             assert 2100 * 4000 > 2 * PEER_BUFFER_BYTES
-            assert wait_until(lambda: srv.stats["worker_errors"] == 2100, 5)
+            assert wait_until(lambda: srv.stats["worker_errors"] == 2100, 30)
             assert srv.stats["over_budget"] == 0 and [r.rig_id for r in srv.rigs()] == ["busy"]
         finally:
             raw.close()
@@ -322,7 +323,7 @@ def test_a_failed_wait_says_what_was_seen(keydir: Path) -> None:
             left.expect("welcome")
             left.send(m.ErrorMessage(code="session_failed", message="unknown truth 'powr'"))
             left.send(m.Bye(reason="adapter failed"))
-            stranger.hello("lab-9")
+            assert wait_until(lambda: srv.stats["auth_failed"] >= 1, 5)  # the handshake runs at connect
             bad.send(b"\x81\xa1v\x01")  # a broken hello
             assert bad.expect("error").code == "bad_message"
             with pytest.raises(NoRigError) as err:
@@ -334,7 +335,7 @@ def test_a_failed_wait_says_what_was_seen(keydir: Path) -> None:
         assert "registered rigs: none" in text
         assert "rig lab-1 left: rig said bye (adapter failed) (could not start the session: unknown truth 'powr')" in text
         assert "refused unregistered peer" in text
-        assert "rejected handshakes: 1 (1 key not in the allow-list)" in text
+        assert re.search(r"rejected handshakes: (\d+) \(\1 key not in the allow-list\)", text)
         assert srv.seen() in text
 
 
