@@ -100,6 +100,33 @@ def test_many_idle_connections_neither_exhaust_handles_nor_stop_trials(keydir: P
             th.join(timeout=5)
 
 
+def test_idle_connections_beyond_the_cap_are_closed_before_the_handshake_timeout(keydir: Path) -> None:
+    with RigServer(LOOP, keys_dir=keydir) as srv:
+        srv.set_session("s1", "x")
+        port = int(srv.endpoint.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(guard.MAX_IDLE_CONNECTIONS + 100)]
+        w, th = worker(srv.endpoint, "good", keys_dir=keydir, key_name="good")
+        try:
+            srv.wait_for_rigs(["null"], 1, 10)
+            assert wait_until(lambda: srv._budget.idle_closed >= 100, 3)  # well inside the 5 s handshake limit
+            closed = 0
+            for s in idle[:100]:  # the oldest went first
+                s.settimeout(2)
+                try:
+                    while s.recv(4096):
+                        pass
+                except ConnectionResetError:
+                    pass
+                closed += 1  # end of stream or reset; a timeout would have failed the test
+            assert closed == 100
+            assert srv.run_trial(cmd(1)).rig_id == "good"  # the rig, which delivered messages, stays
+        finally:
+            for s in idle:
+                s.close()
+            w.stop()
+            th.join(timeout=5)
+
+
 def test_an_oserror_in_the_allow_list_recheck_does_not_kill_the_network_thread(keydir: Path) -> None:
     with RigServer(LOOP, keys_dir=keydir) as srv:
         srv.set_session("s1", "x")

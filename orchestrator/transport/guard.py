@@ -2,7 +2,8 @@
 
 * File handles: the soft ``RLIMIT_NOFILE`` is raised to the hard limit when a server starts, a
   connection that has not finished its handshake within :data:`HANDSHAKE_TIMEOUT_MS` is closed by
-  libzmq, and the listen backlog is bounded.
+  libzmq, at most :data:`MAX_IDLE_CONNECTIONS` connections that never delivered a message are kept
+  (the oldest beyond it are closed), and the listen backlog is bounded.
 * Memory: libzmq refuses any inbound frame over :data:`MAX_INBOUND_FRAME_BYTES` (it disconnects the
   peer), but it buffers the frames of an unfinished multipart message without limit and the
   application cannot see them. :class:`InboundBudget` therefore compares, per TCP connection, the
@@ -36,6 +37,9 @@ _PER_MESSAGE_OVERHEAD = 128
 _PER_CONNECTION_OVERHEAD = 64 * 1024
 #: A peer that connects but does not finish the ZMTP/Curve handshake within this is disconnected.
 HANDSHAKE_TIMEOUT_MS = 5000
+#: Connections that have not delivered a single message (unauthenticated, or idle since they
+#: connected) kept at most; beyond it the oldest are closed at the next check.
+MAX_IDLE_CONNECTIONS = 256
 #: Pending TCP connections the kernel queues before refusing more.
 LISTEN_BACKLOG = 128
 #: How often (s) the per-connection budgets are checked.
@@ -90,8 +94,10 @@ class InboundBudget:
     another socket after a close is never mistaken for the old connection.
     """
 
-    def __init__(self, limit_bytes: int = PEER_BUFFER_BYTES) -> None:
+    def __init__(self, limit_bytes: int = PEER_BUFFER_BYTES, max_idle: int | None = None) -> None:
         self.limit_bytes = int(limit_bytes)
+        self.max_idle = MAX_IDLE_CONNECTIONS if max_idle is None else int(max_idle)
+        self.idle_closed = 0
         self._conns: dict[int, list[int]] = {}  # fd -> [inode, delivered bytes, messages]
         self._next_check = 0.0
         self.shut_down = 0
@@ -117,29 +123,43 @@ class InboundBudget:
             entry[2] += 1
 
     def enforce(self, now: float | None = None) -> list[tuple[int, int]]:
-        """Shut down connections over budget; returns [(fd, undelivered bytes)] of those shut down."""
+        """Shut down connections over budget, and the oldest idle ones beyond the cap.
+
+        Returns [(fd, undelivered bytes)] of the connections shut down for their budget.
+        """
         now = time.monotonic() if now is None else now
         if now < self._next_check or not self._conns:
             return []
         self._next_check = now + BUDGET_CHECK_S
         over: list[tuple[int, int]] = []
+        idle: list[int] = []  # in accept order: dicts keep insertion order
         for fd, (ino, delivered, messages) in list(self._conns.items()):
             if _inode(fd) != ino:  # closed (and perhaps reused) since: not ours to judge any more
                 del self._conns[fd]
                 continue
+            if messages == 0:
+                idle.append(fd)
             received = _bytes_received(fd)
             if received is None:
                 continue
             held = received - delivered - messages * _PER_MESSAGE_OVERHEAD - _PER_CONNECTION_OVERHEAD
             if held > self.limit_bytes:
-                sock = socket.socket(fileno=fd)
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # libzmq sees the end and frees the connection
-                except OSError:
-                    pass
-                finally:
-                    sock.detach()
-                del self._conns[fd]
+                self._close(fd)
                 self.shut_down += 1
                 over.append((fd, held))
+        for fd in idle[:max(0, len(idle) - self.max_idle)]:
+            if fd in self._conns:
+                self._close(fd)
+                self.idle_closed += 1
         return over
+
+    def _close(self, fd: int) -> None:
+        """End a connection under libzmq's feet: it sees the end of the stream and frees it."""
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+        del self._conns[fd]
