@@ -415,3 +415,12 @@ def test_a_session_that_finds_no_rig_says_what_it_saw(tmp_path: Path) -> None:
     assert "could not start the session: unknown truth model 'powr'" in text
     with TrialStore(request.db_url) as store:
         assert store.session(session_id)["status"] == "no_rig"
+
+
+def test_the_rig_vocabulary_imports_without_zmq() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, orchestrator.rig_api; print('zmq' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -19,7 +19,7 @@ import zmq
 
 from orchestrator import messages as m
 from orchestrator.rig_api import RigInfo, RigLost, TrialOutcome, TrialRejected, TrialTimeout
-from orchestrator.transport import guard
+import orchestrator.transport.guard as guard
 from orchestrator.transport.allowlist import AllowList, AllowListUnavailable
 from orchestrator.transport.queue import DispatchQueue, Pending, fail
 from orchestrator.transport.registry import Registry, RigEntry, new_entry

@@ -36,7 +36,7 @@ from zmq.utils.monitor import parse_monitor_message
 from orchestrator import keys as keyfiles
 from orchestrator import messages as m
 from orchestrator.rig_api import NoRigError, RigInfo, RigLost, TransportError, TrialCommand, TrialOutcome
-from orchestrator.transport import guard
+import orchestrator.transport.guard as guard
 from orchestrator.transport.allowlist import AllowList
 from orchestrator.transport.network import RigNetwork, frame_property
 from orchestrator.transport.queue import Pending, fail
