@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol as TypingProtocol
 from orchestrator.design import Decision, make_design
 from orchestrator.inference import ModelComparison
 from orchestrator.protocol import InvalidResponse, LoadedProtocol
+from orchestrator.rig_api import AttemptFailed, FailureReason, TrialCommand
 from orchestrator.store import TrialStore
 
 log = logging.getLogger("cloop.engine")
@@ -137,11 +138,11 @@ def run_session(
         trial, decision = queue.pop(0)
         trial_id, index = trial.id, trial.index
         protocol.check_safe(decision.stimulus)  # defence in depth: an unsafe stimulus is never sent
-        outcome, attempts, error = _dispatch(loaded, store, rigs, session_id, trial_id, index, decision)
+        outcome, attempts, error, failure = _dispatch(loaded, store, rigs, session_id, trial_id, index, decision)
 
         value: float | None = None
         update_ms = 0.0
-        if outcome is None and error is not None and error.startswith(ABORTED):
+        if outcome is None and failure is FailureReason.ABORTED:
             # The operator pressed Escape at the rig: keep the trial as abandoned and pause the session.
             store.abandon_open_trials(session_id, error)
             queue = []
@@ -229,18 +230,19 @@ def _dispatch(
     trial_id: int,
     index: int,
     decision: Decision,
-) -> tuple[Any | None, int, str | None]:
+) -> tuple[Any | None, int, str | None, FailureReason | None]:
     """Send the trial to a rig, retrying on rig loss/timeout up to the protocol's limit.
 
     The wire trial id is derived from (session, index), so after a crash or a retry the worker
     recognises a trial it already presented and returns its stored result instead of presenting again.
-    Returns (outcome or None if every attempt failed, the last attempt number, the failure reason).
+    Returns (outcome or None if every attempt failed, the last attempt number, the failure in words,
+    the last attempt's :class:`FailureReason`); ``reason is FailureReason.ABORTED`` means the operator
+    aborted the trial at the rig.
     """
-    from orchestrator.transport import AttemptFailed, TrialCommand
-
     protocol = loaded.protocol
     first_attempt = store.attempts(trial_id) + 1
     last_error: str | None = None
+    reason: FailureReason | None = None
     for attempt in range(first_attempt, first_attempt + protocol.rig.max_attempts):
         cmd = TrialCommand(
             trial_id=f"{session_id}:{index}",
@@ -257,18 +259,18 @@ def _dispatch(
         try:
             outcome = rigs.run_trial(cmd)  # the server allows the response timeout plus presentation time
         except AttemptFailed as exc:  # rig lost, timed out or rejected: retry with the same trial id
+            reason = exc.reason
             last_error = f"attempt {attempt} on rig {exc.rig_id}: {type(exc).__name__}: {exc}"
             log.warning("trial %d %s (%.0f ms)", index, last_error, 1000 * (time.perf_counter() - started))
             store.record_attempt_failure(trial_id, attempt, last_error)
-            code = getattr(exc, "code", None)
-            if code == "aborted":
-                return None, attempt, f"{ABORTED}: {last_error}"
-            if code == "refused":  # the rig's own hard limits refused it: another attempt cannot help
+            if reason is FailureReason.ABORTED:
+                return None, attempt, f"{ABORTED}: {last_error}", reason
+            if not reason.retryable:  # e.g. the rig's own hard limits refused it
                 break
             continue
         # NoRigError (no rig came back in time) propagates: the trial stays open and the session
         # is left resumable instead of failing every remaining trial.
-        return outcome, attempt, None
-    reason = f"no response after {attempt - first_attempt + 1} attempt(s); last: {last_error}"
-    store.fail_trial(trial_id, reason)
-    return None, attempt, reason
+        return outcome, attempt, None, None
+    failure = f"no response after {attempt - first_attempt + 1} attempt(s); last: {last_error}"
+    store.fail_trial(trial_id, failure)
+    return None, attempt, failure, reason

@@ -150,7 +150,9 @@ def execute_session(
     timeout = request.wait_for_rig_s if request.wait_for_rig_s is not None else protocol.rig.wait_for_rig_s
     bound = False  # until the rig address is ours, a failure says nothing about this session's state
     try:
-        with RigServer(request.bind, keys_dir=request.keys_dir, insecure=request.insecure) as rigs:
+        # A rig id stays bound to the key that first registered it; the rigs table records the binding.
+        with RigServer(request.bind, keys_dir=request.keys_dir, insecure=request.insecure,
+                       on_rig_bound=lambda info: store.upsert_rig(info.as_dict())) as rigs:
             bound = True
             rigs.set_session(session_id, loaded.text)
             message = (
