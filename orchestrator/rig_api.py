@@ -43,6 +43,7 @@ _REASON_OF_CODE: dict[str, FailureReason] = {
     "adapter_failed": FailureReason.ADAPTER_FAILED,
     "session_failed": FailureReason.SESSION_FAILED,
     "session_mismatch": FailureReason.BAD_RESULT,
+    "bad_result": FailureReason.BAD_RESULT,
 }
 
 

@@ -152,6 +152,7 @@ def execute_session(
     try:
         # A rig id stays bound to the key that first registered it; the rigs table records the binding.
         with RigServer(request.bind, keys_dir=request.keys_dir, insecure=request.insecure,
+                       rig_keys=store.rig_keys(),
                        on_rig_bound=lambda info: store.upsert_rig(info.as_dict())) as rigs:
             bound = True
             rigs.set_session(session_id, loaded.text)

@@ -361,3 +361,12 @@ def test_cli_run_with_an_overlong_subject_exits_2_and_writes_nothing(tmp_path: P
     # One line naming the flag and the limit (the CLI checks it before the store would).
     assert res.stderr.count("\n") == 1 and "--subject" in res.stderr and "200" in res.stderr, res.stderr
     assert res.stdout == "" and list(tmp_path.glob("never.db*")) == []
+
+
+def test_rig_key_bindings_outlive_the_orchestrator(url: str) -> None:
+    """A rig id registered with an allow-list key stays bound to that key name for the next orchestrator."""
+    with st.TrialStore(url) as first:
+        first.upsert_rig({"rig_id": "booth1", "key_name": "rig-booth1", "adapters": ["simulated"]})
+        first.upsert_rig({"rig_id": "loopback-rig", "key_name": None})  # plain text on loopback: no key
+    with st.TrialStore(url) as second:
+        assert second.rig_keys() == {"booth1": "rig-booth1"}

@@ -262,7 +262,9 @@ def test_an_unfinished_huge_multipart_does_not_grow_memory() -> None:
                     sent += len(frame)
             grown = rss_bytes() - base
             assert wait_until(lambda: srv.stats["over_budget"] == 1, 2) and sent > PEER_BUFFER_BYTES
-            assert grown < 2 * PEER_BUFFER_BYTES + 32e6, f"memory grew {grown / 1e6:.0f} MB for {sent / 1e6:.0f} MB sent"
+            # Unbounded, the same attacker grows the process ~165 MB/s (1.6 GB in these 10 s). Bounded means
+            # the budget plus what arrives between two budget checks, which on a loaded 2-core box is tens of MB.
+            assert grown < 2 * PEER_BUFFER_BYTES + 128e6, f"memory grew {grown / 1e6:.0f} MB for {sent / 1e6:.0f} MB sent"
             assert srv.run_trial(cmd(1)).rig_id == "good"  # the real rig was never disturbed
             assert [r.rig_id for r in srv.rigs()] == ["good"]
         finally:

@@ -85,6 +85,12 @@ class SessionRepository(Repository):
             row.info = json_safe(d)
             row.last_seen = now
 
+    def rig_keys(self) -> dict[str, str]:
+        """Rig id -> the allow-list key name that first registered it, so the binding outlives a restart."""
+        with self._sessionmaker() as s:
+            return {r.id: r.info["key_name"] for r in s.scalars(select(Rig))
+                    if isinstance(r.info, dict) and isinstance(r.info.get("key_name"), str)}
+
     def rigs(self) -> list[RigRecord]:
         """Known rigs."""
         with self._sessionmaker() as s:

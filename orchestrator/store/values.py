@@ -33,7 +33,10 @@ def to_utc(value: Any) -> dt.datetime | None:
     if isinstance(value, (int, float)):
         if not math.isfinite(value):
             return None
-        return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
+        try:
+            return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
+        except (OverflowError, OSError, ValueError) as exc:  # e.g. nanoseconds sent as seconds
+            raise ValueError(f"timestamp {value!r} is not plausible epoch seconds") from exc
     if isinstance(value, str):
         return to_utc(dt.datetime.fromisoformat(value))
     if hasattr(value, "item"):  # numpy scalar

@@ -43,7 +43,7 @@ MAX_IDLE_CONNECTIONS = 256
 #: Pending TCP connections the kernel queues before refusing more.
 LISTEN_BACKLOG = 128
 #: How often (s) the per-connection budgets are checked.
-BUDGET_CHECK_S = 0.25
+BUDGET_CHECK_S = 0.05
 _TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received in Linux's struct tcp_info (since 4.1)
 
 

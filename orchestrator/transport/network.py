@@ -158,6 +158,7 @@ class RigNetwork:
         try:
             msg = m.decode(data, sender="worker", max_bytes=self.max_message_bytes)
         except m.MessageError as exc:
+            self._fail_bad_result(ident, exc)
             self._reject(ident, str(exc))
             return
         now = time.monotonic()
@@ -286,6 +287,20 @@ class RigNetwork:
         self.stats["results"] += 1
         if not p.future.done():
             p.future.set_result(outcome)
+        self._dispatch()
+
+    def _fail_bad_result(self, ident: bytes, exc: m.MessageError) -> None:
+        """A registered rig's unreadable result fails its attempt now (retried), not at the timeout."""
+        rig = self._rigs.get(ident)
+        if rig is None or exc.msg_type != "result" or exc.trial_id is None:
+            return
+        p = rig.inflight.get(exc.trial_id)
+        if p is None or p.cmd.attempt != exc.attempt:
+            return
+        del rig.inflight[exc.trial_id]
+        fail(p, TrialRejected(f"rig {rig.info.rig_id} sent a bad result for trial {exc.trial_id!r} attempt "
+                              f"{exc.attempt}: {exc}", code="bad_result", trial_id=exc.trial_id,
+                              attempt=exc.attempt, rig_id=rig.info.rig_id))
         self._dispatch()
 
     def _on_worker_error(self, rig: RigEntry, msg: m.ErrorMessage) -> None:

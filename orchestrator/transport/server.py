@@ -219,7 +219,8 @@ class RigServer(RigNetwork):
         """
         if self._closed:
             raise TransportError("rig server is closed")
-        msg_bytes = m.encode(cmd.message(), max_bytes=self.max_message_bytes)
+        # A trial may carry an image: its ceiling is the wire's trial limit, not the other messages'.
+        msg_bytes = m.encode(cmd.message(), max_bytes=max(self.max_message_bytes, m.MAX_TRIAL_BYTES))
         fut: concurrent.futures.Future = concurrent.futures.Future()
         wait = self._rig_wait_s if rig_wait_s is None else float(rig_wait_s)
         pending = Pending(cmd=cmd, msg_bytes=msg_bytes, future=fut,
@@ -318,6 +319,8 @@ class RigServer(RigNetwork):
         finally:
             with self._cond:
                 self._stopped = True
+                # The monitor goes first: libzmq's I/O thread blocks sending an event nobody reads.
+                self._sock.disable_monitor()
                 self._sock.close(200)
                 self._mon.close(0)
                 self._pipe_in.close(0)
