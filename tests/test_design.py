@@ -285,3 +285,59 @@ def test_discriminating_design_beats_random_on_retention() -> None:
     assert statistics.median(mi) <= 5
     assert statistics.median(mi) < statistics.median(rnd)
     assert sum(mi) < sum(rnd)
+
+
+def test_small_discrete_problems_run_exact_grid_ado_and_others_do_not() -> None:
+    from orchestrator.design import ExactGridDesign, InformationDesign
+
+    assert isinstance(make_design(retention(), 0), ExactGridDesign)
+    assert isinstance(make_design(retention(settings="{exact: false}"), 0), InformationDesign)
+    assert isinstance(make_design(mixed("mutual_information"), 0), InformationDesign)
+
+
+def test_exact_grid_mi_equals_brute_force_over_the_grid() -> None:
+    from scipy import stats
+
+    p = retention(strategy="exact_grid")
+    comparison = ModelComparison.from_protocol(p, 0)
+    design = make_design(p, 0)
+    comparison.update({"lag": 5}, 4)
+    mi, _, phase = design.scores(comparison)
+    assert phase == "mutual_information" and mi.shape == (101,)
+    pi = comparison.log_probabilities().exp().numpy()
+    for lag in (0, 7, 60):
+        pm = []
+        for post in comparison.posteriors:
+            w = post.weights().numpy()
+            means = post.candidate.mean(torch.tensor([[float(lag)]], dtype=torch.float64), post.theta)[:, 0].numpy()
+            pm.append((w[:, None] * stats.binom.pmf(np.arange(11)[None, :], 10,
+                                                    np.clip(means, 1e-9, 1 - 1e-9)[:, None])).sum(0))
+        pm = np.array(pm)
+        mix = (pi[:, None] * pm).sum(0)
+        exact = sum(pi[m] * np.sum(pm[m] * np.log(pm[m] / mix)) for m in range(2))
+        assert float(mi[lag]) == pytest.approx(exact, rel=1e-4, abs=1e-7)
+
+
+def test_exact_grid_discretises_continuous_spaces_deterministically() -> None:
+    text = RETENTION.replace("{kind: integer, low: 0, high: 100}", "{kind: continuous, low: 0, high: 100}")
+    text = text.replace("STRATEGY", "mutual_information").replace("SETTINGS", "{}").replace("BATCH", "")
+    p = parse_protocol_text(text.replace("SAFETY", "safety:\n  lag: {max: 50}")).protocol
+    runs = []
+    for _ in range(2):
+        comparison = ModelComparison.from_protocol(p, 3)
+        assert not comparison.exact  # continuous: the particle path by default
+        design = make_design(p, 3, "exact_grid")
+        stims = []
+        for i, y in enumerate([7, 3, 5, 1]):
+            d = design.propose(comparison, i)
+            _assert_within_limits(p, d.stimulus)
+            stims.append(d.stimulus["lag"])
+            comparison.update(d.stimulus, y)
+        assert comparison.exact  # the exact design switched the session to grid posteriors
+        runs.append((stims, comparison.probabilities()))
+    assert runs[0] == runs[1]
+
+
+def test_exact_grid_refuses_models_it_cannot_grid_with_the_limit() -> None:
+    with pytest.raises(ValueError, match="at most 3"):
+        make_design(mixed("mutual_information"), 0, "exact_grid")

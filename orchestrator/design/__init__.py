@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from orchestrator.design.base import BaseStrategy, Decision, DesignStrategy
 from orchestrator.design.baselines import RandomDesign, StaircaseDesign, SweepDesign
+from orchestrator.design.grid import ExactGridDesign, exact_grid_applies
 from orchestrator.design.information import InformationDesign, ParameterEstimationDesign
 
 STRATEGIES: dict[str, Callable[..., BaseStrategy]] = {
@@ -21,7 +22,11 @@ STRATEGIES: dict[str, Callable[..., BaseStrategy]] = {
     "ado": InformationDesign,
     "discriminate": lambda p, s, st=None: InformationDesign(p, s, st, mode="discriminate"),
     "parameter_estimation": ParameterEstimationDesign,
+    "exact_grid": ExactGridDesign,
 }
+#: information designs that run as exact grid ADO when `exact_grid_applies` (settings.exact: false opts out)
+EXACT_WHEN_SMALL = {"mutual_information": "auto", "mi": "auto", "ado": "auto", "discriminate": "discriminate",
+                    "parameter_estimation": "characterize"}
 
 
 def make_design(protocol: Any, seed: int, override: str | None = None) -> BaseStrategy:
@@ -33,6 +38,8 @@ def make_design(protocol: Any, seed: int, override: str | None = None) -> BaseSt
     if name not in STRATEGIES:
         raise ValueError(f"design.strategy: unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
     settings = dict(protocol.design.settings or {}) if name == protocol.design.strategy else {}
+    if name in EXACT_WHEN_SMALL and settings.get("exact", True) and exact_grid_applies(protocol):
+        return ExactGridDesign(protocol, seed, settings, mode=settings.get("mode", EXACT_WHEN_SMALL[name]))
     return STRATEGIES[name](protocol, seed, settings)
 
 
@@ -53,4 +60,5 @@ def check_protocol(protocol: Any) -> list[tuple[str, str]]:
 
 
 __all__ = ["Decision", "DesignStrategy", "BaseStrategy", "make_design", "check_protocol", "STRATEGIES",
-           "RandomDesign", "SweepDesign", "StaircaseDesign", "InformationDesign", "ParameterEstimationDesign"]
+           "RandomDesign", "SweepDesign", "StaircaseDesign", "InformationDesign", "ParameterEstimationDesign",
+           "ExactGridDesign"]
