@@ -341,3 +341,71 @@ def test_exact_grid_discretises_continuous_spaces_deterministically() -> None:
 def test_exact_grid_refuses_models_it_cannot_grid_with_the_limit() -> None:
     with pytest.raises(ValueError, match="at most 3"):
         make_design(mixed("mutual_information"), 0, "exact_grid")
+
+
+CAPACITY = """
+name: c
+version: "1"
+stimulus:
+  parameters:
+PARAMS
+response: {kind: bernoulli}
+models:
+  - name: a
+    formula: "p"
+    priors: {p: {dist: beta, alpha: 1, beta: 1}}
+  - name: b
+    formula: "q*0.5"
+    priors: {q: {dist: beta, alpha: 1, beta: 1}}
+design:
+  strategy: STRATEGY
+  settings: SETTINGS
+  batch_size: BATCH
+"""
+
+
+def _capacity(params: str, strategy: str = "mutual_information", batch: int = 1, settings: str = "{}"):
+    from orchestrator.protocol import Protocol
+
+    text = (CAPACITY.replace("PARAMS", params).replace("STRATEGY", strategy).replace("BATCH", str(batch))
+            .replace("SETTINGS", settings))
+    import yaml
+
+    return Protocol.model_validate(yaml.safe_load(text))  # the schema only: check_protocol is under test
+
+
+def _choices(n: int) -> str:
+    return "    c: {kind: categorical, choices: [" + ", ".join(str(i) for i in range(n)) + "]}"
+
+
+@pytest.mark.parametrize("params, strategy, batch, field, limit", [
+    ("\n".join(f"    x{i}: {{kind: continuous, low: 0, high: 1}}" for i in range(6)), "sweep", 1,
+     "design.settings.points", "100000"),
+    ("    x: {kind: continuous, low: 0, high: 1}", "mutual_information", 1_000_000, "design.batch_size", "256"),
+    (_choices(20_000), "mutual_information", 1, "stimulus.parameters.c.choices", "10000"),
+    (_choices(1_000_000), "random", 1, "stimulus.parameters.c.choices", "10000"),
+])
+def test_check_protocol_refuses_what_the_design_cannot_run_quickly(params, strategy, batch, field, limit) -> None:
+    import time
+
+    from orchestrator.design import check_protocol
+
+    protocol = _capacity(params, strategy, batch)
+    t0 = time.perf_counter()
+    problems = check_protocol(protocol)
+    assert time.perf_counter() - t0 < 5.0  # no enumeration: microseconds unloaded
+    assert problems and problems[0][0] == field and limit in problems[0][1], problems
+    with pytest.raises(ValueError, match=limit):  # building the strategy directly refuses it too
+        make_design(protocol, 0)
+
+
+def test_a_discrete_space_larger_than_the_exhaustive_limit_is_sampled_not_differentiated() -> None:
+    from orchestrator.design import check_protocol
+
+    protocol = _capacity(_choices(5_001), settings="{exact: false}")
+    assert check_protocol(protocol) == []
+    comparison = ModelComparison.from_protocol(protocol, 0)
+    design = make_design(protocol, 0)
+    first = design.propose(comparison, 0)  # crashed: "element 0 of tensors does not require grad"
+    assert first.stimulus["c"] in range(5_001) and first.score is not None
+    assert design.propose(comparison, 0).stimulus == first.stimulus  # deterministic

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from orchestrator.design.base import BaseStrategy, Decision, DesignStrategy
 from orchestrator.design.baselines import RandomDesign, StaircaseDesign, SweepDesign
 from orchestrator.design.grid import ExactGridDesign, exact_grid_applies
+from orchestrator.design.limits import size_problems
 from orchestrator.design.information import InformationDesign, ParameterEstimationDesign
 
 STRATEGIES: dict[str, Callable[..., BaseStrategy]] = {
@@ -44,16 +45,20 @@ def make_design(protocol: Any, seed: int, override: str | None = None) -> BaseSt
 
 
 def check_protocol(protocol: Any) -> list[tuple[str, str]]:
-    """Hook used by orchestrator.protocol: design problems as (field path, message)."""
+    """Design problems as (field path, message): unknown strategy, sizes beyond the limits of
+    orchestrator.design.limits (checked from the numbers, never by enumerating), bad settings."""
     name = protocol.design.strategy
     if name not in STRATEGIES:
         return [("design.strategy", f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")]
+    problems = size_problems(protocol)
+    if problems:
+        return problems
     try:
-        STRATEGIES[name](protocol, 0, dict(protocol.design.settings or {}))
+        make_design(protocol, 0)
     except Exception as exc:  # noqa: BLE001 - report any construction problem against the field
         msg = str(exc)
         path = "design.settings"
-        if msg.startswith("design."):
+        if msg.startswith(("design.", "stimulus.")):
             path, _, msg = msg.partition(": ")
         return [(path, msg)]
     return []

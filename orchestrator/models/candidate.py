@@ -74,7 +74,8 @@ class Candidate:
             th.setdefault(p, torch.tensor(v, dtype=X.dtype))
         out = self.model.mean(x, th)
         n = next(iter(theta.values())).shape[0] if theta else 1
-        return out.expand(n, X.shape[0]) if out.dim() < 2 or out.shape[0] != n else out
+        shape = (n, X.shape[0])
+        return out if tuple(out.shape) == shape else torch.broadcast_to(out, shape)
 
     def noise(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """Gaussian noise SD per parameter vector (N,), None for discrete responses."""
