@@ -24,6 +24,7 @@ import torch
 
 from orchestrator.models.candidate import Candidate, build_candidates
 from orchestrator.models.grid import GridPosterior, grid_plan
+from orchestrator.models.views import ParticleView
 from orchestrator.models.space import StimulusEncoding
 
 DTYPE = torch.float64
@@ -73,18 +74,6 @@ class Posterior(TypingProtocol):
     def update(self, x: torch.Tensor, y: float) -> None: ...
     def predictive(self, max_components: int | None = None, gen: torch.Generator | None = None) -> Any: ...
     def summary(self) -> dict[str, Any]: ...
-
-
-class ParticleView:
-    """Mixture components of a model's predictive: weights fixed, means evaluated at any stimuli."""
-
-    def __init__(self, candidate: Candidate, theta: dict[str, torch.Tensor], logw: torch.Tensor) -> None:
-        self.candidate, self.theta, self.logw = candidate, theta, logw
-        self.noise = candidate.noise(theta)
-
-    def __call__(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(log weights (N,), response means (N, S) at raw stimuli X (S, d), noise SD (N,) or None)."""
-        return self.logw, self.candidate.mean(X, self.theta), self.noise
 
 
 class SMCPosterior:

@@ -44,6 +44,13 @@ def make_design(protocol: Any, seed: int, override: str | None = None) -> BaseSt
     return STRATEGIES[name](protocol, seed, settings)
 
 
+def catalogue() -> list[Any]:
+    """Every design strategy with its settings (orchestrator.design.catalogue.DesignInfo records)."""
+    from orchestrator.design.catalogue import catalogue as _catalogue
+
+    return _catalogue()
+
+
 def check_protocol(protocol: Any) -> list[tuple[str, str]]:
     """Design problems as (field path, message): unknown strategy, sizes beyond the limits of
     orchestrator.design.limits (checked from the numbers, never by enumerating), bad settings."""
@@ -64,6 +71,6 @@ def check_protocol(protocol: Any) -> list[tuple[str, str]]:
     return []
 
 
-__all__ = ["Decision", "DesignStrategy", "BaseStrategy", "make_design", "check_protocol", "STRATEGIES",
+__all__ = ["Decision", "DesignStrategy", "BaseStrategy", "make_design", "check_protocol", "catalogue", "STRATEGIES",
            "RandomDesign", "SweepDesign", "StaircaseDesign", "InformationDesign", "ParameterEstimationDesign",
            "ExactGridDesign"]

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 
 import torch
 
-from orchestrator.models.base import EncodingModel, get_model_class
+from orchestrator.models.base import EncodingModel
+from orchestrator.models.registry import get_model_class
 from orchestrator.models.formula import CompiledFormula, FormulaError, compile_formula
 from orchestrator.models.likelihoods import Likelihood, make_likelihood
 from orchestrator.models.priors import Prior, PriorError, make_prior

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from orchestrator.models.candidate import Candidate
+from orchestrator.models.views import ParticleView
 
 DTYPE = torch.float64
 #: grid points per parameter dimension, by the number of free parameters (64^2 = 4096, 24^3 = 13824)
@@ -83,8 +84,6 @@ class GridPosterior:
     def predictive(self, max_components: int | None = None, gen: torch.Generator | None = None) -> Any:
         """The posterior as a mixture over the grid points that carry weight (all of them, exactly;
         `max_components` and `gen` are accepted for the interface and ignored)."""
-        from orchestrator.inference import ParticleView
-
         idx = self.active()
         theta = {p: v[idx] for p, v in self.theta.items()}
         logw = self.logw[idx] - torch.logsumexp(self.logw[idx], 0)
