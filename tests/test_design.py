@@ -409,3 +409,24 @@ def test_a_discrete_space_larger_than_the_exhaustive_limit_is_sampled_not_differ
     first = design.propose(comparison, 0)  # crashed: "element 0 of tensors does not require grad"
     assert first.stimulus["c"] in range(5_001) and first.score is not None
     assert design.propose(comparison, 0).stimulus == first.stimulus  # deterministic
+
+
+def test_the_particle_mixture_model_returns_a_botorch_posterior_the_acquisition_reads() -> None:
+    from botorch.posteriors import Posterior
+
+    from orchestrator.design.acquisition import ParticleMixturePosterior
+
+    p = retention(settings="{exact: false}")
+    comparison = ModelComparison.from_protocol(p, 0, "smc")
+    comparison.update({"lag": 5}, 4)
+    views = [post.predictive(64, generator(0)) for post in comparison.posteriors]
+    acq = ModelDiscriminationMI(views, comparison.log_probabilities(), make_design(p, 0).space,
+                                comparison.candidates[0].likelihood)
+    X = torch.tensor([[0.0], [7.0], [60.0]], dtype=torch.float64)
+    post = acq.model.posterior(X)
+    assert isinstance(post, Posterior) and isinstance(post, ParticleMixturePosterior)
+    pi = comparison.log_probabilities().exp()
+    expect = sum(float(pi[m]) * (v.logw.exp() @ v(X)[1]) for m, v in enumerate(views))
+    assert torch.allclose(post.mean.reshape(-1), expect)
+    draws = post.rsample(torch.Size([5]), generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (5, 3, 1) and bool(((draws >= 0) & (draws <= 1)).all())
