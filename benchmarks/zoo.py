@@ -12,7 +12,11 @@ get there count as cap + 1), confidently wrong sessions (P >= .95 on a wrong mod
 decision times p50 / p95, and the calibration table: among sessions that would stop at .95 / .99
 (the first trial some model reaches it), the fraction that picked the truth.
 
-`--diagnose` adds, for the default design, the trial-by-trial gap between its log model odds and
+A fourth column, `particle`, is cloop's approximate path (SMC evidence and the BoTorch acquisition
+over particle resamples, `design.settings: {exact: false, inference: smc}`), which the default
+uses only when a model has more than 3 parameters or the grid tables do not fit.
+
+`--diagnose` adds, for the particle path, the trial-by-trial gap between its log model odds and
 the exact grid's on the same data, and the design regret: exact MI of the best candidate minus the
 exact MI of the stimulus chosen - which of the two explains a gap to exact ADO.
 
@@ -54,11 +58,12 @@ class Problem:
     models: tuple[tuple[str, str, str], ...]  # (name, formula, priors flow mapping)
     cap: int = 40
 
-    def protocol(self) -> Any:
+    def protocol(self, settings: str = "{}") -> Any:
         text = HEAD.format(name=self.name, params=self.params, response=self.response)
         for name, formula, priors in self.models:
             text += f'  - name: {name}\n    formula: "{formula}"\n    priors: {priors}\n'
-        text += f"design: {{strategy: mutual_information}}\nstopping: {{max_trials: {self.cap}}}\n"
+        text += (f"design: {{strategy: mutual_information, settings: {settings}}}\n"
+                 f"stopping: {{max_trials: {self.cap}}}\n")
         return parse_protocol_text(text).protocol
 
 
@@ -205,14 +210,20 @@ def summarise(recs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_problem(problem: Problem, n_subjects: int, designs: list[str], diagnose: bool) -> dict[str, Any]:
     protocol = problem.protocol()
+    #: the particle path (SMC evidence, BoTorch MI over particle resamples), which the default
+    #: replaces by the exact grid on problems like these
+    particle = problem.protocol("{exact: false, inference: smc}")
     truths = subjects(protocol, n_subjects)
     default = type(make_design(protocol, 0)).__name__
     out: dict[str, Any] = {"default_design_class": default, "exact_by_default": default == "ExactGridDesign",
                            "cap": problem.cap, "subjects": n_subjects}
     for design in designs:
-        recs = [run_session(protocol, t, None if design == "default" else design, 1000 + s, problem.cap,
-                            diagnose and design == "default") for s, t in enumerate(truths)]
+        proto = particle if design == "particle" else protocol
+        name = None if design in ("default", "particle") else design
+        recs = [run_session(proto, t, name, 1000 + s, problem.cap, diagnose and design == "particle")
+                for s, t in enumerate(truths)]
         out[design] = summarise(recs)
+        print(f"{problem.name} {design}: {json.dumps(out[design])}", file=sys.stderr, flush=True)
     d, g = out.get("default"), out.get("exact_grid")
     if d and g:
         out["targets"] = {
@@ -229,7 +240,7 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=40)
     ap.add_argument("--quick", action="store_true", help="2 problems x 6 subjects")
     ap.add_argument("--problems", default="", help="comma-separated problem names (default: all)")
-    ap.add_argument("--designs", default="default,exact_grid,random")
+    ap.add_argument("--designs", default="default,exact_grid,random,particle")
     ap.add_argument("--diagnose", action="store_true", help="evidence gap and design regret vs the grid")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

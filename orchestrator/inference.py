@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from orchestrator.models.candidate import Candidate, build_candidates
-from orchestrator.models.grid import GridPosterior, grid_plan
+from orchestrator.models.grid import GridPosterior, grid_inference_applies
 from orchestrator.models.views import ParticleView
 from orchestrator.models.space import StimulusEncoding
 
@@ -33,13 +33,6 @@ DTYPE = torch.float64
 #: at most MAX_STAGES resample-moves instead of the ~10^7 stages of a relative minimum step
 MIN_TEMPER_STEP = 1.0 / 32
 MAX_STAGES = 12
-
-
-def discrete_stimuli(space: StimulusEncoding) -> int | None:
-    """Number of stimuli of an all-discrete space, None when a dimension is continuous."""
-    if any(d.kind == "continuous" for d in space.dims):
-        return None
-    return space.n_discrete_combinations()
 
 
 def derive_seed(*parts: int) -> int:
@@ -270,17 +263,16 @@ class ModelComparison:
         """Build priors/particles for every protocol model (deterministic in `seed`).
 
         `inference` is "grid" (exact, orchestrator.models.grid), "smc" or "auto" (default, or the
-        protocol's `design.settings.inference`): the grid whenever `grid_plan` allows it.
+        protocol's `design.settings.inference`): the grid whenever every model is parametric with
+        <= 3 free parameters (`grid_inference_applies`), else SMC (and the GP's own posterior).
         """
         space = StimulusEncoding(protocol)
         candidates = build_candidates(protocol)
         mode = inference or str((getattr(protocol.design, "settings", None) or {}).get("inference", "auto"))
         if mode not in ("auto", "grid", "smc"):
             raise ValueError(f"design.settings.inference: must be auto, grid or smc, not {mode!r}")
-        if mode != "smc":
-            plan = grid_plan(candidates, discrete_stimuli(space), int(getattr(protocol.design, "batch_size", 1) or 1))
-            if plan.ok or mode == "grid":
-                return cls(protocol, candidates, [GridPosterior(c) for c in candidates], space, seed)
+        if mode == "grid" or (mode == "auto" and grid_inference_applies(candidates)):
+            return cls(protocol, candidates, [GridPosterior(c) for c in candidates], space, seed)
         posteriors: list[Any] = []
         for cand in candidates:
             s = cand.settings

@@ -324,8 +324,7 @@ def test_exact_grid_discretises_continuous_spaces_deterministically() -> None:
     p = parse_protocol_text(text.replace("SAFETY", "safety:\n  lag: {max: 50}")).protocol
     runs = []
     for _ in range(2):
-        comparison = ModelComparison.from_protocol(p, 3)
-        assert not comparison.exact  # continuous: the particle path by default
+        comparison = ModelComparison.from_protocol(p, 3, "smc")
         design = make_design(p, 3, "exact_grid")
         stims = []
         for i, y in enumerate([7, 3, 5, 1]):

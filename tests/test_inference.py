@@ -194,13 +194,14 @@ def test_gp_wins_when_no_parametric_model_fits() -> None:
     assert comparison.probabilities()["gp"] > 0.9
 
 
-def test_small_discrete_problems_use_the_exact_grid_and_others_do_not() -> None:
+def test_models_with_at_most_three_parameters_use_the_exact_grid_and_others_do_not() -> None:
     protocol = parse_protocol_text(RETENTION).protocol
     auto = ModelComparison.from_protocol(protocol, 0)
     assert auto.exact and auto.summary()["power"]["kind"] == "grid"
     continuous = parse_protocol_text(RETENTION.replace("{kind: integer, low: 0, high: 100}",
                                                        "{kind: continuous, low: 0, high: 100}")).protocol
-    assert not ModelComparison.from_protocol(continuous, 0).exact
+    assert ModelComparison.from_protocol(continuous, 0).exact
+    assert not ModelComparison.from_protocol(continuous, 0, "smc").exact
     gp = ModelComparison.from_protocol(parse_protocol_text(GP_PROTOCOL).protocol, 0)
     assert not gp.exact
 
@@ -248,7 +249,7 @@ def test_an_absurd_response_is_assimilated_in_bounded_work(kind: str, value: flo
     if kind == "poisson":
         text = text.replace("      noise_sd: {dist: gamma, shape: 2, rate: 2}\n", "")
     protocol = parse_protocol_text(text).protocol
-    comparison = ModelComparison.from_protocol(protocol, 1)
+    comparison = ModelComparison.from_protocol(protocol, 1, "smc")  # the grid's update is O(grid) anyway
     for i in range(5):
         comparison.update({"c": i / 4}, 2.0)
     before = [p.n_resamples for p in comparison.posteriors]

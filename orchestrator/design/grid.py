@@ -104,7 +104,7 @@ class ExactGridDesign(BaseStrategy):
         lo = min(float((m - 5 * s).min()) for m, s in zip(means, sds))
         hi = max(float((m + 5 * s).max()) for m, s in zip(means, sds))
         smallest = min(float(s.min()) for s in sds)
-        k = int(min(GAUSSIAN_MAX_OUTCOMES, max(48, math.ceil((hi - lo) / max(smallest / 2, 1e-12))),
+        k = int(min(GAUSSIAN_MAX_OUTCOMES, max(32, math.ceil((hi - lo) / max(smallest / 2, 1e-12))),
                     max(2, MAX_TABLE_ENTRIES // max(cells, 1))))
         grid = torch.linspace(lo, hi, k, dtype=torch.float64)
         return OutcomeGrid(grid, spacing=grid[1] - grid[0])
@@ -193,16 +193,14 @@ class ExactGridDesign(BaseStrategy):
 
 
 def exact_grid_applies(protocol: Any) -> bool:
-    """True when mutual-information designs run exactly on the grid: all-discrete stimulus space and
-    the rule of orchestrator.models.grid (<= 3 parameters per model, tables within the memory bound)."""
+    """True when mutual-information designs run as exact grid ADO: the rule of
+    orchestrator.models.grid (<= 3 parameters per model, one stimulus per decision, at most
+    MAX_STIMULI candidate stimuli with continuous dimensions discretised, tables within the bound)."""
     from orchestrator.models.space import StimulusEncoding
 
     space = StimulusEncoding(protocol)
-    if any(d.kind == "continuous" for d in space.dims):
-        return False
-    n = space.n_discrete_combinations()
-    if n > MAX_STIMULI:
-        return False
+    settings = dict(getattr(protocol.design, "settings", None) or {})
+    n = count_stimuli(space, settings.get("points"))
     batch = int(getattr(protocol.design, "batch_size", 1) or 1)
     return grid_plan(build_candidates(protocol), n, batch).ok
 

@@ -7,11 +7,12 @@ log Z_t = log Z_{t-1} + log sum_g w_g p(y_t | g, x_t) - exact up to the quadratu
 costs O(grid points) whatever the response value, with no random draws: the state is a function
 of the observation sequence alone.
 
-When the grid is used (`grid_plan`): every candidate is parametric (no Gaussian process), has at
-most `MAX_GRID_PARAMS` free parameters, the design proposes one stimulus at a time, and the
-stimulus space is discrete (or discretised by the exact-grid design) with at most `MAX_STIMULI`
-points, and the design's outcome tables fit: sum over models of grid points x stimuli x outcomes
-<= `MAX_TABLE_ENTRIES` float32 entries (128 MiB).
+When the grid is used: the posteriors (`grid_inference_applies`) whenever every candidate is
+parametric (no Gaussian process) with at most `MAX_GRID_PARAMS` free parameters; the exact design
+(`grid_plan`) when in addition the design proposes one stimulus at a time, the stimulus space
+(continuous dimensions discretised by the exact-grid design) has at most `MAX_STIMULI` points, and
+the outcome tables fit: sum over models of grid points x stimuli x outcomes <= `MAX_TABLE_ENTRIES`
+float32 entries (128 MiB).
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from orchestrator.models.candidate import Candidate
 from orchestrator.models.views import ParticleView
 
 DTYPE = torch.float64
-#: grid points per parameter dimension, by the number of free parameters (64^2 = 4096, 24^3 = 13824)
-GRID_POINTS = {0: 1, 1: 512, 2: 64, 3: 24}
+#: grid points per parameter dimension, by the number of free parameters (64^2 = 4096 = 16^3)
+GRID_POINTS = {0: 1, 1: 512, 2: 64, 3: 16}
 MAX_GRID_PARAMS = 3
 MAX_STIMULI = 20_000
 MAX_TABLE_ENTRIES = 2 ** 25
@@ -82,11 +83,19 @@ class GridPosterior:
         return torch.nonzero(self.logw >= self.logw.max() - PRUNE).reshape(-1)
 
     def predictive(self, max_components: int | None = None, gen: torch.Generator | None = None) -> Any:
-        """The posterior as a mixture over the grid points that carry weight (all of them, exactly;
-        `max_components` and `gen` are accepted for the interface and ignored)."""
+        """The posterior as a mixture over the grid points that carry weight; with max_components
+        and more points than that, a systematic resample of that many (bounds the design's cost)."""
         idx = self.active()
-        theta = {p: v[idx] for p, v in self.theta.items()}
         logw = self.logw[idx] - torch.logsumexp(self.logw[idx], 0)
+        if max_components is not None and idx.numel() > max_components:
+            w = torch.softmax(logw, 0)
+            cdf = torch.cumsum(w, 0)
+            cdf[-1] = 1.0
+            u0 = torch.rand(1, dtype=DTYPE, generator=gen) if gen is not None else torch.full((1,), 0.5, dtype=DTYPE)
+            pick = torch.searchsorted(cdf, (u0 + torch.arange(max_components, dtype=DTYPE)) / max_components)
+            idx = idx[pick.clamp(max=idx.numel() - 1)]
+            logw = torch.full((max_components,), -math.log(max_components), dtype=DTYPE)
+        theta = {p: v[idx] for p, v in self.theta.items()}
         return ParticleView(self.candidate, theta, logw)
 
     def param_moments(self) -> dict[str, dict[str, float]]:
@@ -128,6 +137,12 @@ def outcome_count_floor(candidate: Candidate) -> int:
     return lik.n + 1 if lik.kind in ("bernoulli", "binomial") else 32
 
 
+def grid_inference_applies(candidates: list[Candidate]) -> bool:
+    """Exact grid posteriors are used for every model when all are parametric with <= 3 free
+    parameters, whatever the stimulus space (an update costs O(grid points))."""
+    return all(not c.is_gp and len(c.free_params) <= MAX_GRID_PARAMS for c in candidates)
+
+
 def grid_plan(candidates: list[Candidate], n_stimuli: int | None, batch_size: int = 1) -> GridPlan:
     """The rule for the exact path (see the module docstring). `n_stimuli` None = continuous space."""
     for c in candidates:
@@ -149,5 +164,5 @@ def grid_plan(candidates: list[Candidate], n_stimuli: int | None, batch_size: in
                     n_stimuli, entries)
 
 
-__all__ = ["GridPosterior", "GridPlan", "grid_plan", "grid_points", "GRID_POINTS", "MAX_GRID_PARAMS",
+__all__ = ["GridPosterior", "GridPlan", "grid_plan", "grid_inference_applies", "grid_points", "GRID_POINTS", "MAX_GRID_PARAMS",
            "MAX_STIMULI", "MAX_TABLE_ENTRIES"]
