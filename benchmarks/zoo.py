@@ -218,6 +218,10 @@ def run_problem(problem: Problem, n_subjects: int, designs: list[str], diagnose:
     out: dict[str, Any] = {"default_design_class": default, "exact_by_default": default == "ExactGridDesign",
                            "cap": problem.cap, "subjects": n_subjects}
     for design in designs:
+        if design == "exact_grid" and out["exact_by_default"] and "default" in out:
+            # the default is this very design (same class, settings and seeds): identical sessions
+            out[design] = {**out["default"], "same_sessions_as_default": True}
+            continue
         proto = particle if design == "particle" else protocol
         name = None if design in ("default", "particle") else design
         recs = [run_session(proto, t, name, 1000 + s, problem.cap, diagnose and design == "particle")

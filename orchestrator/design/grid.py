@@ -36,6 +36,9 @@ NEGLIGIBLE = 1e-6
 POISSON_EXACT_LIMIT = 2000
 GAUSSIAN_MAX_OUTCOMES = 256
 CHUNK = 2 ** 22
+#: protocols whose outcome tables are kept between sessions of one process (simulations, benchmarks)
+TABLE_CACHE = 2
+_TABLES: dict[tuple[int, str], tuple[Any, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = {}
 
 
 def default_points(n_continuous: int) -> int:
@@ -110,7 +113,13 @@ class ExactGridDesign(BaseStrategy):
         return OutcomeGrid(grid, spacing=grid[1] - grid[0])
 
     def _build(self) -> None:
-        """Tabulate p(y | g, x) for every model, grid point and candidate stimulus (once)."""
+        """Tabulate p(y | g, x) for every model, grid point and candidate stimulus (once per
+        protocol: the last TABLE_CACHE protocols' tables are kept, they depend on nothing else)."""
+        key = (id(self.protocol), str(self.points))
+        hit = _TABLES.get(key)
+        if hit is not None and hit[0] is self.protocol:
+            self._Z, self._tables, self._entropy = hit[1], hit[2], hit[3]
+            return
         Z = candidate_stimuli(self.space, self.points)
         raw = self.space.design_to_raw(Z)
         thetas = [GridPosterior(c).theta for c in self.candidates]
@@ -134,6 +143,9 @@ class ExactGridDesign(BaseStrategy):
             self._entropy.append(-(table * torch.log(p)).sum(-1))
             self._tables.append(table)
         self._Z = Z
+        _TABLES[key] = (self.protocol, Z, self._tables, self._entropy)
+        while len(_TABLES) > TABLE_CACHE:
+            _TABLES.pop(next(iter(_TABLES)))
 
     # -- scoring -----------------------------------------------------------------------------
     def _mixture(self, m: int, post: GridPosterior) -> torch.Tensor:
