@@ -195,14 +195,20 @@ def summarise(recs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "median_trials_95": statistics.median(r["t95"] for r in recs),
         "median_trials_99": statistics.median(r["t99"] for r in recs),
+        "mean_trials_95": statistics.mean(r["t95"] for r in recs),
+        "mean_trials_99": statistics.mean(r["t99"] for r in recs),
+        "reached_95": sum(r["t95"] <= len(r["decision_ms"]) for r in recs),
         "confidently_wrong": sum(r["wrong95"] for r in recs),
         "decision_ms_p50": _pct(ms, 50), "decision_ms_p95": _pct(ms, 95),
         "decision_cpu_ms_p50": _pct(cpu, 50), "decision_cpu_ms_p95": _pct(cpu, 95),
     }
     for lvl in ("95", "99"):
-        stopped = [r[f"stop{lvl}"] for r in recs if r[f"stop{lvl}"] is not None]
-        out[f"calibration_{lvl}"] = {"stopped": len(stopped),
-                                     "fraction_correct": (sum(stopped) / len(stopped)) if stopped else None}
+        cal: dict[str, Any] = {}
+        for label, group in (("all", recs), ("prior_truths", recs[0::2]), ("overlap_truths", recs[1::2])):
+            stopped = [r[f"stop{lvl}"] for r in group if r[f"stop{lvl}"] is not None]
+            cal[label] = {"stopped": len(stopped), "fraction_correct": (sum(stopped) / len(stopped)) if stopped else None}
+        out[f"calibration_{lvl}"] = {**cal["all"], "prior_truths": cal["prior_truths"],
+                                     "overlap_truths": cal["overlap_truths"]}
     gaps = [g for r in recs for g in r["odds_gap"]]
     if gaps:
         out["diagnosis"] = {"log_prob_gap_vs_grid_median": _pct(gaps, 50), "log_prob_gap_vs_grid_p95": _pct(gaps, 95),

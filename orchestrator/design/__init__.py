@@ -34,6 +34,10 @@ def make_design(protocol: Any, seed: int, override: str | None = None) -> BaseSt
     """The protocol's design strategy (or `override`, e.g. from `--design`), seeded with `seed`.
 
     Settings under `design.settings` apply only when the strategy is the protocol's own.
+    The information designs (mutual_information, mi, ado, discriminate, parameter_estimation) run
+    as exact grid ADO when `exact_grid_applies(protocol)`: every model has <= 3 parameters, one
+    stimulus per decision, and the outcome tables fit (orchestrator.models.grid states the bound);
+    `design.settings.exact: false` keeps the particle path.
     """
     name = override or protocol.design.strategy
     if name not in STRATEGIES:
