@@ -152,9 +152,12 @@ class ExactGridDesign(BaseStrategy):
         """p_m(y | x) for every candidate stimulus (S, K), float64, over the grid points in play."""
         table = self._tables[m]
         idx = post.active()
+        if idx.numel() * 8 > table.shape[0]:  # most points in play: one product, no copy
+            w = torch.softmax(post.logw, 0).to(torch.float32)
+            return (w @ table.reshape(table.shape[0], -1)).reshape(table.shape[1:]).to(torch.float64)
         w = post.logw[idx].exp()
         w = (w / w.sum()).to(torch.float32)
-        sub = table if idx.numel() == table.shape[0] else table.index_select(0, idx)
+        sub = table.index_select(0, idx)
         return (w @ sub.reshape(sub.shape[0], -1)).reshape(table.shape[1:]).to(torch.float64)
 
     @staticmethod
@@ -178,10 +181,8 @@ class ExactGridDesign(BaseStrategy):
             t = names.index(self.target_model) if self.target_model in names else lead
             post = comparison.posteriors[t]
             pm = self._mixture(t, post)
-            idx = post.active()
-            w = post.logw[idx].exp()
-            w = (w / w.sum()).to(torch.float32)
-            cond = (w @ self._entropy[t].index_select(0, idx)).to(torch.float64)
+            w = torch.softmax(post.logw, 0).to(torch.float32)
+            cond = (w @ self._entropy[t]).to(torch.float64)
             info = (self._entropy_of(pm) - cond).clamp_min(0.0)
             return info, f"characterize {names[t]} (P={float(probs[t]):.3f}): max exact parameter information", \
                 "parameter_estimation"
