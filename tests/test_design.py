@@ -429,3 +429,15 @@ def test_the_particle_mixture_model_returns_a_botorch_posterior_the_acquisition_
     assert torch.allclose(post.mean.reshape(-1), expect)
     draws = post.rsample(torch.Size([5]), generator=torch.Generator().manual_seed(0))
     assert draws.shape == (5, 3, 1) and bool(((draws >= 0) & (draws <= 1)).all())
+
+
+def test_simulate_runs_the_exact_grid_design_by_name_and_replays_identically() -> None:
+    from orchestrator.simulate import SimulationConfig, simulate
+
+    p = retention()
+    config = SimulationConfig(truth="exponential:a=0.8,b=0.02", design="exact_grid", seed=5, max_trials=6,
+                              stop_at=0.999)
+    first = [(r["stimulus"], r["response"], r["model_probabilities"]) for r in simulate(p, config)]
+    again = [(r["stimulus"], r["response"], r["model_probabilities"]) for r in simulate(p, config)]
+    assert len(first) == 6 and first == again
+    assert first[-1][2]["exponential"] > first[0][2]["exponential"]
