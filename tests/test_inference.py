@@ -261,3 +261,37 @@ def test_an_absurd_response_is_assimilated_in_bounded_work(kind: str, value: flo
     assert elapsed < 20.0, elapsed  # was > 45 s; the unloaded figure is in benchmarks/README.md
     comparison.update({"c": 0.25}, 2.0)  # the session carries on
     assert sum(comparison.probabilities().values()) == pytest.approx(1.0)
+
+
+def test_fixed_parameters_are_constants_on_the_grid_not_axes() -> None:
+    text = """
+name: psy
+version: "1"
+stimulus:
+  parameters:
+    x: {kind: integer, low: 0, high: 40}
+response: {kind: bernoulli}
+models:
+  - name: logistic
+    builtin: psychometric_logistic
+    inputs: {x: x}
+    priors:
+      threshold: {dist: uniform, low: 5, high: 35}
+      slope: {dist: lognormal, mu: 0, sigma: 0.5}
+    settings: {fixed: {guess: 0.5, lapse: 0.04}}
+  - name: normal
+    builtin: psychometric_cumulative_normal
+    inputs: {x: x}
+    priors:
+      threshold: {dist: uniform, low: 5, high: 35}
+      slope: {dist: lognormal, mu: 0, sigma: 0.5}
+    settings: {fixed: {guess: 0.5, lapse: 0.04}}
+"""
+    comparison = ModelComparison.from_protocol(parse_protocol_text(text).protocol, 0)
+    assert comparison.exact  # 4 named parameters, 2 of them constants: a 64 x 64 grid
+    assert comparison.posteriors[0].size == 64 * 64
+    for x, y in [(10, 0), (30, 1), (20, 1), (15, 0)]:
+        comparison.update({"x": x}, y)
+    params = comparison.summary()["logistic"]["params"]
+    assert params["guess"] == {"mean": pytest.approx(0.5), "sd": pytest.approx(0.0, abs=1e-9)}
+    assert 10 < params["threshold"]["mean"] < 30

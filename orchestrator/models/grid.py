@@ -35,6 +35,12 @@ MAX_TABLE_ENTRIES = 2 ** 25
 PRUNE = 30.0
 
 
+def grid_params(candidate: Candidate) -> tuple[str, ...]:
+    """The parameters laid on the grid: free parameters whose prior is a distribution (a
+    `dist: fixed` prior is a constant, not an axis)."""
+    return tuple(p for p in candidate.free_params if not candidate.priors[p].fixed)
+
+
 class GridPosterior:
     """Posterior weights of one parametric model on a fixed parameter grid (exact evidence)."""
 
@@ -42,7 +48,7 @@ class GridPosterior:
         if candidate.is_gp:
             raise ValueError("the Gaussian-process candidate has no parameter grid")
         self.candidate = candidate
-        self.names = candidate.free_params
+        self.names = grid_params(candidate)
         if len(self.names) > MAX_GRID_PARAMS:
             raise ValueError(f"{candidate.name}: {len(self.names)} free parameters; the grid takes at most "
                              f"{MAX_GRID_PARAMS}")
@@ -52,6 +58,9 @@ class GridPosterior:
         mesh = torch.meshgrid(*axes, indexing="ij") if axes else []
         self.theta: dict[str, torch.Tensor] = {p: m.reshape(-1).clone() for p, m in zip(self.names, mesh)}
         self.size = int(self.theta[self.names[0]].shape[0]) if self.names else 1
+        for p in candidate.free_params:
+            if p not in self.theta:  # `dist: fixed`: the same value at every grid point
+                self.theta[p] = torch.full((self.size,), float(candidate.priors[p].args["value"]), dtype=DTYPE)
         self.logw = torch.full((self.size,), -math.log(self.size), dtype=DTYPE)
         self.log_evidence = 0.0
         self.n_observations = 0
@@ -101,7 +110,7 @@ class GridPosterior:
     def param_moments(self) -> dict[str, dict[str, float]]:
         w = self.weights()
         out = {}
-        for p in self.names:
+        for p in self.candidate.free_params:
             v = self.theta[p]
             m = float((w * v).sum())
             out[p] = {"mean": m, "sd": float(((w * (v - m) ** 2).sum()).clamp_min(0).sqrt())}
@@ -127,7 +136,7 @@ class GridPlan:
 
 def grid_points(candidate: Candidate) -> int:
     """Number of grid points of a candidate (GRID_POINTS[p] ** p)."""
-    p = len(candidate.free_params)
+    p = len(grid_params(candidate))
     return GRID_POINTS[p] ** p if p else 1
 
 
@@ -140,7 +149,7 @@ def outcome_count_floor(candidate: Candidate) -> int:
 def grid_inference_applies(candidates: list[Candidate]) -> bool:
     """Exact grid posteriors are used for every model when all are parametric with <= 3 free
     parameters, whatever the stimulus space (an update costs O(grid points))."""
-    return all(not c.is_gp and len(c.free_params) <= MAX_GRID_PARAMS for c in candidates)
+    return all(not c.is_gp and len(grid_params(c)) <= MAX_GRID_PARAMS for c in candidates)
 
 
 def grid_plan(candidates: list[Candidate], n_stimuli: int | None, batch_size: int = 1) -> GridPlan:
@@ -148,8 +157,8 @@ def grid_plan(candidates: list[Candidate], n_stimuli: int | None, batch_size: in
     for c in candidates:
         if c.is_gp:
             return GridPlan(False, f"model {c.name!r} is a Gaussian process")
-        if len(c.free_params) > MAX_GRID_PARAMS:
-            return GridPlan(False, f"model {c.name!r} has {len(c.free_params)} free parameters "
+        if len(grid_params(c)) > MAX_GRID_PARAMS:
+            return GridPlan(False, f"model {c.name!r} has {len(grid_params(c))} free parameters "
                                    f"(the grid takes at most {MAX_GRID_PARAMS})")
     if batch_size != 1:
         return GridPlan(False, f"design.batch_size is {batch_size} (the exact grid proposes one stimulus)")
@@ -164,5 +173,5 @@ def grid_plan(candidates: list[Candidate], n_stimuli: int | None, batch_size: in
                     n_stimuli, entries)
 
 
-__all__ = ["GridPosterior", "GridPlan", "grid_plan", "grid_inference_applies", "grid_points", "GRID_POINTS", "MAX_GRID_PARAMS",
+__all__ = ["GridPosterior", "GridPlan", "grid_plan", "grid_inference_applies", "grid_params", "grid_points", "GRID_POINTS", "MAX_GRID_PARAMS",
            "MAX_STIMULI", "MAX_TABLE_ENTRIES"]
