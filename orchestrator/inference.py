@@ -23,9 +23,16 @@ import numpy as np
 import torch
 
 from orchestrator.models.candidate import Candidate, build_candidates
+from orchestrator.models.grid import GridPosterior, grid_inference_applies
+from orchestrator.models.views import ParticleView
 from orchestrator.models.space import StimulusEncoding
 
 DTYPE = torch.float64
+#: bounded work per observation: tempering increments are at least MIN_TEMPER_STEP and the
+#: MAX_STAGES-th stage takes whatever remains, so one absurd response (1e7 spikes, 2^64 - 1) costs
+#: at most MAX_STAGES resample-moves instead of the ~10^7 stages of a relative minimum step
+MIN_TEMPER_STEP = 1.0 / 32
+MAX_STAGES = 12
 
 
 def derive_seed(*parts: int) -> int:
@@ -60,18 +67,6 @@ class Posterior(TypingProtocol):
     def update(self, x: torch.Tensor, y: float) -> None: ...
     def predictive(self, max_components: int | None = None, gen: torch.Generator | None = None) -> Any: ...
     def summary(self) -> dict[str, Any]: ...
-
-
-class ParticleView:
-    """Mixture components of a model's predictive: weights fixed, means evaluated at any stimuli."""
-
-    def __init__(self, candidate: Candidate, theta: dict[str, torch.Tensor], logw: torch.Tensor) -> None:
-        self.candidate, self.theta, self.logw = candidate, theta, logw
-        self.noise = candidate.noise(theta)
-
-    def __call__(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(log weights (N,), response means (N, S) at raw stimuli X (S, d), noise SD (N,) or None)."""
-        return self.logw, self.candidate.mean(X, self.theta), self.noise
 
 
 class SMCPosterior:
@@ -122,7 +117,7 @@ class SMCPosterior:
             if not torch.isfinite(torch.logsumexp(self.logw + (1 - phi) * ll_new, 0)):
                 self.log_evidence = -math.inf  # the observation is impossible under every particle
                 break
-            delta = self._next_increment(ll_new, 1.0 - phi)
+            delta = self._next_increment(ll_new, 1.0 - phi) if stage < MAX_STAGES - 1 else 1.0 - phi
             inc = torch.where(torch.isfinite(ll_new), delta * ll_new, torch.full_like(ll_new, -math.inf))
             self.log_evidence += float(torch.logsumexp(self.logw + inc, 0) - torch.logsumexp(self.logw, 0))
             self.logw = self.logw + inc
@@ -137,7 +132,8 @@ class SMCPosterior:
         self.past_ll = self.past_ll + ll_new
 
     def _next_increment(self, ll_new: torch.Tensor, remaining: float) -> float:
-        """Largest tempering step <= remaining keeping ESS >= threshold * N (bisection)."""
+        """Largest tempering step <= remaining keeping ESS >= threshold * N (bisection), but never
+        below MIN_TEMPER_STEP (the work per observation is bounded whatever its value)."""
         target = self.threshold * self.n
         finite = torch.where(torch.isfinite(ll_new), ll_new, torch.full_like(ll_new, -1e300))
         if ess(self.logw + remaining * finite) >= target:
@@ -149,7 +145,7 @@ class SMCPosterior:
                 lo = mid
             else:
                 hi = mid
-        return max(lo, remaining * 1e-6)
+        return min(remaining, max(lo, MIN_TEMPER_STEP))
 
     def _unconstrain(self, theta: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([self.transforms[p].inv(theta[p]) for p in self.names], -1)
@@ -263,10 +259,20 @@ class ModelComparison:
         self.history: list[tuple[torch.Tensor, float]] = []  # (raw stimulus, response) in order
 
     @classmethod
-    def from_protocol(cls, protocol: Any, seed: int) -> "ModelComparison":
-        """Build priors/particles for every protocol model (deterministic in `seed`)."""
+    def from_protocol(cls, protocol: Any, seed: int, inference: str | None = None) -> "ModelComparison":
+        """Build priors/particles for every protocol model (deterministic in `seed`).
+
+        `inference` is "grid" (exact, orchestrator.models.grid), "smc" or "auto" (default, or the
+        protocol's `design.settings.inference`): the grid whenever every model is parametric with
+        <= 3 free parameters (`grid_inference_applies`), else SMC (and the GP's own posterior).
+        """
         space = StimulusEncoding(protocol)
         candidates = build_candidates(protocol)
+        mode = inference or str((getattr(protocol.design, "settings", None) or {}).get("inference", "auto"))
+        if mode not in ("auto", "grid", "smc"):
+            raise ValueError(f"design.settings.inference: must be auto, grid or smc, not {mode!r}")
+        if mode == "grid" or (mode == "auto" and grid_inference_applies(candidates)):
+            return cls(protocol, candidates, [GridPosterior(c) for c in candidates], space, seed)
         posteriors: list[Any] = []
         for cand in candidates:
             s = cand.settings
@@ -279,6 +285,21 @@ class ModelComparison:
                 posteriors.append(SMCPosterior(cand, seed, n_particles=int(s.get("particles", n_default)),
                                                n_moves=int(s.get("moves", 4))))
         return cls(protocol, candidates, posteriors, space, seed)
+
+    @property
+    def exact(self) -> bool:
+        """True when every posterior is an exact grid posterior."""
+        return all(isinstance(p, GridPosterior) for p in self.posteriors)
+
+    def use_grid(self) -> None:
+        """Switch every model to its exact grid posterior, replaying the history (deterministic)."""
+        if self.exact:
+            return
+        posteriors = [GridPosterior(c) for c in self.candidates]
+        for x, y in self.history:
+            for post in posteriors:
+                post.update(x, y)
+        self.posteriors = posteriors
 
     def update(self, stimulus: dict[str, Any], response: float) -> None:
         """Absorb one (stimulus, validated response) observation into every model."""

@@ -261,3 +261,159 @@ def test_discriminating_design_beats_random_on_retention() -> None:
     assert statistics.median(mi) <= 5
     assert statistics.median(mi) < statistics.median(rnd)
     assert sum(mi) < sum(rnd)
+
+
+def test_small_discrete_problems_run_exact_grid_ado_and_others_do_not() -> None:
+    from orchestrator.design import ExactGridDesign, InformationDesign
+
+    assert isinstance(make_design(retention(), 0), ExactGridDesign)
+    assert isinstance(make_design(retention(settings="{exact: false}"), 0), InformationDesign)
+    assert isinstance(make_design(mixed("mutual_information"), 0), InformationDesign)
+
+
+def test_exact_grid_mi_equals_brute_force_over_the_grid() -> None:
+    from scipy import stats
+
+    p = retention(strategy="exact_grid")
+    comparison = ModelComparison.from_protocol(p, 0)
+    design = make_design(p, 0)
+    comparison.update({"lag": 5}, 4)
+    mi, _, phase = design.scores(comparison)
+    assert phase == "mutual_information" and mi.shape == (101,)
+    pi = comparison.log_probabilities().exp().numpy()
+    for lag in (0, 7, 60):
+        pm = []
+        for post in comparison.posteriors:
+            w = post.weights().numpy()
+            means = post.candidate.mean(torch.tensor([[float(lag)]], dtype=torch.float64), post.theta)[:, 0].numpy()
+            pm.append((w[:, None] * stats.binom.pmf(np.arange(11)[None, :], 10,
+                                                    np.clip(means, 1e-9, 1 - 1e-9)[:, None])).sum(0))
+        pm = np.array(pm)
+        mix = (pi[:, None] * pm).sum(0)
+        exact = sum(pi[m] * np.sum(pm[m] * np.log(pm[m] / mix)) for m in range(2))
+        assert float(mi[lag]) == pytest.approx(exact, rel=1e-4, abs=1e-7)
+
+
+def test_exact_grid_discretises_continuous_spaces_deterministically() -> None:
+    text = RETENTION.replace("{kind: integer, low: 0, high: 100}", "{kind: continuous, low: 0, high: 100}")
+    text = text.replace("STRATEGY", "mutual_information").replace("SETTINGS", "{}").replace("BATCH", "")
+    p = parse_protocol_text(text.replace("SAFETY", "safety:\n  lag: {max: 50}")).protocol
+    runs = []
+    for _ in range(2):
+        comparison = ModelComparison.from_protocol(p, 3, "smc")
+        design = make_design(p, 3, "exact_grid")
+        stims = []
+        for i, y in enumerate([7, 3, 5, 1]):
+            d = design.propose(comparison, i)
+            _assert_within_limits(p, d.stimulus)
+            stims.append(d.stimulus["lag"])
+            comparison.update(d.stimulus, y)
+        assert comparison.exact  # the exact design switched the session to grid posteriors
+        runs.append((stims, comparison.probabilities()))
+    assert runs[0] == runs[1]
+
+
+def test_exact_grid_refuses_models_it_cannot_grid_with_the_limit() -> None:
+    with pytest.raises(ValueError, match="at most 3"):
+        make_design(mixed("mutual_information"), 0, "exact_grid")
+
+
+CAPACITY = """
+name: c
+version: "1"
+stimulus:
+  parameters:
+PARAMS
+response: {kind: bernoulli}
+models:
+  - name: a
+    formula: "p"
+    priors: {p: {dist: beta, alpha: 1, beta: 1}}
+  - name: b
+    formula: "q*0.5"
+    priors: {q: {dist: beta, alpha: 1, beta: 1}}
+design:
+  strategy: STRATEGY
+  settings: SETTINGS
+  batch_size: BATCH
+"""
+
+
+def _capacity(params: str, strategy: str = "mutual_information", batch: int = 1, settings: str = "{}"):
+    from orchestrator.protocol import Protocol
+
+    text = (CAPACITY.replace("PARAMS", params).replace("STRATEGY", strategy).replace("BATCH", str(batch))
+            .replace("SETTINGS", settings))
+    import yaml
+
+    return Protocol.model_validate(yaml.safe_load(text))  # the schema only: check_protocol is under test
+
+
+def _choices(n: int) -> str:
+    return "    c: {kind: categorical, choices: [" + ", ".join(str(i) for i in range(n)) + "]}"
+
+
+@pytest.mark.parametrize("params, strategy, batch, field, limit", [
+    ("\n".join(f"    x{i}: {{kind: continuous, low: 0, high: 1}}" for i in range(6)), "sweep", 1,
+     "design.settings.points", "100000"),
+    ("    x: {kind: continuous, low: 0, high: 1}", "mutual_information", 1_000_000, "design.batch_size", "256"),
+    (_choices(20_000), "mutual_information", 1, "stimulus.parameters.c.choices", "10000"),
+    (_choices(1_000_000), "random", 1, "stimulus.parameters.c.choices", "10000"),
+])
+def test_check_protocol_refuses_what_the_design_cannot_run_quickly(params, strategy, batch, field, limit) -> None:
+    import time
+
+    from orchestrator.design import check_protocol
+
+    protocol = _capacity(params, strategy, batch)
+    t0 = time.perf_counter()
+    problems = check_protocol(protocol)
+    assert time.perf_counter() - t0 < 5.0  # no enumeration: microseconds unloaded
+    assert problems and problems[0][0] == field and limit in problems[0][1], problems
+    with pytest.raises(ValueError, match=limit):  # building the strategy directly refuses it too
+        make_design(protocol, 0)
+
+
+def test_a_discrete_space_larger_than_the_exhaustive_limit_is_sampled_not_differentiated() -> None:
+    from orchestrator.design import check_protocol
+
+    protocol = _capacity(_choices(5_001), settings="{exact: false}")
+    assert check_protocol(protocol) == []
+    comparison = ModelComparison.from_protocol(protocol, 0)
+    design = make_design(protocol, 0)
+    first = design.propose(comparison, 0)  # crashed: "element 0 of tensors does not require grad"
+    assert first.stimulus["c"] in range(5_001) and first.score is not None
+    assert design.propose(comparison, 0).stimulus == first.stimulus  # deterministic
+
+
+def test_the_particle_mixture_model_returns_a_botorch_posterior_the_acquisition_reads() -> None:
+    from botorch.posteriors import Posterior
+
+    from orchestrator.design.acquisition import ParticleMixturePosterior
+
+    p = retention(settings="{exact: false}")
+    comparison = ModelComparison.from_protocol(p, 0, "smc")
+    comparison.update({"lag": 5}, 4)
+    views = [post.predictive(64, generator(0)) for post in comparison.posteriors]
+    acq = ModelDiscriminationMI(views, comparison.log_probabilities(), make_design(p, 0).space,
+                                comparison.candidates[0].likelihood)
+    X = torch.tensor([[0.0], [7.0], [60.0]], dtype=torch.float64)
+    post = acq.model.posterior(X)
+    assert isinstance(post, Posterior) and isinstance(post, ParticleMixturePosterior)
+    pi = comparison.log_probabilities().exp()
+    expect = sum(float(pi[m]) * (v.logw.exp() @ v(X)[1]) for m, v in enumerate(views))
+    assert torch.allclose(post.mean.reshape(-1), expect)
+    draws = post.rsample(torch.Size([5]), generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (5, 3, 1) and bool(((draws >= 0) & (draws <= 1)).all())
+
+
+def test_simulate_runs_the_exact_grid_design_by_name_and_replays_identically() -> None:
+    from orchestrator.simulate import SimulationConfig, simulate
+
+    p = retention()
+    config = SimulationConfig(truth="exponential:a=0.8,b=0.02", design="exact_grid", seed=5, max_trials=6,
+                              stop_at=0.999)
+    first = [(r["stimulus"], r["response"], r["model_probabilities"]) for r in simulate(p, config)]
+    again = [(r["stimulus"], r["response"], r["model_probabilities"]) for r in simulate(p, config)]
+    assert len(first) == 6 and first == again
+    assert first[-1][2]["exponential"] > first[0][2]["exponential"]

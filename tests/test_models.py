@@ -248,3 +248,34 @@ def test_third_party_model_via_entry_point(tmp_path: Path, monkeypatch: pytest.M
     t = build_truth(p, "exponential:top=0.8,k=5")
     assert t.mean({"lag": 5}) == pytest.approx(0.4)
     sys.modules.pop("cloop_plugin_demo", None)
+
+
+def test_builtin_catalogue_describes_every_parameter_and_input_from_the_code() -> None:
+    from orchestrator.models import builtin_catalogue, get_model_class
+
+    entries = {m.id: m for m in builtin_catalogue(include_entry_points=False)}
+    assert "retention_power" in entries and "orientation_contrast" in entries
+    for mid, info in entries.items():
+        cls = get_model_class(mid)
+        assert tuple(p.name for p in info.parameters) == cls.parameters
+        assert tuple(v.name for v in info.variables) == cls.variables
+        assert all(p.meaning and p.axis in ("linear", "log") for p in info.parameters), mid
+        assert all(v.meaning for v in info.variables), mid
+    theta = {v.name: v for v in entries["orientation_contrast"].variables}["theta"]
+    assert theta.unit == "deg"
+
+
+def test_importing_the_builtin_library_registers_nothing_and_ids_are_unique() -> None:
+    import orchestrator.models.builtin as builtin
+
+    assert len(builtin.BUILTIN_MODELS) == 13
+    assert all(cls.id == key for key, cls in builtin.BUILTIN_MODELS.items())
+
+
+def test_design_catalogue_lists_every_strategy_make_design_accepts() -> None:
+    from orchestrator.design import STRATEGIES, catalogue
+
+    names = {n for d in catalogue() for n in (d.name, *d.aliases)}
+    assert names == set(STRATEGIES)
+    exact = next(d for d in catalogue() if d.name == "exact_grid")
+    assert {s.name for s in exact.settings} >= {"mode", "points"}

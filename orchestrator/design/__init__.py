@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from orchestrator.design.base import BaseStrategy, Decision, DesignStrategy
 from orchestrator.design.baselines import RandomDesign, StaircaseDesign, SweepDesign
+from orchestrator.design.grid import ExactGridDesign, exact_grid_applies
+from orchestrator.design.limits import size_problems
 from orchestrator.design.information import InformationDesign, ParameterEstimationDesign
 
 STRATEGIES: dict[str, Callable[..., BaseStrategy]] = {
@@ -21,36 +23,58 @@ STRATEGIES: dict[str, Callable[..., BaseStrategy]] = {
     "ado": InformationDesign,
     "discriminate": lambda p, s, st=None: InformationDesign(p, s, st, mode="discriminate"),
     "parameter_estimation": ParameterEstimationDesign,
+    "exact_grid": ExactGridDesign,
 }
+#: information designs that run as exact grid ADO when `exact_grid_applies` (settings.exact: false opts out)
+EXACT_WHEN_SMALL = {"mutual_information": "auto", "mi": "auto", "ado": "auto", "discriminate": "discriminate",
+                    "parameter_estimation": "characterize"}
 
 
 def make_design(protocol: Any, seed: int, override: str | None = None) -> BaseStrategy:
     """The protocol's design strategy (or `override`, e.g. from `--design`), seeded with `seed`.
 
     Settings under `design.settings` apply only when the strategy is the protocol's own.
+    The information designs (mutual_information, mi, ado, discriminate, parameter_estimation) run
+    as exact grid ADO when `exact_grid_applies(protocol)`: every model has <= 3 parameters, one
+    stimulus per decision, and the outcome tables fit (orchestrator.models.grid states the bound);
+    `design.settings.exact: false` keeps the particle path.
     """
     name = override or protocol.design.strategy
     if name not in STRATEGIES:
         raise ValueError(f"design.strategy: unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
     settings = dict(protocol.design.settings or {}) if name == protocol.design.strategy else {}
+    if name in EXACT_WHEN_SMALL and settings.get("exact", True) and exact_grid_applies(protocol):
+        return ExactGridDesign(protocol, seed, settings, mode=settings.get("mode", EXACT_WHEN_SMALL[name]))
     return STRATEGIES[name](protocol, seed, settings)
 
 
+def catalogue() -> list[Any]:
+    """Every design strategy with its settings (orchestrator.design.catalogue.DesignInfo records)."""
+    from orchestrator.design.catalogue import catalogue as _catalogue
+
+    return _catalogue()
+
+
 def check_protocol(protocol: Any) -> list[tuple[str, str]]:
-    """Hook used by orchestrator.protocol: design problems as (field path, message)."""
+    """Design problems as (field path, message): unknown strategy, sizes beyond the limits of
+    orchestrator.design.limits (checked from the numbers, never by enumerating), bad settings."""
     name = protocol.design.strategy
     if name not in STRATEGIES:
         return [("design.strategy", f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")]
+    problems = size_problems(protocol)
+    if problems:
+        return problems
     try:
-        STRATEGIES[name](protocol, 0, dict(protocol.design.settings or {}))
+        make_design(protocol, 0)
     except Exception as exc:  # noqa: BLE001 - report any construction problem against the field
         msg = str(exc)
         path = "design.settings"
-        if msg.startswith("design."):
+        if msg.startswith(("design.", "stimulus.")):
             path, _, msg = msg.partition(": ")
         return [(path, msg)]
     return []
 
 
-__all__ = ["Decision", "DesignStrategy", "BaseStrategy", "make_design", "check_protocol", "STRATEGIES",
-           "RandomDesign", "SweepDesign", "StaircaseDesign", "InformationDesign", "ParameterEstimationDesign"]
+__all__ = ["Decision", "DesignStrategy", "BaseStrategy", "make_design", "check_protocol", "catalogue", "STRATEGIES",
+           "RandomDesign", "SweepDesign", "StaircaseDesign", "InformationDesign", "ParameterEstimationDesign",
+           "ExactGridDesign"]

@@ -6,6 +6,9 @@ outcomes (Poisson truncated with the tail folded in; Gaussian responses discreti
 - discrimination  I(M; Y_x) = sum_m pi_m KL(p_m(y|x) || p(y|x)),  p_m = sum_i w_mi p(y | theta_mi, x)
 - characterization  I(theta; Y_x | m) = sum_i w_i KL(p(y|theta_i,x) || p_m(y|x))
 
+The acquisitions read the model's `posterior(X)`, a ParticleMixturePosterior (BoTorch Posterior)
+holding each model's weighted particle means at X.
+
 For q > 1 (several stimuli per block) the joint outcome of the q responses is enumerated when
 K^q is small (exact joint MI); otherwise the per-point MIs are summed (an upper bound that ignores
 redundancy, used with sequential greedy selection so X_pending still discourages duplicates).
@@ -15,11 +18,13 @@ is optimised with `optimize_acqf`, `optimize_acqf_mixed` or `optimize_acqf_discr
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 from botorch.acquisition import AcquisitionFunction
 from botorch.models.model import Model
+from botorch.posteriors import Posterior
 from botorch.utils.transforms import concatenate_pending_points, t_batch_mode_transform
 
 from orchestrator.models.likelihoods import Likelihood
@@ -29,31 +34,71 @@ View = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor |
 MAX_JOINT_OUTCOMES = 4096
 
 
-class ParticleMixtureModel(Model):
-    """Placeholder BoTorch `Model` for acquisitions over particle mixtures (no Gaussian posterior).
+class ParticleMixturePosterior(Posterior):
+    """The predictive of weighted particle mixtures at raw stimuli X (one mixture per model).
 
-    BoTorch's AcquisitionFunction requires a model; ours are the per-model posterior views held
-    by the acquisition itself, so `posterior` is deliberately not available.
+    `components[m]` = (log weights (N,), response means (N, S), noise SD (N,) or None) of model m;
+    `model_log_probs` weighs the models. The acquisitions read the components to sum over outcomes;
+    `rsample` draws response means (model, then particle) for Monte-Carlo use.
     """
 
-    def __init__(self, views: Sequence[View]) -> None:
+    def __init__(self, components: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                 model_log_probs: torch.Tensor) -> None:
+        self.components = components
+        self.model_log_probs = model_log_probs
+
+    @property
+    def device(self) -> torch.device:
+        return self.components[0][1].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.components[0][1].dtype
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Model-averaged response mean at each stimulus, (S, 1)."""
+        pi = self.model_log_probs.exp().to(self.dtype)
+        per = torch.stack([(w - torch.logsumexp(w, 0)).exp() @ m for w, m, _ in self.components])
+        return (pi @ per).unsqueeze(-1)
+
+    def rsample(self, sample_shape: torch.Size | None = None, base_samples: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draws of the response mean, sample_shape x S x 1 (model by probability, then particle)."""
+        shape = torch.Size(sample_shape or torch.Size([1]))
+        n = int(torch.Size(shape).numel())
+        models = torch.multinomial(self.model_log_probs.exp(), n, replacement=True, generator=generator)
+        out = []
+        for j in models.tolist():
+            w, m, _ = self.components[j]
+            i = int(torch.multinomial((w - torch.logsumexp(w, 0)).exp(), 1, generator=generator))
+            out.append(m[i])
+        return torch.stack(out).reshape(*shape, -1, 1)
+
+
+class ParticleMixtureModel(Model):
+    """BoTorch `Model` over particle mixtures: `posterior(X)` at raw stimuli X (S, d) is a
+    ParticleMixturePosterior that the outcome-MI acquisitions below read."""
+
+    def __init__(self, views: Sequence[View], model_log_probs: torch.Tensor | None = None) -> None:
         super().__init__()
         self._views = list(views)
+        self.model_log_probs = (model_log_probs if model_log_probs is not None
+                                else torch.full((len(self._views),), -math.log(len(self._views)), dtype=torch.float64))
 
     @property
     def num_outputs(self) -> int:
         return 1
 
-    def posterior(self, X: torch.Tensor, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
-        raise NotImplementedError("the particle mixture has no Gaussian posterior; use the acquisition")
+    def posterior(self, X: torch.Tensor, *args: Any, **kwargs: Any) -> ParticleMixturePosterior:
+        return ParticleMixturePosterior([v(X) for v in self._views], self.model_log_probs)
 
 
-def _log_outcome_probs(views: Sequence[View], X_raw: torch.Tensor, lik: Likelihood,
-                       compute_dtype: torch.dtype = torch.float64,
-                       model_log_probs: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _log_outcome_probs(posterior: ParticleMixturePosterior, lik: Likelihood,
+                       compute_dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per model: log weights (N,) and log P(outcome k | component i, x_j) (N, S, K) on a shared grid."""
-    comps = [v(X_raw) for v in views]
-    lpm = model_log_probs if model_log_probs is not None else torch.zeros(len(comps), dtype=torch.float64)
+    comps = posterior.components
+    lpm = posterior.model_log_probs
     means = torch.cat([m.reshape(-1) for _, m, _ in comps])
     weights = torch.cat([(w - torch.logsumexp(w, 0) + lpm[j]).exp().unsqueeze(-1).expand_as(m).reshape(-1)
                          for j, (w, m, _) in enumerate(comps)])
@@ -91,8 +136,14 @@ def _mixture(logw: torch.Tensor, lp: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 class _OutcomeMI(AcquisitionFunction):
-    def __init__(self, views: Sequence[View], space: StimulusEncoding, likelihood: Likelihood) -> None:
-        super().__init__(model=ParticleMixtureModel(views))
+    """Outcome-summed MI read from the model's ParticleMixturePosterior at the candidate stimuli."""
+
+    model: ParticleMixtureModel
+
+    def __init__(self, views: Sequence[View], space: StimulusEncoding, likelihood: Likelihood,
+                 model_log_probs: torch.Tensor | None = None) -> None:
+        lpm = model_log_probs if model_log_probs is not None else torch.zeros(len(views), dtype=torch.float64)
+        super().__init__(model=ParticleMixtureModel(views, lpm))
         self.views = list(views)
         self.space = space
         self.likelihood = likelihood
@@ -100,13 +151,11 @@ class _OutcomeMI(AcquisitionFunction):
         #: float32 for exhaustive scoring of discrete candidates (no gradients needed), else float64
         self.compute_dtype = torch.float64
 
-    model_log_probs: torch.Tensor | None = None
-
     def _per_point(self, X: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int]:
         """Outcome log-probs per model reshaped to (N, b, q, K)."""
         b, q, d = X.shape
         raw = self.space.design_to_raw(X.reshape(b * q, d))
-        ws, lps = _log_outcome_probs(self.views, raw, self.likelihood, self.compute_dtype, self.model_log_probs)
+        ws, lps = _log_outcome_probs(self.model.posterior(raw), self.likelihood, self.compute_dtype)
         return ws, [lp.reshape(lp.shape[0], b, q, lp.shape[-1]) for lp in lps], b, q
 
     def _stack_q(self, lps: list[torch.Tensor], q: int) -> tuple[list[torch.Tensor], bool]:
@@ -123,9 +172,9 @@ class ModelDiscriminationMI(_OutcomeMI):
 
     def __init__(self, views: Sequence[View], log_probs: torch.Tensor, space: StimulusEncoding,
                  likelihood: Likelihood) -> None:
-        super().__init__(views, space, likelihood)
-        self.log_probs = log_probs - torch.logsumexp(log_probs, 0)
-        self.model_log_probs = self.log_probs
+        normalised = log_probs - torch.logsumexp(log_probs, 0)
+        super().__init__(views, space, likelihood, normalised)
+        self.log_probs = normalised
 
     @concatenate_pending_points
     @t_batch_mode_transform()
@@ -167,4 +216,5 @@ class ParameterInformation(_OutcomeMI):
         return (logw.exp().unsqueeze(-1) * kl).sum(0).clamp_min(0.0).to(torch.float64)
 
 
-__all__ = ["ModelDiscriminationMI", "ParameterInformation", "ParticleMixtureModel", "MAX_JOINT_OUTCOMES"]
+__all__ = ["ModelDiscriminationMI", "ParameterInformation", "ParticleMixtureModel", "ParticleMixturePosterior",
+           "MAX_JOINT_OUTCOMES"]

@@ -8,6 +8,7 @@ from typing import Any, Protocol as TypingProtocol, runtime_checkable
 import numpy as np
 import torch
 
+from orchestrator.design.limits import raise_if_too_large
 from orchestrator.models.space import StimulusEncoding
 
 
@@ -41,6 +42,7 @@ class BaseStrategy:
     name = "base"
 
     def __init__(self, protocol: Any, seed: int, settings: dict[str, Any] | None = None) -> None:
+        raise_if_too_large(protocol, self.name)
         self.protocol = protocol
         self.seed = int(seed)
         self.settings = dict(settings or {})

@@ -4,6 +4,7 @@ Optimisation follows the stimulus space:
 - all-discrete spaces up to `exhaustive_limit` combinations: every candidate scored in one
   vectorised pass (`optimize_acqf_discrete`);
 - continuous spaces: `optimize_acqf` (L-BFGS-B) from the best of `raw_samples` seeded draws;
+- all-discrete spaces beyond `exhaustive_limit`: a seeded sample of `exhaustive_limit` points;
 - mixed spaces: `optimize_acqf_mixed` over the discrete combinations when there are at most
   `mixed_limit`, else a continuous relaxation rounded to the grid.
 Initial points come from the strategy's own seeded RNG, so proposals are deterministic given
@@ -95,6 +96,14 @@ class InformationDesign(BaseStrategy):
         bounds = self.space.design_bounds()
         rng = self.rng(trial_index)
         disc = self.space.discrete_dims()
+        if len(disc) == self.space.d:
+            # a discrete space too large to enumerate: score a seeded sample of its points (there is
+            # no gradient to follow in a space without continuous dimensions)
+            choices = torch.unique(self.space.random_design(rng, self.exhaustive_limit), dim=0)
+            with torch.no_grad():
+                x, val = optimize_acqf_discrete(acq, q=q, choices=choices, max_batch_size=4096,
+                                                unique=q <= choices.shape[0])
+            return x, float(acq(x.unsqueeze(0)).reshape(-1)[0]) if q > 1 else float(val.reshape(-1)[0])
         # seeded raw samples -> best num_restarts as initial conditions (deterministic)
         raw = self.space.random_design(rng, n_raw * q).reshape(n_raw, q, self.space.d)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The encoding-model interface and the registry of model ids (builtins + third-party entry points).
+"""The encoding-model interface and the metadata every model declares (for the catalogue).
 
 An encoding model maps stimulus variables and parameters to the mean of the response
 (a probability for bernoulli/binomial, a rate for poisson, a mean for gaussian). Everything is
@@ -7,59 +7,55 @@ elementwise torch so that one call evaluates N particles x S stimuli by broadcas
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from importlib.metadata import entry_points
+from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 import torch
 
-ENTRY_POINT_GROUP = "cloop.models"
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One model parameter: what it means, its unit ("" = dimensionless) and the axis on which
+    priors and plots are natural ("linear" or "log")."""
+
+    name: str
+    meaning: str
+    unit: str = ""
+    axis: str = "linear"
+
+
+@dataclass(frozen=True)
+class VariableInfo:
+    """One input variable of a model (bound to a stimulus parameter by the protocol's `inputs:`)."""
+
+    name: str
+    meaning: str
+    unit: str = ""
 
 
 class EncodingModel(ABC):
-    """A parametric encoding model. Subclasses set `id`, `parameters`, `variables`, `doc`."""
+    """A parametric encoding model. Subclasses set `id`, `parameters`, `variables`, `doc` and,
+    for the catalogue, `parameter_info` / `variable_info` (meaning, unit, axis of each name)."""
 
     id: ClassVar[str]
     parameters: ClassVar[tuple[str, ...]]
     variables: ClassVar[tuple[str, ...]]
     doc: ClassVar[str] = ""
+    parameter_info: ClassVar[tuple[ParameterInfo, ...]] = ()
+    variable_info: ClassVar[tuple[VariableInfo, ...]] = ()
+
+    @classmethod
+    def describe_parameters(cls) -> tuple[ParameterInfo, ...]:
+        """Metadata of every parameter, in `parameters` order (names without metadata get blanks)."""
+        known = {p.name: p for p in cls.parameter_info}
+        return tuple(known.get(n, ParameterInfo(n, "")) for n in cls.parameters)
+
+    @classmethod
+    def describe_variables(cls) -> tuple[VariableInfo, ...]:
+        known = {v.name: v for v in cls.variable_info}
+        return tuple(known.get(n, VariableInfo(n, "")) for n in cls.variables)
 
     @abstractmethod
     def mean(self, x: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Response mean; inputs broadcast against each other (e.g. theta (N,1) x stimuli (S,))."""
-
-
-_REGISTRY: dict[str, type[EncodingModel]] = {}
-
-
-def register_model(cls: type[EncodingModel]) -> type[EncodingModel]:
-    """Class decorator adding a builtin model to the registry under `cls.id`."""
-    if cls.id in _REGISTRY and _REGISTRY[cls.id] is not cls:
-        raise ValueError(f"duplicate model id {cls.id!r}")
-    _REGISTRY[cls.id] = cls
-    return cls
-
-
-def _entry_point_models() -> dict[str, object]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def available_models() -> list[str]:
-    """Ids usable as `builtin:` in a protocol (builtins and installed plug-ins)."""
-    from orchestrator.models import builtin as _b  # noqa: F401  (registers builtins)
-
-    return sorted(set(_REGISTRY) | set(_entry_point_models()) | {"gaussian_process"})
-
-
-def get_model_class(model_id: str) -> type[EncodingModel]:
-    """Resolve a model id: builtin first, then a `cloop.models` entry point. Raises ValueError."""
-    from orchestrator.models import builtin as _b  # noqa: F401
-
-    if model_id in _REGISTRY:
-        return _REGISTRY[model_id]
-    eps = _entry_point_models()
-    if model_id in eps:
-        cls = eps[model_id].load()  # type: ignore[attr-defined]
-        if not (isinstance(cls, type) and issubclass(cls, EncodingModel)):
-            raise ValueError(f"entry point {ENTRY_POINT_GROUP}:{model_id} does not name an EncodingModel subclass")
-        return cls
-    raise ValueError(f"unknown model {model_id!r}; known: {', '.join(available_models())}")

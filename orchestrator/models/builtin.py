@@ -1,4 +1,8 @@
-"""Built-in encoding models (one small class each). Angles are in degrees; orientation has period 180."""
+"""Built-in encoding models (one small class each). Angles are in degrees; orientation has period 180.
+
+Each class declares its parameters' meaning, unit and natural axis and its inputs' units, which
+`orchestrator.models.builtin_catalogue()` lists; `BUILTIN_MODELS` at the end is the id table.
+"""
 from __future__ import annotations
 
 import math
@@ -6,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from orchestrator.models.base import EncodingModel, register_model
+from orchestrator.models.base import EncodingModel, ParameterInfo as P, VariableInfo as V
 
 T = Mapping[str, torch.Tensor]
 DEG = math.pi / 180.0
@@ -29,22 +33,34 @@ def _naka_rushton(c: torch.Tensor, c50: torch.Tensor, n: torch.Tensor) -> torch.
 
 
 # ---------------------------------------------------------------- memory retention
-@register_model
 class RetentionPower(EncodingModel):
     id = "retention_power"
     parameters = ("a", "b")
     variables = ("t",)
+    parameter_info = (
+        P("a", "recall probability at t = 0", "", "linear"),
+        P("b", "power-law decay exponent", "", "log"),
+    )
+    variable_info = (
+        V("t", "retention interval", "s"),
+    )
     doc = "p = a (t+1)^-b  (Wickelgren-style power forgetting)"
 
     def mean(self, x: T, th: T) -> torch.Tensor:
         return th["a"] * (x["t"] + 1.0) ** (-th["b"])
 
 
-@register_model
 class RetentionExponential(EncodingModel):
     id = "retention_exponential"
     parameters = ("a", "b")
     variables = ("t",)
+    parameter_info = (
+        P("a", "recall probability at t = 0", "", "linear"),
+        P("b", "exponential decay rate", "1/s", "log"),
+    )
+    variable_info = (
+        V("t", "retention interval", "s"),
+    )
     doc = "p = a exp(-b t)"
 
     def mean(self, x: T, th: T) -> torch.Tensor:
@@ -52,22 +68,38 @@ class RetentionExponential(EncodingModel):
 
 
 # ---------------------------------------------------------------- orientation tuning
-@register_model
 class OrientationVonMises(EncodingModel):
     id = "orientation_von_mises"
     parameters = ("baseline", "amplitude", "kappa", "pref")
     variables = ("theta",)
+    parameter_info = (
+        P("baseline", "response to the null orientation", "response units", "linear"),
+        P("amplitude", "peak response above baseline", "response units", "linear"),
+        P("kappa", "tuning concentration (larger = narrower)", "", "log"),
+        P("pref", "preferred orientation", "deg", "linear"),
+    )
+    variable_info = (
+        V("theta", "grating orientation (period 180)", "deg"),
+    )
     doc = "r = baseline + amplitude exp(kappa (cos 2(theta-pref) - 1))"
 
     def mean(self, x: T, th: T) -> torch.Tensor:
         return th["baseline"] + th["amplitude"] * _von_mises(x["theta"], th["pref"], th["kappa"])
 
 
-@register_model
 class OrientationGaussian(EncodingModel):
     id = "orientation_gaussian"
     parameters = ("baseline", "amplitude", "width", "pref")
     variables = ("theta",)
+    parameter_info = (
+        P("baseline", "response to the null orientation", "response units", "linear"),
+        P("amplitude", "peak response above baseline", "response units", "linear"),
+        P("width", "tuning width (SD)", "deg", "log"),
+        P("pref", "preferred orientation", "deg", "linear"),
+    )
+    variable_info = (
+        V("theta", "grating orientation (period 180)", "deg"),
+    )
     doc = "r = baseline + amplitude exp(-d^2 / (2 width^2)), d circular orientation difference"
 
     def mean(self, x: T, th: T) -> torch.Tensor:
@@ -76,22 +108,37 @@ class OrientationGaussian(EncodingModel):
 
 
 # ---------------------------------------------------------------- contrast response
-@register_model
 class ContrastNakaRushton(EncodingModel):
     id = "contrast_naka_rushton"
     parameters = ("baseline", "rmax", "c50", "n")
     variables = ("c",)
+    parameter_info = (
+        P("baseline", "response at zero contrast", "response units", "linear"),
+        P("rmax", "saturated response above baseline", "response units", "linear"),
+        P("c50", "semi-saturation contrast", "contrast (0-1)", "log"),
+        P("n", "exponent (steepness)", "", "log"),
+    )
+    variable_info = (
+        V("c", "Michelson contrast", "contrast (0-1)"),
+    )
     doc = "r = baseline + rmax c^n / (c^n + c50^n)"
 
     def mean(self, x: T, th: T) -> torch.Tensor:
         return th["baseline"] + th["rmax"] * _naka_rushton(x["c"], th["c50"], th["n"])
 
 
-@register_model
 class ContrastLinearThreshold(EncodingModel):
     id = "contrast_linear_threshold"
     parameters = ("baseline", "slope", "threshold")
     variables = ("c",)
+    parameter_info = (
+        P("baseline", "response below threshold", "response units", "linear"),
+        P("slope", "response gain per unit contrast above threshold", "response units", "linear"),
+        P("threshold", "contrast threshold", "contrast (0-1)", "linear"),
+    )
+    variable_info = (
+        V("c", "Michelson contrast", "contrast (0-1)"),
+    )
     doc = "r = baseline + slope max(c - threshold, 0) (softplus-smoothed for gradients)"
 
     def mean(self, x: T, th: T) -> torch.Tensor:
@@ -100,11 +147,22 @@ class ContrastLinearThreshold(EncodingModel):
 
 
 # ---------------------------------------------------------------- orientation x contrast
-@register_model
 class OrientationContrast(EncodingModel):
     id = "orientation_contrast"
     parameters = ("baseline", "rmax", "kappa", "pref", "c50", "n")
     variables = ("theta", "c")
+    parameter_info = (
+        P("baseline", "spontaneous response", "response units", "linear"),
+        P("rmax", "peak response above baseline", "response units", "linear"),
+        P("kappa", "orientation tuning concentration", "", "log"),
+        P("pref", "preferred orientation", "deg", "linear"),
+        P("c50", "semi-saturation contrast", "contrast (0-1)", "log"),
+        P("n", "contrast exponent", "", "log"),
+    )
+    variable_info = (
+        V("theta", "grating orientation (period 180)", "deg"),
+        V("c", "Michelson contrast", "contrast (0-1)"),
+    )
     doc = "r = baseline + rmax vonMises(theta; pref, kappa) c^n/(c^n + c50^n)  (separable tuning x contrast)"
 
     def mean(self, x: T, th: T) -> torch.Tensor:
@@ -112,11 +170,22 @@ class OrientationContrast(EncodingModel):
         return th["baseline"] + th["rmax"] * tune * _naka_rushton(x["c"], th["c50"], th["n"])
 
 
-@register_model
 class DivisiveNormalization(EncodingModel):
     id = "divisive_normalization"
     parameters = ("baseline", "rmax", "kappa", "pref", "sigma", "n")
     variables = ("theta", "c")
+    parameter_info = (
+        P("baseline", "spontaneous response", "response units", "linear"),
+        P("rmax", "peak response above baseline", "response units", "linear"),
+        P("kappa", "orientation tuning concentration", "", "log"),
+        P("pref", "preferred orientation", "deg", "linear"),
+        P("sigma", "semi-saturation constant of the normalization pool", "contrast (0-1)", "log"),
+        P("n", "exponent", "", "log"),
+    )
+    variable_info = (
+        V("theta", "grating orientation (period 180)", "deg"),
+        V("c", "Michelson contrast", "contrast (0-1)"),
+    )
     doc = "r = baseline + rmax (c vonMises)^n / (sigma^n + c^n): tuned drive over an untuned pool"
 
     def mean(self, x: T, th: T) -> torch.Tensor:
@@ -129,6 +198,15 @@ class DivisiveNormalization(EncodingModel):
 class _Psychometric(EncodingModel):
     parameters = ("threshold", "slope", "guess", "lapse")
     variables = ("x",)
+    parameter_info = (
+        P("threshold", "stimulus level at the curve's midpoint", "stimulus units", "linear"),
+        P("slope", "steepness", "1/stimulus units", "log"),
+        P("guess", "guess rate (lower asymptote)", "probability", "linear"),
+        P("lapse", "lapse rate (1 - upper asymptote)", "probability", "linear"),
+    )
+    variable_info = (
+        V("x", "stimulus intensity", "stimulus units"),
+    )
 
     def core(self, x: torch.Tensor, th: T) -> torch.Tensor:
         raise NotImplementedError
@@ -137,7 +215,6 @@ class _Psychometric(EncodingModel):
         return th["guess"] + (1 - th["guess"] - th["lapse"]) * self.core(x["x"], th)
 
 
-@register_model
 class PsychometricLogistic(_Psychometric):
     id = "psychometric_logistic"
     doc = "p = guess + (1-guess-lapse) / (1 + exp(-slope (x - threshold)))"
@@ -146,7 +223,6 @@ class PsychometricLogistic(_Psychometric):
         return torch.sigmoid(th["slope"] * (x - th["threshold"]))
 
 
-@register_model
 class PsychometricWeibull(_Psychometric):
     id = "psychometric_weibull"
     doc = "p = guess + (1-guess-lapse) (1 - exp(-(x/threshold)^slope)), x > 0"
@@ -155,7 +231,6 @@ class PsychometricWeibull(_Psychometric):
         return 1 - torch.exp(-((x.clamp_min(0) / th["threshold"]) ** th["slope"]))
 
 
-@register_model
 class PsychometricCumulativeNormal(_Psychometric):
     id = "psychometric_cumulative_normal"
     doc = "p = guess + (1-guess-lapse) Phi(slope (x - threshold))"
@@ -168,6 +243,16 @@ class PsychometricCumulativeNormal(_Psychometric):
 class _Discounting(EncodingModel):
     parameters = ("k", "tau")
     variables = ("r_ss", "t_ss", "r_ll", "t_ll")
+    parameter_info = (
+        P("k", "discount rate", "1/delay unit", "log"),
+        P("tau", "choice sensitivity (inverse temperature)", "1/reward unit", "log"),
+    )
+    variable_info = (
+        V("r_ss", "smaller-sooner reward", "reward units"),
+        V("t_ss", "smaller-sooner delay", "delay units"),
+        V("r_ll", "larger-later reward", "reward units"),
+        V("t_ll", "larger-later delay", "delay units"),
+    )
 
     def discount(self, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -178,7 +263,6 @@ class _Discounting(EncodingModel):
         return torch.sigmoid(th["tau"] * (v_ll - v_ss))
 
 
-@register_model
 class DiscountingExponential(_Discounting):
     id = "discounting_exponential"
     doc = "P(choose later-larger) = sigmoid(tau (r_ll e^{-k t_ll} - r_ss e^{-k t_ss}))"
@@ -187,10 +271,16 @@ class DiscountingExponential(_Discounting):
         return torch.exp(-k * t)
 
 
-@register_model
 class DiscountingHyperbolic(_Discounting):
     id = "discounting_hyperbolic"
     doc = "P(choose later-larger) = sigmoid(tau (r_ll/(1+k t_ll) - r_ss/(1+k t_ss)))"
 
     def discount(self, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return 1.0 / (1.0 + k * t)
+
+
+#: model id -> class, every concrete builtin (the registry reads this; importing registers nothing)
+BUILTIN_MODELS: dict[str, type[EncodingModel]] = {cls.id: cls for cls in (
+    RetentionPower, RetentionExponential, OrientationVonMises, OrientationGaussian, ContrastNakaRushton,
+    ContrastLinearThreshold, OrientationContrast, DivisiveNormalization, PsychometricLogistic,
+    PsychometricWeibull, PsychometricCumulativeNormal, DiscountingExponential, DiscountingHyperbolic)}

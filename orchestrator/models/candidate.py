@@ -10,7 +10,8 @@ from typing import Any, Mapping
 
 import torch
 
-from orchestrator.models.base import EncodingModel, get_model_class
+from orchestrator.models.base import EncodingModel
+from orchestrator.models.registry import get_model_class
 from orchestrator.models.formula import CompiledFormula, FormulaError, compile_formula
 from orchestrator.models.likelihoods import Likelihood, make_likelihood
 from orchestrator.models.priors import Prior, PriorError, make_prior
@@ -74,7 +75,8 @@ class Candidate:
             th.setdefault(p, torch.tensor(v, dtype=X.dtype))
         out = self.model.mean(x, th)
         n = next(iter(theta.values())).shape[0] if theta else 1
-        return out.expand(n, X.shape[0]) if out.dim() < 2 or out.shape[0] != n else out
+        shape = (n, X.shape[0])
+        return out if tuple(out.shape) == shape else torch.broadcast_to(out, shape)
 
     def noise(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """Gaussian noise SD per parameter vector (N,), None for discrete responses."""

@@ -1,0 +1,78 @@
+"""What each design strategy does and which `design.settings` it reads, for `cloop designs`.
+
+One entry per strategy name `make_design` accepts; the settings' defaults are the ones the code
+uses (orchestrator.design.information, .grid, .baselines), the limits those of .limits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.design import limits
+from orchestrator.models import grid
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    name: str
+    default: Any
+    meaning: str
+
+
+@dataclass(frozen=True)
+class DesignInfo:
+    name: str
+    summary: str
+    settings: tuple[SettingInfo, ...]
+    aliases: tuple[str, ...] = ()
+
+
+_MODE = SettingInfo("mode", "auto", "auto (discriminate, then characterize past design.characterize_threshold), "
+                                    "discriminate or characterize")
+_COMMON = (SettingInfo("inference", "auto", "posterior of every model: auto (exact grid when it applies), grid, smc"),)
+_INFORMATION = (
+    _MODE,
+    SettingInfo("model", None, "characterize this model (default: the current leader)"),
+    SettingInfo("exact", True, "run as exact grid ADO when every model has <= 3 parameters and the stimulus "
+                               f"space is discrete with <= {grid.MAX_STIMULI} points and outcome tables "
+                               f"<= {grid.MAX_TABLE_ENTRIES} float32 entries"),
+    SettingInfo("exhaustive_limit", 5000, "score every stimulus of a discrete space up to this many points "
+                                          "(beyond: a seeded sample of this many)"),
+    SettingInfo("mixed_limit", 32, "optimise continuous dimensions per discrete combination up to this many"),
+    SettingInfo("max_components", "256 (discrete) / 512 (continuous)", "particles per model in the design's mixture"),
+    SettingInfo("raw_samples", 128, "seeded candidate points scored before L-BFGS-B (32 when characterizing)"),
+    SettingInfo("num_restarts", 1, "L-BFGS-B starts from the best raw samples"),
+    SettingInfo("maxiter", 5, "L-BFGS-B iterations per decision"),
+    SettingInfo("float32", True, "float32 outcome tables (ranking only; evidence stays float64)"),
+) + _COMMON
+
+
+def catalogue() -> list[DesignInfo]:
+    """Every design strategy with its settings and defaults."""
+    return [
+        DesignInfo("mutual_information", "maximise the mutual information between the next response and the "
+                   "model identity (then the winner's parameters)", _INFORMATION, ("mi", "ado")),
+        DesignInfo("discriminate", "mutual_information fixed to mode: discriminate", _INFORMATION),
+        DesignInfo("parameter_estimation", "maximise information about one model's parameters", _INFORMATION),
+        DesignInfo("exact_grid", "exact ADO: every candidate stimulus scored by its exact mutual information on "
+                   f"parameter grids (<= {grid.MAX_GRID_PARAMS} parameters per model, one stimulus per decision)",
+                   (_MODE, SettingInfo("model", None, "characterize this model (default: the leader)"),
+                    SettingInfo("points", "101 (1 continuous dim) / 33 (2) / 9", "grid points per continuous "
+                                "stimulus dimension"))),
+        DesignInfo("random", "uniform draws within the safety limits (log-uniform on log axes)", _COMMON),
+        DesignInfo("sweep", "cycle through a fixed list of stimuli",
+                   (SettingInfo("stimuli", None, "list of stimulus mappings"),
+                    SettingInfo("values", None, "values of the single numeric parameter"),
+                    SettingInfo("points", 10, f"evenly spaced points per dimension (at most "
+                                              f"{limits.MAX_SWEEP_POINTS} in all)")) + _COMMON, ("fixed",)),
+        DesignInfo("staircase", "transformed up/down staircase on one numeric parameter",
+                   (SettingInfo("parameter", "first numeric", "the stimulus parameter stepped"),
+                    SettingInfo("start", "upper limit", "first level"),
+                    SettingInfo("step", "range / 10", "initial step, halved at each reversal"),
+                    SettingInfo("min_step", "step / 8", "smallest step"),
+                    SettingInfo("down", 2, "correct answers in a row before stepping down"),
+                    SettingInfo("up", 1, "errors before stepping up")) + _COMMON),
+    ]
+
+
+__all__ = ["DesignInfo", "SettingInfo", "catalogue"]
