@@ -108,6 +108,7 @@ class FeatureModel:
     scale: torch.Tensor
     weights_sha256: str | None
     energy_range: tuple[float, float]  # per-image feature energy seen over the pool (min, max)
+    pool_features: torch.Tensor | None = None  # standardised features of the pool (n, d), with bias
 
     @property
     def d(self) -> int:
@@ -161,6 +162,8 @@ def fit_feature_model(spec: Any, path: str, pool_tensor: torch.Tensor, channels:
     model = FeatureModel(spec.name, net, center, scale, sha, (0.0, 0.0))
     energy = (feats ** 2).mean(1) / model._energy_norm
     model.energy_range = (float(energy.min()), float(energy.max()))
+    z = (feats - center) / scale
+    model.pool_features = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], dim=1)
     return model
 
 

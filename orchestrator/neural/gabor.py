@@ -38,20 +38,35 @@ class GaborEnergy(nn.Module):
                 odd = env * torch.sin(2 * math.pi * float(f) * u)
                 even = even - even.mean()
                 kernels.append((even / even.norm(), odd / odd.norm(), half))
-        self.kernels = nn.ParameterList()
-        self._pads: list[int] = []
-        for even, odd, half in kernels:
-            w = torch.stack([even, odd]).unsqueeze(1).repeat(1, 1, 1, 1)
-            self.kernels.append(nn.Parameter(w, requires_grad=False))
-            self._pads.append(half)
+        self.half = max(h for _, _, h in kernels)
+        size = 2 * self.half + 1
+        bank = torch.zeros(2 * len(kernels), size, size)
+        for k, (even, odd, h) in enumerate(kernels):
+            sl = slice(self.half - h, self.half + h + 1)
+            bank[2 * k, sl, sl], bank[2 * k + 1, sl, sl] = even, odd
+        self.register_buffer("bank", bank)
         self.grid = int(grid)
         self.channels = int(channels)
+        self._spectra: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _spectrum(self, h: int, w: int) -> torch.Tensor:
+        """FFT of the filter bank on an (h, w) grid, centred at the origin (cached per size)."""
+        if (h, w) not in self._spectra:
+            grid = torch.zeros(self.bank.shape[0], h, w, dtype=torch.float64)
+            size = self.bank.shape[-1]
+            grid[:, :size, :size] = self.bank.to(torch.float64)
+            grid = torch.roll(grid, shifts=(-self.half, -self.half), dims=(1, 2))
+            self._spectra[(h, w)] = torch.fft.rfft2(grid)
+        return self._spectra[(h, w)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        grey = images.mean(dim=1, keepdim=True) - 0.5
-        outs = []
-        for w, pad in zip(self.kernels, self._pads):
-            resp = nn.functional.conv2d(nn.functional.pad(grey, (pad,) * 4, mode="reflect"), w.to(grey.dtype))
-            energy = (resp ** 2).sum(dim=1, keepdim=True)
-            outs.append(nn.functional.adaptive_avg_pool2d(energy, self.grid))
-        return torch.cat(outs, dim=1).flatten(1)
+        """Filtering by FFT on a reflect-padded image: one transform for the whole bank."""
+        grey = images.mean(dim=1) - 0.5
+        H, W = grey.shape[-2:]
+        pad = min(self.half, H - 1, W - 1)
+        padded = nn.functional.pad(grey[:, None], (pad,) * 4, mode="reflect")[:, 0].to(torch.float64)
+        h, w = padded.shape[-2:]
+        resp = torch.fft.irfft2(torch.fft.rfft2(padded)[:, None] * self._spectrum(h, w)[None], s=(h, w))
+        resp = resp[..., pad:pad + H, pad:pad + W]
+        energy = resp[:, 0::2] ** 2 + resp[:, 1::2] ** 2
+        return nn.functional.adaptive_avg_pool2d(energy, self.grid).flatten(1).to(images.dtype)
