@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol as TypingProtocol
 
 from orchestrator.design import Decision, make_design
@@ -109,7 +109,13 @@ def run_session(
     protocol = loaded.protocol
     control = control or _AlwaysRun()
     limit = max_trials if max_trials is not None else protocol.stopping.max_trials
-    comparison = ModelComparison.from_protocol(protocol, seed)
+    artifacts = None
+    if protocol.is_population:  # image stimuli: pixels beside the database, feature models with readouts
+        from orchestrator.neural.session import keep_image, open_population, wire_stimulus
+
+        comparison, artifacts = open_population(protocol, seed, store, session_id)
+    else:
+        comparison = ModelComparison.from_protocol(protocol, seed)
     design = make_design(protocol, seed, design_override)
     replay_history(store, session_id, comparison)
     in_flight = store.open_trials(session_id)  # planned/dispatched when the orchestrator died
@@ -135,9 +141,12 @@ def run_session(
             decision = Decision(trial["stimulus"], "resumed", "re-dispatched after an orchestrator restart", None, 0.0)
         else:
             decision = design.propose(comparison, index)
+            if artifacts is not None:
+                keep_image(artifacts, decision)
             trial_id = store.plan_trial(session_id, index, decision)
         protocol.check_safe(decision.stimulus)  # defence in depth: an unsafe stimulus is never sent
-        outcome, attempts, error = _dispatch(loaded, store, rigs, session_id, trial_id, index, decision)
+        sent = decision if artifacts is None else replace(decision, stimulus=wire_stimulus(protocol, artifacts, decision.stimulus))
+        outcome, attempts, error = _dispatch(loaded, store, rigs, session_id, trial_id, index, sent)
 
         value: float | None = None
         if outcome is None and error is not None and error.startswith(ABORTED):

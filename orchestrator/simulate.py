@@ -30,6 +30,11 @@ class SimulationConfig:
 
 def simulate(protocol: Any, config: SimulationConfig) -> Iterator[dict[str, Any]]:
     """Yield one JSON-safe record per trial (all replicates, in order)."""
+    if getattr(protocol, "is_population", False):  # image stimuli and population responses
+        from orchestrator.neural.simulate import simulate_population
+
+        yield from simulate_population(protocol, config)
+        return
     truth = build_truth(protocol, config.truth)  # validates the truth spec up front
     max_trials = int(config.max_trials if config.max_trials is not None else protocol.stopping.max_trials)
     stop_at = config.stop_at if config.stop_at is not None else protocol.stopping.model_probability
