@@ -97,6 +97,13 @@ class PopulationComparison:
             raise FeatureSpecError(problems)
         return cls(protocol, candidates, pool, seed, images)
 
+    def fresh(self, seed: int | None = None) -> "PopulationComparison":
+        """The same feature models with prior readouts (no trials): a new session without refitting the pool."""
+        candidates = [Candidate(c.name, c.features, PopulationReadout(c.readout.n_units, c.readout.prior),
+                                c.transform, c.log_prior) for c in self.candidates]
+        return PopulationComparison(self.protocol, candidates, self.pool, self.seed if seed is None else seed,
+                                    self.images)
+
     # -- data ------------------------------------------------------------------------------------
 
     def pixels(self, stimulus: dict[str, Any]) -> np.ndarray:

@@ -52,9 +52,9 @@ class GaborEnergy(nn.Module):
     def _spectrum(self, h: int, w: int) -> torch.Tensor:
         """FFT of the filter bank on an (h, w) grid, centred at the origin (cached per size)."""
         if (h, w) not in self._spectra:
-            grid = torch.zeros(self.bank.shape[0], h, w, dtype=torch.float64)
+            grid = torch.zeros(self.bank.shape[0], h, w, dtype=torch.float32)
             size = self.bank.shape[-1]
-            grid[:, :size, :size] = self.bank.to(torch.float64)
+            grid[:, :size, :size] = self.bank
             grid = torch.roll(grid, shifts=(-self.half, -self.half), dims=(1, 2))
             self._spectra[(h, w)] = torch.fft.rfft2(grid)
         return self._spectra[(h, w)]
@@ -64,7 +64,7 @@ class GaborEnergy(nn.Module):
         grey = images.mean(dim=1) - 0.5
         H, W = grey.shape[-2:]
         pad = min(self.half, H - 1, W - 1)
-        padded = nn.functional.pad(grey[:, None], (pad,) * 4, mode="reflect")[:, 0].to(torch.float64)
+        padded = nn.functional.pad(grey[:, None], (pad,) * 4, mode="reflect")[:, 0].to(torch.float32)
         h, w = padded.shape[-2:]
         resp = torch.fft.irfft2(torch.fft.rfft2(padded)[:, None] * self._spectrum(h, w)[None], s=(h, w))
         resp = resp[..., pad:pad + H, pad:pad + W]

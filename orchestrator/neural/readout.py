@@ -101,11 +101,33 @@ class PopulationReadout:
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         seen = ~np.isnan(y)
+        Sx = st.S @ x
+        q = float(x @ Sx)
+        gain = Sx / (1.0 + q)
+        if not st.private and seen.all():  # the common case: one shared shape matrix, no fancy indexing
+            resid = y - st.means @ x
+            df = 2 * st.a
+            logp = student_t_logpdf(resid, df, 0.0, st.b / st.a * (1.0 + q))
+            st.means += np.outer(resid, gain)
+            st.a += 0.5
+            st.b += resid ** 2 / (2.0 * (1.0 + q))
+        else:
+            logp = self._update_masked(x, y, seen, Sx, q, gain)
+        st.S -= np.outer(Sx, gain)
+        if st.n_trials % 64 == 63:  # keep S symmetric to round-off over thousands of updates
+            st.S = 0.5 * (st.S + st.S.T)
+        total = float(logp.sum())
+        st.log_evidence += total
+        st.n_trials += 1
+        return total
+
+    def _update_masked(self, x: np.ndarray, y: np.ndarray, seen: np.ndarray, Sx: np.ndarray, q: float,
+                       gain: np.ndarray) -> np.ndarray:
+        """The update when some units are masked now or were before (they keep private S and mean)."""
+        st = self.state
         for u in np.flatnonzero(~seen):
             if int(u) not in st.private:
                 st.private[int(u)] = _Private(st.S.copy(), st.means[u].copy())
-        Sx = st.S @ x
-        q = float(x @ Sx)
         shared = seen.copy()
         if st.private:
             shared[list(st.private)] = False
@@ -121,18 +143,11 @@ class PopulationReadout:
                 resid[u], one_q[u] = r, 1.0 + pq
                 p.mean += pSx * (r / (1.0 + pq))
                 p.S -= np.outer(pSx, pSx) / (1.0 + pq)
-        df = 2 * st.a[seen]
-        logp = student_t_logpdf(resid[seen], df, 0.0, st.b[seen] / st.a[seen] * one_q[seen])
-        gain = Sx / (1.0 + q)
+        logp = student_t_logpdf(resid[seen], 2 * st.a[seen], 0.0, st.b[seen] / st.a[seen] * one_q[seen])
         st.means[shared] += resid[shared, None] * gain[None, :]
         st.a[seen] += 0.5
         st.b[seen] += resid[seen] ** 2 / (2.0 * one_q[seen])
-        st.S -= np.outer(Sx, gain)
-        st.S = 0.5 * (st.S + st.S.T)  # keep it symmetric to round-off over thousands of updates
-        total = float(logp.sum())
-        st.log_evidence += total
-        st.n_trials += 1
-        return total
+        return logp
 
     def noise_variance(self) -> np.ndarray:
         """Posterior mean of each unit's noise variance, b / (a - 1) (the mode b / (a + 1) when a <= 1)."""

@@ -32,7 +32,7 @@ def simulate_population(protocol: Any, config: Any) -> Iterator[dict[str, Any]]:
     min_trials = int(config.min_trials if config.min_trials is not None else protocol.stopping.min_trials)
     for r in range(int(config.replicates)):
         seed = int(config.seed) + r
-        comparison = PopulationComparison.from_protocol(protocol, seed, pool=pool) if r else base
+        comparison = base.fresh(seed) if r else base
         design = make_design(protocol, seed, config.design)
         for trial in range(max_trials):
             t0 = time.perf_counter()
