@@ -69,3 +69,15 @@ def test_predictive_is_calibrated_on_data_from_the_prior() -> None:
         readout.update(x, y)
     coverage = float(np.mean(hits))
     assert 0.77 <= coverage <= 0.83  # nominal 0.80, 6,000 draws
+
+
+def test_anscombe_transform_stabilises_poisson_variance_near_one() -> None:
+    """The documented count transform: variance within 10% of 1 from 4 counts per window up."""
+    from orchestrator.neural.comparison import TRANSFORMS
+
+    rng = np.random.default_rng(5)
+    for rate in (4.0, 10.0, 40.0):
+        var = TRANSFORMS["anscombe"](rng.poisson(rate, 200_000).astype(float)).var()
+        assert abs(var - 1.0) < 0.1, (rate, var)
+    low = TRANSFORMS["anscombe"](rng.poisson(0.5, 200_000).astype(float)).var()
+    assert low < 0.8  # below ~2 counts the transform under-states the noise: the readout's noise prior adapts
