@@ -532,6 +532,9 @@ class Protocol(_Strict):
             if model.inputs or model.priors:
                 problems.append(f"models.{i}.{'inputs' if model.inputs else 'priors'}: not used by feature "
                                 "models (the readout prior goes under readout.prior)")
+        if not self.design.strategy.startswith("population_"):
+            problems.append(f"design.strategy: {self.design.strategy!r} is for scalar stimuli (population protocols use "
+                            "population_synthesis, population_pool, population_random_pool or population_random_noise)")
         for name, limit in self.safety.items():
             if name not in IMAGE_SAFETY_LIMITS:
                 problems.append(f"safety.{name}: not an image limit (known: {', '.join(IMAGE_SAFETY_LIMITS)})")

@@ -123,3 +123,9 @@ def test_cli_validate_exits_2_with_one_line_naming_the_field(tmp_path: Path) -> 
                            str(Path(__file__).parent.parent / "protocols" / "v1_population.yaml")],
                           capture_output=True, text=True)
     assert good.returncode == 0 and "32x32 image stimuli, 50 units" in good.stdout, good.stderr
+
+
+def test_scalar_design_on_a_population_protocol_is_one_line(tmp_path: Path) -> None:
+    lines = _problems(population_protocol(tmp_path, strategy="mutual_information", settings={}))
+    assert lines == ["design.strategy: 'mutual_information' is for scalar stimuli (population protocols use "
+                     "population_synthesis, population_pool, population_random_pool or population_random_noise)"]
