@@ -5,7 +5,8 @@ the truth rotates over the candidates, seeds are fixed. Cells:
 
 - ``standard``: Gabor energy vs two seeded CNNs, explainable variance ``ev``;
 - ``near_miss``: a CNN vs the same CNN with its weights mixed 0.95 with fresh ones (and Gabor);
-- ``saturating`` / ``sparse``: misspecified truths (tanh-saturating units; 8-feature readouts).
+- ``saturating`` / ``sparse`` / ``softplus_link``: misspecified truths (tanh-saturating units;
+  8-feature readouts; counts linear on the rate scale instead of the square-root scale).
 
 Designs: population_synthesis (trust region), population_pool (best of the 1,000-image pool),
 population_random_pool, population_random_noise. Costs: the readout update (N = 100, 257
@@ -79,7 +80,8 @@ def cells(quick: bool) -> list[dict[str, Any]]:
            {"cell": "near_miss", "units": 20, "ev": 0.1, "models": [CNN_A, NEAR], "truth_extra": ""},
            {"cell": "standard", "units": 100, "ev": 0.1, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ""},
            {"cell": "saturating", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ",saturation=1"},
-           {"cell": "sparse", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ",sparse=8"}]
+           {"cell": "sparse", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ",sparse=8"},
+           {"cell": "softplus_link", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ",softplus=1"}]
     return out[:2] if quick else out
 
 

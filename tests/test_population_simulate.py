@@ -74,3 +74,19 @@ def test_simulated_rig_adapter_answers_a_wire_image(tmp_path: Path) -> None:
     assert value.shape == (8,) and (value >= 0).all()
     assert adapter.present(cmd).response == result.response  # same trial index, same answer
 
+
+
+def test_poisson_truth_explainable_variance_is_on_the_anscombe_scale(tmp_path: Path) -> None:
+    from orchestrator.neural.comparison import PopulationComparison, TRANSFORMS
+    from orchestrator.neural.truth import build_population_truth
+
+    protocol = load_protocol(population_protocol(tmp_path, units=30)).protocol
+    comparison = PopulationComparison.from_protocol(protocol, 0)
+    truth = build_population_truth(protocol, "cnn_a:ev=0.4,seed=2,rate=20", comparison)
+    drive = np.stack([truth.signal(img) for img in comparison.pool])
+    assert np.allclose((4 * drive.var(0)) / (4 * drive.var(0) + 1), 0.4, atol=1e-6)
+    rng = np.random.default_rng(0)
+    counts = np.stack([truth.sample({}, rng, pixels=comparison.pool[i % 4]) for i in range(4000)])
+    y = TRANSFORMS["anscombe"](counts)
+    noise_var = np.mean([y[i::4].var(0).mean() for i in range(4)])
+    assert 0.85 < noise_var < 1.1  # counts around 20: the transform makes the noise variance ~1

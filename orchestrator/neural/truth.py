@@ -8,8 +8,12 @@ that, over the pool, signal variance / total variance = ``ev`` (the explainable 
   so images that drive the features far beyond the pool are answered more weakly than a linear
   readout predicts: the misspecification that unconstrained synthesis walks into.
 - ``sparse=k`` (> 0): each unit reads only k features (a localized readout) instead of all.
-- ``rate=r`` (poisson protocols): the mean count for a zero signal; counts are Poisson with mean
-  softplus-rectified rate, with ``ev`` setting the signal's share of the count variance.
+- ``rate=r`` (poisson protocols): the mean count for a zero signal. Counts are Poisson with mean
+  drive^2, the drive linear in the features (rectified at 0): linear on the square-root scale,
+  which is what the readout assumes after the Anscombe transform; ``ev`` is the signal's share
+  of the variance on that scale.
+- ``softplus=1`` (poisson): mean count softplus(drive) instead, linear on the rate scale; the
+  readout's linear-on-sqrt assumption is then wrong (a misspecified truth).
 
 Trial i is answered with numpy.random.default_rng([seed, i]) like every simulated subject.
 """
@@ -23,7 +27,7 @@ import torch
 
 from orchestrator.neural.features import FeatureModel, pool_tensor
 
-OPTIONS = {"ev": 0.3, "seed": 0.0, "saturation": 0.0, "sparse": 0.0, "rate": 5.0, "noise_sd": 1.0}
+OPTIONS = {"ev": 0.3, "seed": 0.0, "saturation": 0.0, "sparse": 0.0, "rate": 5.0, "noise_sd": 1.0, "softplus": 0.0}
 
 
 @dataclass
@@ -60,7 +64,10 @@ class PopulationTruth:
             pixels = self.resolve(stimulus["image"])
         mu = self.signal(pixels)
         if self.noise == "poisson":
-            rate = np.log1p(np.exp(np.clip(mu, -30, 30)))
+            if self.params["softplus"]:
+                rate = np.log1p(np.exp(np.clip(mu, -30, 30)))
+            else:
+                rate = np.maximum(mu, 0.0) ** 2
             return [float(v) for v in rng.poisson(rate)]
         return [float(v) for v in mu + rng.standard_normal(mu.shape) * self.params["noise_sd"]]
 
@@ -97,7 +104,11 @@ def build_population_truth(protocol: Any, text: str, comparison: Any) -> Populat
     raw = pool_f @ W.T
     pool_sd = raw.std(0) + 1e-12
     ev = params["ev"]
-    if protocol.response.noise == "poisson":
+    if protocol.response.noise == "poisson" and not params["softplus"]:
+        # Anscombe(y) ~ 2 drive + N(0, 1): signal variance 4 gain^2 over total 4 gain^2 + 1 = ev
+        gain = np.full(n, 0.5 * np.sqrt(ev / (1 - ev)))
+        offset = np.sqrt(params["rate"] * (1 + rng.uniform(-0.3, 0.3, n)))
+    elif protocol.response.noise == "poisson":
         rate = params["rate"]
         # count variance ~ rate; signal SD on the rate scale so that var(signal) / (var + rate) = ev
         gain = np.full(n, np.sqrt(ev / (1 - ev) * rate))
