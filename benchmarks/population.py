@@ -110,6 +110,14 @@ def costs() -> dict[str, Any]:
         st = r.state
         out[f"readout_update_ms_N{n}_d257"] = round((time.perf_counter() - t0) / 300 * 1000, 3)
         out[f"readout_state_bytes_N{n}_d257"] = int(st.S.nbytes + st.means.nbytes + st.a.nbytes + st.b.nbytes)
+    from orchestrator.neural.hyper import ReadoutGrid
+
+    grid = ReadoutGrid(100, [NIGPrior(np.r_[np.full(256, 256.0 / g ** 2), 0.01], 2.0, 1.0) for g in (0.25, 0.5, 1, 2)])
+    X, Y = rng.standard_normal((300, 257)), rng.poisson(5, (300, 100)).astype(float)
+    t0 = time.perf_counter()
+    for x, y in zip(X, Y):
+        grid.update(x, y)
+    out["readout_update_ms_N100_d257_snr_grid4"] = round((time.perf_counter() - t0) / 300 * 1000, 3)
     for label, models, size in (("32x32_2models", [GABOR, CNN_A], 32), ("32x32_3models", [GABOR, CNN_A, CNN_B], 32),
                                 ("64x64_2models", [GABOR, CNN_A], 64)):
         protocol = protocol_for(models, 100, size)

@@ -359,8 +359,16 @@ Prior = Annotated[
 class ReadoutPrior(_Strict):
     """Prior of a per-unit linear readout, in units of the unit's noise SD (features standardised)."""
 
-    weight_sd: float = Field(default=1.0, gt=0)
-    """Prior SD of the explained signal (sqrt of the prior signal-to-noise ratio)."""
+    weight_sd: Union[float, list[float]] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
+    """Prior SD of the explained signal (sqrt of the prior SNR); a list is a grid marginalised over."""
+
+    @field_validator("weight_sd")
+    @classmethod
+    def _positive(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        if not values or any(v <= 0 for v in values):
+            raise ValueError("weight_sd must be > 0 (or a non-empty list of values > 0)")
+        return value
     bias_sd: float = Field(default=10.0, gt=0)
     noise_shape: float = Field(default=2.0, gt=0)
     """Inverse-gamma prior of each unit's noise variance: shape and scale."""

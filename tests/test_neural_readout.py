@@ -81,3 +81,18 @@ def test_anscombe_transform_stabilises_poisson_variance_near_one() -> None:
         assert abs(var - 1.0) < 0.1, (rate, var)
     low = TRANSFORMS["anscombe"](rng.poisson(0.5, 200_000).astype(float)).var()
     assert low < 0.8  # below ~2 counts the transform under-states the noise: the readout's noise prior adapts
+
+
+def test_snr_grid_evidence_is_the_exact_mixture_of_batch_evidences() -> None:
+    from scipy.special import logsumexp
+
+    from orchestrator.neural.hyper import ReadoutGrid
+
+    X, Y, _ = _data(T=30, N=5)
+    priors = [NIGPrior(np.r_[np.full(8, 8.0 / g ** 2), 0.01], 2.0, 1.5) for g in (0.5, 1.0, 2.0)]
+    grid = ReadoutGrid(5, priors)
+    for x, y in zip(X, Y):
+        grid.update(x, y)
+    exact = logsumexp([batch_log_evidence(X, Y, p).sum() for p in priors]) - np.log(3)
+    assert grid.log_evidence == pytest.approx(float(exact), rel=1e-9)
+    assert grid.weights().sum() == pytest.approx(1.0) and grid.state is grid.best.state

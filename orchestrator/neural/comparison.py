@@ -21,7 +21,8 @@ import torch
 
 from orchestrator.neural.features import FeatureModel, FeatureSpecError, fit_feature_model, pool_tensor
 from orchestrator.neural.pool import load_pool
-from orchestrator.neural.readout import NIGPrior, PopulationReadout, ReadoutState
+from orchestrator.neural.hyper import ReadoutGrid
+from orchestrator.neural.readout import NIGPrior, ReadoutState
 
 ImageResolver = Callable[[str], np.ndarray]
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -39,14 +40,17 @@ def response_transform(protocol: Any, spec: Any) -> str:
     return "anscombe" if protocol.response.noise == "poisson" else "none"
 
 
-def readout_prior(spec: Any, d_raw: int) -> NIGPrior:
-    """Weights ~ N(0, s^2 weight_sd^2 / d_raw) per standardised feature, so prior SNR ~ weight_sd^2."""
+def readout_priors(spec: Any, d_raw: int) -> list[NIGPrior]:
+    """Weights ~ N(0, s^2 weight_sd^2 / d_raw) per standardised feature: prior SNR ~ weight_sd^2 (a grid)."""
     from orchestrator.protocol import ReadoutPrior
 
     prior = spec.readout.prior if spec.readout is not None else ReadoutPrior()
-    precision = np.full(d_raw + 1, d_raw / prior.weight_sd ** 2)
-    precision[-1] = 1.0 / prior.bias_sd ** 2
-    return NIGPrior(precision, float(prior.noise_shape), float(prior.noise_scale))
+    out = []
+    for sd in (prior.weight_sd if isinstance(prior.weight_sd, list) else [prior.weight_sd]):
+        precision = np.full(d_raw + 1, d_raw / float(sd) ** 2)
+        precision[-1] = 1.0 / prior.bias_sd ** 2
+        out.append(NIGPrior(precision, float(prior.noise_shape), float(prior.noise_scale)))
+    return out
 
 
 @dataclass
@@ -55,7 +59,7 @@ class Candidate:
 
     name: str
     features: FeatureModel
-    readout: PopulationReadout
+    readout: ReadoutGrid
     transform: str
     log_prior: float
 
@@ -70,7 +74,7 @@ class PopulationComparison:
         self.model_names = [c.name for c in candidates]
         self.n_observations = 0
         self.n_masked = 0
-        self.previous: list[ReadoutState] | None = None  # states before the latest update (design lag)
+        self.previous: list[tuple[ReadoutState, float]] | None = None  # (state, log prob) before the latest trial
         self._cache: dict[str, list[np.ndarray]] = {}
 
     @classmethod
@@ -90,7 +94,7 @@ class PopulationComparison:
             except FeatureSpecError as exc:
                 problems.extend(exc.problems)
                 continue
-            readout = PopulationReadout(n, readout_prior(spec, fm.d - 1))
+            readout = ReadoutGrid(n, readout_priors(spec, fm.d - 1))
             candidates.append(Candidate(spec.name, fm, readout, response_transform(protocol, spec),
                                         math.log(probs[spec.name])))
         if problems:
@@ -99,7 +103,7 @@ class PopulationComparison:
 
     def fresh(self, seed: int | None = None) -> "PopulationComparison":
         """The same feature models with prior readouts (no trials): a new session without refitting the pool."""
-        candidates = [Candidate(c.name, c.features, PopulationReadout(c.readout.n_units, c.readout.prior),
+        candidates = [Candidate(c.name, c.features, c.readout.fresh(),
                                 c.transform, c.log_prior) for c in self.candidates]
         return PopulationComparison(self.protocol, candidates, self.pool, self.seed if seed is None else seed,
                                     self.images)
@@ -130,7 +134,7 @@ class PopulationComparison:
             feats = self.features_of(self.pixels(stimulus) if pixels is None else pixels)
             if ref is not None:
                 self._cache[ref] = feats
-        self.previous = [c.readout.state.copy() for c in self.candidates]
+        self.previous = self.design_states(copy=True)
         for cand, x in zip(self.candidates, feats):
             with np.errstate(invalid="ignore"):
                 cand.readout.update(x, TRANSFORMS[cand.transform](y))
@@ -140,7 +144,7 @@ class PopulationComparison:
     # -- model probabilities ------------------------------------------------------------------------
 
     def log_probabilities(self) -> torch.Tensor:
-        lp = torch.tensor([c.log_prior + c.readout.state.log_evidence for c in self.candidates], dtype=torch.float64)
+        lp = torch.tensor([c.log_prior + c.readout.log_evidence for c in self.candidates], dtype=torch.float64)
         return lp - torch.logsumexp(lp, 0)
 
     def probabilities(self) -> dict[str, float]:
@@ -151,13 +155,12 @@ class PopulationComparison:
         name = max(self.model_names, key=lambda n: probs[n])
         return name, probs[name]
 
-    def states(self, lagged: bool = False) -> list[ReadoutState]:
-        """Current readout states, or those before the latest trial (lagged; the prior if none)."""
+    def design_states(self, lagged: bool = False, copy: bool = False) -> list[tuple[ReadoutState, float]]:
+        """Each model's most probable readout and unnormalised log probability: now, or before the latest trial."""
         if lagged and self.previous is not None:
             return self.previous
-        if lagged and self.n_observations == 0:
-            return [c.readout.state for c in self.candidates]
-        return [c.readout.state for c in self.candidates]
+        return [(c.readout.state.copy() if copy else c.readout.state, c.log_prior + c.readout.log_evidence)
+                for c in self.candidates]
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe per-model state: probability, log evidence, features, weights hash, noise."""
@@ -166,7 +169,8 @@ class PopulationComparison:
         for c in self.candidates:
             noise = c.readout.noise_variance()
             out[c.name] = {"kind": "population_readout", "probability": probs[c.name],
-                           "log_evidence": float(c.readout.state.log_evidence), "features": c.features.d,
+                           "log_evidence": float(c.readout.log_evidence), "features": c.features.d,
+                           "weight_sd_posterior": [round(float(w), 4) for w in c.readout.weights()],
                            "weights_sha256": c.features.weights_sha256, "transform": c.transform,
                            "noise_sd_median": float(np.sqrt(np.median(noise))),
                            "masked_units": len(c.readout.state.private)}

@@ -82,8 +82,7 @@ class PopulationStrategy:
         return float(np.sqrt(((self._pool_flat - flat) ** 2).mean(1).min()))
 
     def snapshots(self, comparison: Any, lagged: bool = False) -> list[ReadoutSnapshot]:
-        states = comparison.states(lagged=lagged)
-        return [ReadoutSnapshot.of(st, c.log_prior + st.log_evidence) for c, st in zip(comparison.candidates, states)]
+        return [ReadoutSnapshot.of(st, log_prob) for st, log_prob in comparison.design_states(lagged=lagged)]
 
     def finish(self, decision: ImageDecision) -> ImageDecision:
         self.protocol.check_image(decision.pixels)  # a bug in a design, never a stimulus on the rig
