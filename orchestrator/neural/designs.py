@@ -195,6 +195,12 @@ class SynthesisDesign(BestOfPoolDesign):
         return self.finish(_decide(res.pixels, self.name, f"synthesized from pool image {res.start}, blend {res.blend:g}",
                                    res.score, t0, info))
 
+    def close(self) -> None:
+        """Wait for a background synthesis still running (end of a session)."""
+        if self._pending is not None:
+            self._pending[1].join()
+            self._pending = None
+
     def _start_next(self, comparison: Any, next_index: int) -> None:
         snaps = self.snapshots(comparison)  # copies: the thread never sees later updates
         box: dict[str, Any] = {}
@@ -202,7 +208,8 @@ class SynthesisDesign(BestOfPoolDesign):
         def work() -> None:
             box.update(self._compute(comparison, snaps, next_index))
 
-        thread = threading.Thread(target=work, name="cloop-synthesis", daemon=True)
+        # not a daemon: the interpreter waits for it at exit instead of killing torch mid-computation
+        thread = threading.Thread(target=work, name="cloop-synthesis", daemon=False)
         thread.start()
         self._pending = ((next_index, comparison.n_observations), thread, box)
 

@@ -54,3 +54,5 @@ def simulate_population(protocol: Any, config: Any) -> Iterator[dict[str, Any]]:
             }
             if stop_at is not None and trial + 1 >= min_trials and p_lead >= stop_at:
                 break
+        if hasattr(design, "close"):
+            design.close()
