@@ -79,8 +79,10 @@ def validate(protocol: Path = typer.Argument(..., help="Protocol YAML file to ch
     loaded = _load_or_exit(protocol)
     p = loaded.protocol
     typer.echo(
-        f"{protocol}: ok — {p.name} v{p.version}, {len(p.stimulus.parameters)} stimulus parameter(s), "
-        f"{p.response.kind} response, models {[m.name for m in p.models]}, design {p.design.strategy}, "
+        f"{protocol}: ok — {p.name} v{p.version}, "
+        + (f"{p.stimulus.size[0]}x{p.stimulus.size[1]} image stimuli, {p.response.n_units} units, " if p.is_population
+           else f"{len(p.stimulus.parameters)} stimulus parameter(s), ")
+        + f"{p.response.kind} response, models {[m.name for m in p.models]}, design {p.design.strategy}, "
         f"sha256 {loaded.sha256[:12]}"
     )
 

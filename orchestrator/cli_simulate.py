@@ -59,7 +59,9 @@ def register(app: typer.Typer) -> None:
             else:
                 probs = " ".join(f"{k}={v:.3f}" for k, v in rec["model_probabilities"].items())
                 stim = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec["stimulus"].items())
-                typer.echo(f"rep {rec['replicate']} trial {rec['trial']:3d}  {stim:<32} -> {rec['response']:g}  "
+                resp = rec["response"]
+                shown = f"{resp:g}" if isinstance(resp, (int, float)) else f"[{len(resp)} units]"
+                typer.echo(f"rep {rec['replicate']} trial {rec['trial']:3d}  {stim:<32} -> {shown}  "
                            f"{probs}  ({rec['decision_ms']:.1f} ms, {rec['strategy']})")
             sys.stdout.flush()
             rec = next(records, None)

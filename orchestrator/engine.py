@@ -111,7 +111,13 @@ def run_session(
     protocol = loaded.protocol
     control = control or _AlwaysRun()
     limit = max_trials if max_trials is not None else protocol.stopping.max_trials
-    comparison = ModelComparison.from_protocol(protocol, seed)
+    artifacts = None
+    if protocol.is_population:  # image stimuli: pixels beside the database, feature models with readouts
+        from orchestrator.neural.session import keep_image, open_population, wire_stimulus
+
+        comparison, artifacts = open_population(protocol, seed, store, session_id)
+    else:
+        comparison = ModelComparison.from_protocol(protocol, seed)
     design = make_design(protocol, seed, design_override)
     replay_history(store, session_id, comparison)
     # Trials already planned: the rest of a batch, and the trial in flight when the orchestrator died.
@@ -134,11 +140,15 @@ def run_session(
             break
 
         if not queue:  # a new decision: every trial of its batch is planned (written ahead) before the first is sent
-            queue = _plan_batch(store, session_id, index, design.propose(comparison, index), limit)
+            decision = design.propose(comparison, index)
+            if artifacts is not None:  # an image's pixels are stored before the trial that shows it
+                keep_image(artifacts, decision)
+            queue = _plan_batch(store, session_id, index, decision, limit)
         trial, decision = queue.pop(0)
         trial_id, index = trial.id, trial.index
         protocol.check_safe(decision.stimulus)  # defence in depth: an unsafe stimulus is never sent
-        outcome, attempts, error, failure = _dispatch(loaded, store, rigs, session_id, trial_id, index, decision)
+        sent = decision if artifacts is None else replace(decision, stimulus=wire_stimulus(protocol, artifacts, decision.stimulus))
+        outcome, attempts, error, failure = _dispatch(loaded, store, rigs, session_id, trial_id, index, sent)
 
         value: float | None = None
         update_ms = 0.0

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 __all__ = [
     "Protocol",
@@ -29,6 +30,8 @@ __all__ = [
     "ProtocolError",
     "SafetyViolation",
     "InvalidResponse",
+    "PopulationResponseSpec",
+    "ImageStimulusSpace",
     "load_protocol",
     "parse_protocol_text",
 ]
@@ -108,6 +111,54 @@ class StimulusSpace(_Strict):
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
                 raise ValueError(f"parameter name {name!r} must be an identifier")
         return parameters
+
+
+# ----------------------------------------------------------------------------------- image stimuli
+
+#: safety limit names of an image stimulus space (pixel values in 0..1, 0 = black, 1 = white)
+IMAGE_SAFETY_LIMITS = ("pixel", "mean_luminance", "rms_contrast")
+IMAGE_REF = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ImageStimulusSpace(_Strict):
+    """Images of a fixed size, chosen from a pool or synthesized pixel by pixel.
+
+    Pixels are numbers in 0..1 (stored and sent as uint8 0..255). ``pool`` is a .npz file (one
+    array of shape (n, H, W) or (n, H, W, C)) or a directory of .npy/.png images; without one the
+    designs use a seeded pool of ``pool_size`` 1/f-noise images (natural-image-like spectra).
+    """
+
+    type: Literal["image"]
+    size: tuple[int, int]
+    channels: Literal[1, 3] = 1
+    parametrization: Literal["pixels"] = "pixels"
+    pool: str | None = None
+    pool_size: int = Field(default=1000, ge=2, le=100_000)
+    duration_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, size: tuple[int, int]) -> tuple[int, int]:
+        if not all(4 <= v <= 1024 for v in size):
+            raise ValueError(f"each side must be 4..1024 pixels, got {list(size)}")
+        return size
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Array shape of one image: (H, W) for grey, (H, W, C) for colour."""
+        h, w = self.size
+        return (h, w) if self.channels == 1 else (h, w, self.channels)
+
+
+def _stimulus_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return "image" if kind == "image" else "scalar"
+
+
+AnyStimulusSpace = Annotated[
+    Union[Annotated[StimulusSpace, Tag("scalar")], Annotated[ImageStimulusSpace, Tag("image")]],
+    Discriminator(_stimulus_kind),
+]
 
 
 # ----------------------------------------------------------------------------------------- response
@@ -193,6 +244,80 @@ class ResponseSpec(_Strict):
             if value > hi:
                 raise InvalidResponse(f"response {value:g} is above the plausible high {hi:g} (response.high sets it)")
         return value
+
+
+class PopulationResponseSpec(_Strict):
+    """A vector response: one number per recorded unit per trial (spike counts or dF/F, say).
+
+    ``units`` is a count or the list of unit ids (the wire order). A NaN entry masks that unit for
+    that trial (it is stored, and the unit's readout skips the trial); the trial itself stays valid.
+    """
+
+    kind: Literal["population"]
+    units: Union[int, list[Union[str, int]]]
+    noise: Literal["gaussian", "poisson"] = "gaussian"
+    window_s: float = Field(gt=0)
+    latency_s: float = Field(default=0.0, ge=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, units: Any) -> Any:
+        if isinstance(units, bool):
+            raise ValueError("units must be a count or a list of unit ids")
+        if isinstance(units, int):
+            if not 1 <= units <= 100_000:
+                raise ValueError(f"units must be 1..100000, got {units}")
+        else:
+            if not units:
+                raise ValueError("the unit list is empty")
+            if len(set(map(str, units))) != len(units):
+                raise ValueError("unit ids must be unique")
+        return units
+
+    @property
+    def unit_ids(self) -> list[str]:
+        """Unit ids in wire order (``0..N-1`` when only a count is given)."""
+        return [str(u) for u in (range(self.units) if isinstance(self.units, int) else self.units)]
+
+    @property
+    def n_units(self) -> int:
+        return self.units if isinstance(self.units, int) else len(self.units)
+
+    def validate(self, payload: Any) -> Any:
+        """Return the response as a float64 ndarray (N,), NaN = masked unit; else InvalidResponse."""
+        import numpy as np
+
+        if not isinstance(payload, dict) or "value" not in payload:
+            raise InvalidResponse("response must be a mapping with a 'value' field")
+        value = payload["value"]
+        ids = self.unit_ids
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        if not isinstance(value, (list, tuple)):
+            raise InvalidResponse(f"response.value must be a list of {len(ids)} numbers, got {type(value).__name__}")
+        if len(value) != len(ids):
+            raise InvalidResponse(f"response.value has {len(value)} entries, the protocol has {len(ids)} units")
+        out = np.empty(len(ids), dtype=np.float64)
+        for i, v in enumerate(value):
+            if v is None:
+                v = math.nan
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise InvalidResponse(f"response.value[{i}] (unit {ids[i]}) must be a number or NaN, got {v!r}")
+            v = float(v)
+            if math.isinf(v):
+                raise InvalidResponse(f"response.value[{i}] (unit {ids[i]}) is infinite")
+            if self.noise == "poisson" and not math.isnan(v) and (v < 0 or v != int(v)):
+                raise InvalidResponse(f"response.value[{i}] (unit {ids[i]}) must be a count >= 0, got {v:g}")
+            out[i] = v
+        return out
+
+
+AnyResponseSpec = Annotated[
+    Union[Annotated[ResponseSpec, Tag("scalar")], Annotated[PopulationResponseSpec, Tag("population")]],
+    Discriminator(lambda v: "population" if (v.get("kind") if isinstance(v, dict) else getattr(v, "kind", None))
+                  == "population" else "scalar"),
+]
 
 
 # ----------------------------------------------------------------------------------------- priors
@@ -290,6 +415,33 @@ PRIOR_EXAMPLES = {
 # ----------------------------------------------------------------------------------------- models
 
 
+class ReadoutPrior(_Strict):
+    """Prior of a per-unit linear readout, in units of the unit's noise SD (features standardised)."""
+
+    weight_sd: Union[float, list[float]] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
+    """Prior SD of the explained signal (sqrt of the prior SNR); a list is a grid marginalised over."""
+
+    @field_validator("weight_sd")
+    @classmethod
+    def _positive(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        if not values or any(v <= 0 for v in values):
+            raise ValueError("weight_sd must be > 0 (or a non-empty list of values > 0)")
+        return value
+    bias_sd: float = Field(default=10.0, gt=0)
+    noise_shape: float = Field(default=2.0, gt=0)
+    """Inverse-gamma prior of each unit's noise variance: shape and scale."""
+    noise_scale: float = Field(default=1.0, gt=0)
+
+
+class ReadoutSpec(_Strict):
+    """Population models: a Bayesian linear readout from the model's features to every unit."""
+
+    prior: ReadoutPrior = Field(default_factory=ReadoutPrior)
+    transform: Literal["anscombe", "sqrt", "none"] | None = None
+    """Applied to responses before the readout; default anscombe for poisson, none for gaussian."""
+
+
 class ModelSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     builtin: str | None = None
@@ -299,6 +451,11 @@ class ModelSpec(_Strict):
     prior_probability: float | None = Field(default=None, gt=0)
     priors: dict[str, Prior] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
+    module: str | None = None
+    """Population models: a torch feature extractor as ``package.module:Factory``."""
+    weights: str | None = None
+    """Population models: a file of weights for ``module`` (its sha256 is recorded with the session)."""
+    readout: ReadoutSpec | None = None
 
     @field_validator("priors", mode="before")
     @classmethod
@@ -329,8 +486,14 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_definition(self) -> "ModelSpec":
-        if (self.builtin is None) == (self.formula is None):
-            raise ValueError("give exactly one of 'builtin' or 'formula'")
+        given = [k for k in ("builtin", "formula", "module") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'builtin' or 'formula'" + (
+                " (or 'module' for a population model)" if self.module is not None else ""))
+        if self.weights is not None and self.module is None:
+            raise ValueError("weights need a 'module' to load them into")
+        if self.module is not None and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", self.module):
+            raise ValueError(f"module {self.module!r} must look like package.module:Factory")
         if self.formula is not None and not self.formula.strip():
             raise ValueError("formula is empty")
         return self
@@ -396,8 +559,8 @@ class Protocol(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     version: str
     description: str = ""
-    stimulus: StimulusSpace
-    response: ResponseSpec
+    stimulus: AnyStimulusSpace
+    response: AnyResponseSpec
     models: list[ModelSpec] = Field(min_length=2)
     design: DesignSpec = Field(default_factory=DesignSpec)
     stopping: StoppingSpec = Field(default_factory=StoppingSpec)
@@ -411,7 +574,14 @@ class Protocol(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Protocol":
+        if isinstance(self.stimulus, ImageStimulusSpace) or isinstance(self.response, PopulationResponseSpec):
+            return self._population_checks()
         problems: list[str] = []
+        for i, model in enumerate(self.models):
+            for key in ("module", "weights", "readout"):
+                if getattr(model, key) is not None:
+                    problems.append(f"models.{i}.{key}: only population protocols (response.kind: population) "
+                                    "have feature models")
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -457,6 +627,74 @@ class Protocol(_Strict):
             raise ValueError("; ".join(problems))
         return self
 
+    def _population_checks(self) -> "Protocol":
+        """Image stimuli go with population responses; models are feature extractors with readouts."""
+        problems: list[str] = []
+        if not isinstance(self.stimulus, ImageStimulusSpace):
+            problems.append("stimulus.type: population responses need an image stimulus space (type: image)")
+        if not isinstance(self.response, PopulationResponseSpec):
+            problems.append("response.kind: image stimuli need a population response (kind: population)")
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            problems.append(f"models: duplicate model names {duplicates}")
+        for i, model in enumerate(self.models):
+            if model.formula is not None:
+                problems.append(f"models.{i}.formula: population models are 'builtin' or 'module' feature models")
+            if model.inputs or model.priors:
+                problems.append(f"models.{i}.{'inputs' if model.inputs else 'priors'}: not used by feature "
+                                "models (the readout prior goes under readout.prior)")
+        if not self.design.strategy.startswith("population_"):
+            problems.append(f"design.strategy: {self.design.strategy!r} is for scalar stimuli (population protocols use "
+                            "population_synthesis, population_pool, population_random_pool or population_random_noise)")
+        for name, limit in self.safety.items():
+            if name not in IMAGE_SAFETY_LIMITS:
+                problems.append(f"safety.{name}: not an image limit (known: {', '.join(IMAGE_SAFETY_LIMITS)})")
+            elif not isinstance(limit, NumericLimit):
+                problems.append(f"safety.{name}: needs min/max, not 'allowed'")
+            elif any(v is not None and not 0 <= v <= 1 for v in (limit.min, limit.max)):
+                problems.append(f"safety.{name}: limits are in pixel units 0..1")
+        if self.stopping.min_trials > self.stopping.max_trials:
+            problems.append("stopping.min_trials: must not exceed stopping.max_trials")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def is_population(self) -> bool:
+        """True for image stimuli with population responses (orchestrator.neural runs them)."""
+        return isinstance(self.response, PopulationResponseSpec)
+
+    def image_limits(self) -> dict[str, tuple[float, float]]:
+        """Effective image limits: pixel range, mean luminance and RMS contrast (pixel units 0..1)."""
+        out = {"pixel": (0.0, 1.0), "mean_luminance": (0.0, 1.0), "rms_contrast": (0.0, 0.5)}
+        for name, limit in self.safety.items():
+            if isinstance(limit, NumericLimit) and name in out:
+                lo, hi = out[name]
+                out[name] = (lo if limit.min is None else max(lo, limit.min), hi if limit.max is None else min(hi, limit.max))
+        return out
+
+    def check_image(self, pixels: Any, where: str = "stimulus.image") -> None:
+        """Raise SafetyViolation unless `pixels` (0..1 floats or uint8) has the protocol's shape and limits."""
+        import numpy as np
+
+        assert isinstance(self.stimulus, ImageStimulusSpace)
+        arr = np.asarray(pixels)
+        if arr.dtype == np.uint8:
+            arr = arr.astype(np.float64) / 255.0
+        if arr.shape != self.stimulus.shape:
+            raise SafetyViolation(f"{where}: shape {list(arr.shape)} is not the protocol's {list(self.stimulus.shape)}")
+        if not np.isfinite(arr).all():
+            raise SafetyViolation(f"{where}: has non-finite pixels")
+        limits = self.image_limits()
+        measured = {"pixel": (float(arr.min()), float(arr.max())), "mean_luminance": (float(arr.mean()),) * 2,
+                    "rms_contrast": (float(arr.std()),) * 2}
+        for name, (lo, hi) in limits.items():
+            got_lo, got_hi = measured[name]
+            if got_lo < lo - 1e-9 or got_hi > hi + 1e-9:
+                shown = f"{got_lo:.4g}..{got_hi:.4g}" if name == "pixel" else f"{got_lo:.4g}"
+                raise SafetyViolation(f"{where}: {name} {shown} is outside the safety limits [{lo:g}, {hi:g}]")
+
     # -- safety ------------------------------------------------------------------------------
 
     def safety_limits(self) -> dict[str, tuple[float, float]]:
@@ -482,6 +720,11 @@ class Protocol(_Strict):
 
     def check_safe(self, stimulus: dict[str, Any]) -> None:
         """Raise SafetyViolation unless `stimulus` names exactly the protocol's parameters, all in limits."""
+        if isinstance(self.stimulus, ImageStimulusSpace):  # pixels are checked where they exist (check_image)
+            ref = stimulus.get("image") if isinstance(stimulus, dict) else None
+            if set(stimulus) != {"image"} or not isinstance(ref, str) or not IMAGE_REF.match(ref):
+                raise SafetyViolation("stimulus: an image stimulus is {'image': '<sha256 hex>'}")
+            return
         expected = set(self.stimulus.parameters)
         given = set(stimulus)
         if given != expected:
@@ -728,6 +971,7 @@ def _line_for(path: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> int |
 _UNION_TAGS = {"continuous", "integer", "categorical", "NumericLimit", "CategoricalLimit"} | {
     "uniform", "normal", "lognormal", "beta", "gamma", "halfnormal", "truncnormal",
 }
+_UNION_TAGS |= {"scalar", "image", "population"}  # tags of the stimulus/response unions
 
 
 def _problems_from_validation(exc: ValidationError, lines: dict[tuple[str, ...], int], source: str) -> list[Problem]:

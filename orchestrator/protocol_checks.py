@@ -24,11 +24,33 @@ def _needs(check: Any, *fields: str) -> Checker:
     return run
 
 
+def _is_population(protocol: Any) -> bool:
+    """Image stimuli and a population response: feature models are checked instead of formulas."""
+    return getattr(getattr(protocol, "response", None), "kind", None) == "population"
+
+
+def _scalar_only(check: Any) -> Checker:
+    def run(protocol: Any) -> list[tuple[str, str]]:
+        return [] if _is_population(protocol) else list(check(protocol))
+
+    run.__module__ = getattr(check, "__module__", __name__)
+    return run
+
+
+def _population_only(protocol: Any) -> list[tuple[str, str]]:
+    """Pools and torch feature models (they load weights and run the networks on a few images)."""
+    if not _is_population(protocol):
+        return []
+    from orchestrator import neural
+
+    return neural.check_protocol(protocol)
+
+
 def stimulus_checks() -> list[Checker]:
     """Stimulus-type checks only (no torch): what a rig may run on a protocol it is given."""
     import stimuli
 
-    return [_needs(stimuli.check_protocol, "stimulus")]
+    return [_needs(_scalar_only(stimuli.check_protocol), "stimulus")]
 
 
 def orchestrator_checks() -> list[Checker]:
@@ -37,7 +59,8 @@ def orchestrator_checks() -> list[Checker]:
 
     checks = stimulus_checks()
     checks.append(_needs(_design_name, "design"))
-    checks.append(_needs(models.check_protocol, "stimulus", "response", "models"))
+    checks.append(_needs(_scalar_only(models.check_protocol), "stimulus", "response", "models"))
+    checks.append(_needs(_population_only, "stimulus", "response", "models", "safety"))
     checks.append(_needs(_design_check(design.check_protocol), "stimulus", "response", "models", "design",
                          "stopping", "safety"))
     return checks

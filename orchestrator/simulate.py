@@ -63,6 +63,11 @@ def _memory_dir() -> str | None:
 def simulate(protocol: Protocol | LoadedProtocol, config: SimulationConfig) -> Iterator[dict[str, Any]]:
     """Yield one JSON-safe record per trial (all replicates, in order), as the engine runs them."""
     loaded = protocol if isinstance(protocol, LoadedProtocol) else _as_loaded(protocol)
+    if loaded.protocol.is_population:  # image stimuli and population responses
+        from orchestrator.neural.simulate import simulate_population
+
+        yield from simulate_population(loaded.protocol, config)
+        return
     truth = build_truth(loaded.protocol, config.truth)  # validates the truth spec up front
     max_trials = int(config.max_trials if config.max_trials is not None else loaded.protocol.stopping.max_trials)
     if max_trials < 1:

@@ -71,7 +71,14 @@ class SimulatedAdapter(Adapter):
 
         loaded = parse_protocol_text(session.protocol_text, source=f"<session {session.session_id}>")
         try:
-            self._truth = build_truth(loaded.protocol, self.truth_spec)
+            if loaded.protocol.is_population:  # a simulated population answering images
+                from orchestrator.neural.comparison import PopulationComparison
+                from orchestrator.neural.truth import build_population_truth
+
+                models = PopulationComparison.from_protocol(loaded.protocol, self.seed)
+                self._truth = build_population_truth(loaded.protocol, self.truth_spec, models)
+            else:
+                self._truth = build_truth(loaded.protocol, self.truth_spec)
         except ValueError as exc:
             raise AdapterError(str(exc)) from None
         self._session = session.session_id
@@ -81,6 +88,16 @@ class SimulatedAdapter(Adapter):
             raise AdapterError("no session started: the simulated subject has no protocol yet")
         presented_at = time.time()
         rng = np.random.default_rng([self.seed, cmd.index])
+        if cmd.response_kind == "population":
+            from orchestrator.artifacts import decode_wire_image
+
+            pixels = decode_wire_image(cmd.stimulus["image"])
+            counts = self._truth.sample(cmd.stimulus, rng, pixels=pixels)
+            if self.trial_seconds:
+                time.sleep(self.trial_seconds)
+            return AdapterResult(response={"value": counts}, timing={"presented_at": presented_at,
+                                                                     "responded_at": time.time()},
+                                 meta={"truth": self.truth_spec, "seed": self.seed})
         value: float | int = float(self._truth.sample(cmd.stimulus, rng))
         if self.trial_seconds:
             time.sleep(self.trial_seconds)

@@ -30,6 +30,19 @@ EXACT_WHEN_SMALL = {"mutual_information": "auto", "mi": "auto", "ado": "auto", "
                     "parameter_estimation": "characterize"}
 
 
+def _population(name: str) -> Callable[..., Any]:
+    """Population designs (orchestrator.neural.designs) are imported only when a protocol uses them."""
+    def build(protocol: Any, seed: int, settings: dict[str, Any] | None = None) -> Any:
+        from orchestrator.neural.designs import STRATEGIES as POPULATION
+
+        return POPULATION[name](protocol, seed, settings)
+    return build
+
+
+STRATEGIES.update({name: _population(name) for name in (
+    "population_synthesis", "population_pool", "population_random_pool", "population_random_noise")})
+
+
 def make_design(protocol: Any, seed: int, override: str | None = None) -> BaseStrategy:
     """The protocol's design strategy (or `override`, e.g. from `--design`), seeded with `seed`.
 

@@ -1,0 +1,192 @@
+"""Population benchmark: trials to P(true model) >= .99 and wrong decisions per design, plus costs.
+
+Simulated populations (orchestrator.neural.truth) answer 32 x 32 grey images with Poisson counts;
+the truth rotates over the candidates, seeds are fixed. Cells:
+
+- ``standard``: Gabor energy vs two seeded CNNs, explainable variance ``ev``;
+- ``near_miss``: a CNN vs the same CNN with its weights mixed 0.95 with fresh ones (and Gabor);
+- ``saturating`` / ``sparse`` / ``softplus_link``: misspecified truths (tanh-saturating units;
+  8-feature readouts; counts linear on the rate scale instead of the square-root scale).
+
+Designs: population_synthesis (trust region), population_pool (best of the 1,000-image pool),
+population_random_pool, population_random_noise. Costs: the readout update (N = 100, 257
+features), scoring the 1,000-image pool, one synthesis (32 x 32 vs 2 models, 64 x 64 vs 3), memory.
+
+    python benchmarks/population.py [--sessions 4] [--max-trials 80] [--quick] > population.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from orchestrator.design import make_design
+from orchestrator.neural.comparison import PopulationComparison
+from orchestrator.neural.readout import NIGPrior, PopulationReadout
+from orchestrator.neural.truth import build_population_truth
+from orchestrator.protocol import parse_protocol_text
+
+GABOR = {"name": "gabor", "builtin": "gabor_energy", "settings": {"orientations": 8, "frequencies": [0.1, 0.2], "grid": 4}}
+CNN_A = {"name": "cnn_a", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 1, "width": 16, "grid": 4}}
+CNN_B = {"name": "cnn_b", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 2, "width": 16, "grid": 4}}
+NEAR = {"name": "cnn_a_near", "module": "orchestrator.neural.zoo:mixed_cnn",
+        "settings": {"seed": 1, "mix_seed": 7, "mix": 0.95, "width": 16, "grid": 4}}
+DESIGNS = ["population_synthesis", "population_pool", "population_random_pool", "population_random_noise"]
+SYNTH = {"starts": 2, "random_starts": 1, "steps": 15}
+
+
+def protocol_for(models: list[dict], units: int, size: int = 32) -> Any:
+    doc = {"name": "bench", "version": "1",
+           "stimulus": {"type": "image", "size": [size, size], "pool_size": 1000},
+           "response": {"kind": "population", "units": units, "noise": "poisson", "window_s": 0.5},
+           "models": models, "design": {"strategy": "population_synthesis", "settings": SYNTH},
+           "safety": {"mean_luminance": {"min": 0.4, "max": 0.6}, "rms_contrast": {"max": 0.35}}}
+    return parse_protocol_text(yaml.safe_dump(doc)).protocol
+
+
+def run_session(protocol: Any, base: PopulationComparison, truth_spec: str, design_name: str, seed: int,
+                max_trials: int) -> dict[str, Any]:
+    comparison = base.fresh(seed)
+    truth = build_population_truth(protocol, truth_spec, base)
+    design = make_design(protocol, seed, design_name)
+    trace, decision_ms, distance = [], [], []
+    for i in range(max_trials):
+        t0 = time.perf_counter()
+        d = design.propose(comparison, i)
+        decision_ms.append((time.perf_counter() - t0) * 1000)
+        distance.append(d.info.get("pool_distance", 0.0))
+        y = protocol.response.validate({"value": truth.sample(d.stimulus, np.random.default_rng([seed, i]), pixels=d.pixels)})
+        comparison.update(d.stimulus, y, pixels=d.pixels / 255.0)
+        probs = comparison.probabilities()
+        leader, p = max(probs.items(), key=lambda kv: kv[1])
+        trace.append((leader, p))
+        if p >= 0.99 and i + 1 >= 3:
+            break
+    leader, p = trace[-1]
+    return {"truth": truth.model_name, "trials": len(trace), "decided": p >= 0.99,
+            "wrong": p >= 0.99 and leader != truth.model_name, "trace": trace,
+            "decision_ms_median": float(np.median(decision_ms)), "pool_distance_mean": float(np.mean(distance))}
+
+
+def cells(quick: bool) -> list[dict[str, Any]]:
+    out = [{"cell": "standard", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ""},
+           {"cell": "near_miss", "units": 20, "ev": 0.1, "models": [CNN_A, NEAR], "truth_extra": ""},
+           {"cell": "standard", "units": 100, "ev": 0.1, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ""},
+           {"cell": "saturating", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ",saturation=1"},
+           {"cell": "sparse", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ",sparse=8"},
+           {"cell": "softplus_link", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ",softplus=1"}]
+    return out[:2] if quick else out
+
+
+def calibration(sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Leader probability after every trial vs how often the leader was the truth."""
+    edges = [0.5, 0.7, 0.9, 0.99, 1.0001]
+    rows = []
+    pairs = [(p, leader == s["truth"]) for s in sessions for leader, p in s["trace"]]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = [ok for p, ok in pairs if lo <= p < hi]
+        if sel:
+            rows.append({"p_leader": f"[{lo}, {min(hi, 1.0)})", "n": len(sel), "leader_is_truth": round(float(np.mean(sel)), 3)})
+    return rows
+
+
+def costs() -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    prior = NIGPrior(np.r_[np.full(256, 256.0), 0.01], 2.0, 1.0)
+    out: dict[str, Any] = {}
+    for n in (100, 1000):
+        r = PopulationReadout(n, prior)
+        X, Y = rng.standard_normal((300, 257)), rng.poisson(5, (300, n)).astype(float)
+        t0 = time.perf_counter()
+        for x, y in zip(X, Y):
+            r.update(x, y)
+        st = r.state
+        out[f"readout_update_ms_N{n}_d257"] = round((time.perf_counter() - t0) / 300 * 1000, 3)
+        out[f"readout_state_bytes_N{n}_d257"] = int(st.S.nbytes + st.means.nbytes + st.a.nbytes + st.b.nbytes)
+    from orchestrator.neural.hyper import ReadoutGrid
+
+    grid = ReadoutGrid(100, [NIGPrior(np.r_[np.full(256, 256.0 / g ** 2), 0.01], 2.0, 1.0) for g in (0.25, 0.5, 1, 2)])
+    X, Y = rng.standard_normal((300, 257)), rng.poisson(5, (300, 100)).astype(float)
+    t0 = time.perf_counter()
+    for x, y in zip(X, Y):
+        grid.update(x, y)
+    out["readout_update_ms_N100_d257_snr_grid4"] = round((time.perf_counter() - t0) / 300 * 1000, 3)
+    for label, models, size in (("32x32_2models", [GABOR, CNN_A], 32), ("32x32_3models", [GABOR, CNN_A, CNN_B], 32),
+                                ("64x64_2models", [GABOR, CNN_A], 64)):
+        protocol = protocol_for(models, 100, size)
+        base = PopulationComparison.from_protocol(protocol, 0)
+        truth = build_population_truth(protocol, "cnn_a:ev=0.3,seed=1", base)
+        comparison = base.fresh(0)
+        for i in range(10):  # some data, so the models disagree
+            img = base.pool[i]
+            comparison.update({"image": f"{i:064x}"}, np.asarray(truth.sample({}, np.random.default_rng(i), pixels=img), float), pixels=img)
+        pool_design = make_design(protocol, 0, "population_pool")
+        snaps = pool_design.snapshots(comparison)
+        pool_design.scores(comparison, snaps)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            pool_design.scores(comparison, snaps)
+            times.append((time.perf_counter() - t0) * 1000)
+        out[f"score_pool1000_ms_{label}_N100"] = round(float(np.median(times)), 2)
+        synth = make_design(protocol, 0, "population_synthesis")
+        synth.pipeline = False
+        times = []
+        for i in range(6):
+            t0 = time.perf_counter()
+            synth.propose(comparison, 100 + i)
+            times.append(time.perf_counter() - t0)
+        out[f"synthesis_s_p95_{label}"] = round(float(np.percentile(times, 95)), 3)
+        out[f"synthesis_s_median_{label}"] = round(float(np.median(times)), 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=4, help="sessions per cell and design")
+    parser.add_argument("--max-trials", type=int, default=80)
+    parser.add_argument("--quick", action="store_true", help="two cells only")
+    parser.add_argument("--designs", default=",".join(DESIGNS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0]},
+                              "settings": {"sessions_per_cell": args.sessions, "max_trials": args.max_trials,
+                                           "synthesis": SYNTH, "pool_images": 1000, "image": [32, 32]},
+                              "costs": costs(), "cells": []}
+    all_sessions = []
+    for cell in cells(args.quick):
+        protocol = protocol_for(cell["models"], cell["units"])
+        base = PopulationComparison.from_protocol(protocol, 0)
+        names = [m["name"] for m in cell["models"]]
+        row: dict[str, Any] = {k: cell[k] for k in ("cell", "units", "ev")}
+        row["models"] = names
+        for design in args.designs.split(","):
+            sessions = []
+            for s in range(args.sessions):
+                truth = f"{names[s % len(names)]}:ev={cell['ev']},seed={100 + s}{cell['truth_extra']}"
+                sessions.append(run_session(protocol, base, truth, design, s, args.max_trials))
+            all_sessions.extend(sessions)
+            decided = [x["trials"] for x in sessions if x["decided"] and not x["wrong"]]
+            row[design] = {"sessions": len(sessions), "median_trials_to_99": float(np.median(decided)) if decided else None,
+                           "undecided": sum(not x["decided"] for x in sessions),
+                           "wrong": sum(x["wrong"] for x in sessions),
+                           "decision_ms_median": round(float(np.median([x["decision_ms_median"] for x in sessions])), 1),
+                           "pool_distance_mean": round(float(np.mean([x["pool_distance_mean"] for x in sessions])), 4)}
+            print(json.dumps({"progress": row["cell"], "units": row["units"], "design": design, **row[design]}), file=sys.stderr)
+        result["cells"].append(row)
+    result["calibration"] = calibration(all_sessions)
+    result["machine"]["load_avg_end"] = os.getloadavg()[0]
+    json.dump(result, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""P(model | population responses): every candidate's readout refitted after every trial.
+
+Each candidate is a feature model with its own Bayesian readout (orchestrator.neural.readout); its
+log evidence is the exact sum of its one-step-ahead log predictive densities, so
+P(model) = prior x exp(log evidence), normalised. All candidates see the same transformed
+responses, so a transform's Jacobian cancels between them. Poisson counts are transformed with
+Anscombe's 2 sqrt(y + 3/8), whose variance is close to 1 for rates above a few counts per window
+(benchmarks/population.py measures the calibration of the resulting P(model)).
+
+The object quacks like orchestrator.inference.ModelComparison (update / probabilities / summary),
+so the engine, the simulator and the designs treat both alike.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from orchestrator.neural.features import FeatureModel, FeatureSpecError, fit_feature_model, pool_tensor
+from orchestrator.neural.pool import load_pool
+from orchestrator.neural.hyper import ReadoutGrid
+from orchestrator.neural.readout import NIGPrior, ReadoutState
+
+ImageResolver = Callable[[str], np.ndarray]
+TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "anscombe": lambda y: 2.0 * np.sqrt(y + 0.375),
+    "sqrt": np.sqrt,
+    "none": lambda y: y,
+}
+
+
+def response_transform(protocol: Any, spec: Any) -> str:
+    """The entry's transform, defaulting to anscombe for counts and none for continuous responses."""
+    readout = spec.readout
+    if readout is not None and readout.transform is not None:
+        return readout.transform
+    return "anscombe" if protocol.response.noise == "poisson" else "none"
+
+
+def readout_priors(spec: Any, d_raw: int) -> list[NIGPrior]:
+    """Weights ~ N(0, s^2 weight_sd^2 / d_raw) per standardised feature: prior SNR ~ weight_sd^2 (a grid)."""
+    from orchestrator.protocol import ReadoutPrior
+
+    prior = spec.readout.prior if spec.readout is not None else ReadoutPrior()
+    out = []
+    for sd in (prior.weight_sd if isinstance(prior.weight_sd, list) else [prior.weight_sd]):
+        precision = np.full(d_raw + 1, d_raw / float(sd) ** 2)
+        precision[-1] = 1.0 / prior.bias_sd ** 2
+        out.append(NIGPrior(precision, float(prior.noise_shape), float(prior.noise_scale)))
+    return out
+
+
+@dataclass
+class Candidate:
+    """One hypothesis: its features, its readout, how it transforms responses."""
+
+    name: str
+    features: FeatureModel
+    readout: ReadoutGrid
+    transform: str
+    log_prior: float
+
+
+class PopulationComparison:
+    """Posterior over feature models given images and population responses, updated per trial."""
+
+    def __init__(self, protocol: Any, candidates: list[Candidate], pool: np.ndarray, seed: int,
+                 images: ImageResolver | None = None) -> None:
+        self.protocol, self.candidates, self.pool, self.seed = protocol, candidates, pool, int(seed)
+        self.images = images
+        self.model_names = [c.name for c in candidates]
+        self.n_observations = 0
+        self.n_masked = 0
+        self.previous: list[tuple[ReadoutState, float]] | None = None  # (state, log prob) before the latest trial
+        self._cache: dict[str, list[np.ndarray]] = {}
+
+    @classmethod
+    def from_protocol(cls, protocol: Any, seed: int, images: ImageResolver | None = None,
+                      pool: np.ndarray | None = None) -> "PopulationComparison":
+        """Build every candidate (networks, standardisation on the pool, readout priors)."""
+        torch.set_flush_denormal(True)
+        pool = load_pool(protocol, seed=0) if pool is None else pool
+        tensor = pool_tensor(pool)
+        probs = protocol.model_prior_probabilities()
+        n = protocol.response.n_units
+        candidates: list[Candidate] = []
+        problems: list[tuple[str, str]] = []
+        for i, spec in enumerate(protocol.models):
+            try:
+                fm = fit_feature_model(spec, f"models.{i}", tensor, protocol.stimulus.channels)
+            except FeatureSpecError as exc:
+                problems.extend(exc.problems)
+                continue
+            readout = ReadoutGrid(n, readout_priors(spec, fm.d - 1))
+            candidates.append(Candidate(spec.name, fm, readout, response_transform(protocol, spec),
+                                        math.log(probs[spec.name])))
+        if problems:
+            raise FeatureSpecError(problems)
+        return cls(protocol, candidates, pool, seed, images)
+
+    def fresh(self, seed: int | None = None) -> "PopulationComparison":
+        """The same feature models with prior readouts (no trials): a new session without refitting the pool."""
+        candidates = [Candidate(c.name, c.features, c.readout.fresh(),
+                                c.transform, c.log_prior) for c in self.candidates]
+        return PopulationComparison(self.protocol, candidates, self.pool, self.seed if seed is None else seed,
+                                    self.images)
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def pixels(self, stimulus: dict[str, Any]) -> np.ndarray:
+        """Pixels (0..1 floats) of a stored stimulus {"image": sha256}."""
+        if self.images is None:
+            raise RuntimeError("this comparison has no image store to resolve image references")
+        arr = np.asarray(self.images(stimulus["image"]))
+        return arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
+
+    def features_of(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """Every candidate's standardised features (d_m,) of one image."""
+        t = pool_tensor(pixels[None])
+        with torch.no_grad():
+            return [c.features(t)[0].numpy() for c in self.candidates]
+
+    def update(self, stimulus: dict[str, Any], response: Any, pixels: np.ndarray | None = None) -> None:
+        """Absorb one trial: the image (by reference, or its pixels) and the (N,) response, NaN masked."""
+        y = np.asarray(response, dtype=np.float64)
+        if y.shape != (self.protocol.response.n_units,):
+            raise ValueError(f"response has shape {y.shape}, expected ({self.protocol.response.n_units},)")
+        ref = stimulus.get("image")
+        feats = self._cache.get(ref) if ref is not None else None
+        if feats is None:
+            feats = self.features_of(self.pixels(stimulus) if pixels is None else pixels)
+            if ref is not None:
+                self._cache[ref] = feats
+        self.previous = self.design_states(copy=True)
+        for cand, x in zip(self.candidates, feats):
+            with np.errstate(invalid="ignore"):
+                cand.readout.update(x, TRANSFORMS[cand.transform](y))
+        self.n_observations += 1
+        self.n_masked += int(np.isnan(y).sum())
+
+    # -- model probabilities ------------------------------------------------------------------------
+
+    def log_probabilities(self) -> torch.Tensor:
+        lp = torch.tensor([c.log_prior + c.readout.log_evidence for c in self.candidates], dtype=torch.float64)
+        return lp - torch.logsumexp(lp, 0)
+
+    def probabilities(self) -> dict[str, float]:
+        return {n: float(v) for n, v in zip(self.model_names, self.log_probabilities().exp())}
+
+    def leader(self) -> tuple[str, float]:
+        probs = self.probabilities()
+        name = max(self.model_names, key=lambda n: probs[n])
+        return name, probs[name]
+
+    def design_states(self, lagged: bool = False, copy: bool = False) -> list[tuple[ReadoutState, float]]:
+        """Each model's most probable readout and unnormalised log probability: now, or before the latest trial."""
+        if lagged and self.previous is not None:
+            return self.previous
+        return [(c.readout.state.copy() if copy else c.readout.state, c.log_prior + c.readout.log_evidence)
+                for c in self.candidates]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe per-model state: probability, log evidence, features, weights hash, noise."""
+        probs = self.probabilities()
+        out: dict[str, Any] = {}
+        for c in self.candidates:
+            noise = c.readout.noise_variance()
+            out[c.name] = {"kind": "population_readout", "probability": probs[c.name],
+                           "log_evidence": float(c.readout.log_evidence), "features": c.features.d,
+                           "weight_sd_posterior": [round(float(w), 4) for w in c.readout.weights()],
+                           "weights_sha256": c.features.weights_sha256, "transform": c.transform,
+                           "noise_sd_median": float(np.sqrt(np.median(noise))),
+                           "masked_units": len(c.readout.state.private)}
+        return out

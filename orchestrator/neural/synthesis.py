@@ -1,0 +1,123 @@
+"""Gradient synthesis of the most discriminating image, kept where the models were fitted.
+
+Pixels are parametrised as x = lo + (hi - lo) sigmoid(z), so every iterate is inside the pixel
+limits; Adam climbs the acquisition from several starts (the best pool images and seeded random
+ones). Unconstrained, synthesis wins by driving one model's features far beyond anything in the
+pool, where its linear readout extrapolates and real neurons saturate. So the objective carries a
+penalty on every model's feature energy leaving its pool range (times ``1 + margin``), and the
+result is then made feasible exactly: it is blended back towards its start, x(t) = s + t (x - s),
+with the largest t in {1, 1/2, 1/4, ...} for which the quantised image meets the safety limits
+(pixel range, mean luminance, RMS contrast: convex, and the start meets them) and the trust region.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from orchestrator.neural.acquisition import ReadoutSnapshot, discrimination_from_features
+from orchestrator.neural.features import FeatureModel
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    steps: int = 40
+    lr: float = 0.08
+    margin: float = 0.0
+    """Allowed feature energy: up to (1 + margin) x the pool's largest, down to the pool's smallest / (1 + margin)."""
+    penalty: float = 50.0
+
+
+@dataclass
+class Synthesized:
+    pixels: np.ndarray  # (H, W[, C]) floats, on the uint8 grid
+    score: float
+    start: int  # pool index of the start it came from (-1: a random start)
+    blend: float  # t of the final blend towards the start (1 = the optimiser's image)
+    energy_ratio: float  # max over models of energy / pool max
+
+
+def _inside(models: Sequence[FeatureModel], images: torch.Tensor, margin: float) -> tuple[bool, float]:
+    ratio, ok = 0.0, True
+    with torch.no_grad():
+        for fm in models:
+            e = float(fm.energy(images)[0])
+            lo, hi = fm.energy_range
+            ratio = max(ratio, e / hi)
+            ok = ok and lo / (1 + margin) - 1e-9 <= e <= hi * (1 + margin) + 1e-9
+    return ok, ratio
+
+
+def synthesize(models: Sequence[FeatureModel], snaps: Sequence[ReadoutSnapshot], starts: torch.Tensor,
+               start_ids: Sequence[int], protocol: Any, settings: SynthesisSettings) -> Synthesized:
+    """Climb the acquisition from `starts` (K, C, H, W) and return the best feasible image."""
+    limits = protocol.image_limits()
+    lo, hi = limits["pixel"]
+    span = hi - lo
+    x0 = starts.to(torch.float32).clamp(lo + 1e-3 * span, hi - 1e-3 * span)
+    z = torch.logit((x0 - lo) / span).detach().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=settings.lr)
+    mean_lo, mean_hi = limits["mean_luminance"]
+    contrast_hi = limits["rms_contrast"][1]
+    for _ in range(settings.steps):
+        opt.zero_grad()
+        x = lo + span * torch.sigmoid(z)
+        feats, penalty = [], torch.zeros(x.shape[0], dtype=torch.float64)
+        for fm in models:
+            raw = fm.raw(x).to(torch.float64)
+            feats.append(torch.cat([(raw - fm.center) / fm.scale, torch.ones(raw.shape[0], 1, dtype=raw.dtype)], 1))
+            energy = (raw ** 2).mean(1) / fm._energy_norm
+            e_lo, e_hi = fm.energy_range
+            penalty = penalty + torch.relu(energy / (e_hi * (1 + settings.margin)) - 1) ** 2
+            penalty = penalty + torch.relu(1 - energy * (1 + settings.margin) / e_lo) ** 2
+        flat = x.flatten(1).to(torch.float64)
+        m, c = flat.mean(1), flat.std(1)
+        penalty = penalty + (torch.relu(mean_lo - m) ** 2 + torch.relu(m - mean_hi) ** 2
+                             + torch.relu(c - contrast_hi) ** 2) * 100.0
+        score = discrimination_from_features(feats, snaps)
+        (-(score - settings.penalty * penalty).sum()).backward()
+        opt.step()
+    final = (lo + span * torch.sigmoid(z)).detach()
+    best: Synthesized | None = None
+    for k in range(final.shape[0]):
+        cand = _feasible(models, snaps, x0[k], final[k], protocol, settings.margin)
+        if cand is not None and (best is None or cand[1] > best.score):
+            best = Synthesized(cand[0], cand[1], int(start_ids[k]), cand[2], cand[3])
+    assert best is not None  # t = 0 (the start itself) is always feasible
+    return best
+
+
+def _to_layout(img: torch.Tensor) -> np.ndarray:
+    arr = img.numpy().astype(np.float64)
+    return arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
+
+
+def _feasible(models: Sequence[FeatureModel], snaps: Sequence[ReadoutSnapshot], start: torch.Tensor,
+              end: torch.Tensor, protocol: Any, margin: float) -> tuple[np.ndarray, float, float, float] | None:
+    from orchestrator.protocol import SafetyViolation
+
+    t = 1.0
+    while t >= 1.0 / 1024:
+        img = start + t * (end - start)
+        pixels = np.round(_to_layout(img) * 255.0) / 255.0
+        try:
+            protocol.check_image(pixels)
+        except SafetyViolation:
+            t /= 2
+            continue
+        tensor = torch.from_numpy(pixels.astype(np.float32))
+        tensor = tensor[None, None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)[None]
+        ok, ratio = _inside(models, tensor, margin)
+        if ok:
+            with torch.no_grad():
+                score = float(discrimination_from_features([fm(tensor) for fm in models], snaps)[0])
+            return pixels, score, t, ratio
+        t /= 2
+    pixels = np.round(_to_layout(start) * 255.0) / 255.0
+    tensor = torch.from_numpy(pixels.astype(np.float32))
+    tensor = tensor[None, None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)[None]
+    with torch.no_grad():
+        score = float(discrimination_from_features([fm(tensor) for fm in models], snaps)[0])
+    return pixels, score, 0.0, _inside(models, tensor, margin)[1]

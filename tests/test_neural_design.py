@@ -1,0 +1,108 @@
+"""Population designs: the acquisition, synthesis inside the trust region, determinism and resume."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from botorch.acquisition import AcquisitionFunction
+
+from orchestrator.design import make_design
+from orchestrator.neural.acquisition import PopulationDiscrimination, ReadoutSnapshot, bhattacharyya_bound
+from orchestrator.neural.comparison import PopulationComparison
+from orchestrator.neural.truth import build_population_truth
+from orchestrator.protocol import load_protocol
+from test_neural_helpers import population_protocol
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    protocol = load_protocol(population_protocol(tmp_path_factory.mktemp("p"))).protocol
+    comparison = PopulationComparison.from_protocol(protocol, 0)
+    truth = build_population_truth(protocol, "cnn_a:ev=0.4,seed=2", comparison)
+    return protocol, comparison, truth
+
+
+def _run(protocol, pool, truth, strategy: str, trials: int, seed: int = 0, settings=None):
+    comparison = PopulationComparison.from_protocol(protocol, seed, pool=pool)
+    design = make_design(protocol, seed, strategy)
+    if settings:
+        design.__init__(protocol, seed, {**design.settings, **settings})
+    decisions = []
+    for i in range(trials):
+        d = design.propose(comparison, i)
+        y = protocol.response.validate({"value": truth.sample(d.stimulus, np.random.default_rng([seed, i]),
+                                                              pixels=d.pixels)})
+        comparison.update(d.stimulus, y, pixels=d.pixels / 255.0)
+        decisions.append(d)
+    return comparison, design, decisions
+
+
+def test_bound_is_zero_for_identical_models_and_grows_with_separation() -> None:
+    mean = torch.zeros(3, 5, dtype=torch.float64)
+    var = torch.ones(3, 5, dtype=torch.float64)
+    lp = torch.log(torch.tensor([0.5, 0.5], dtype=torch.float64))
+    same = bhattacharyya_bound([(mean, var), (mean, var)], lp)
+    assert torch.allclose(same, torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    apart = bhattacharyya_bound([(mean, var), (mean + 30.0, var)], lp)
+    assert torch.allclose(apart, torch.full((3,), np.log(2.0), dtype=torch.float64), atol=1e-6)
+    near = bhattacharyya_bound([(mean, var), (mean + 0.5, var)], lp)
+    assert (0 < near).all() and (near < apart).all()
+
+
+def test_acquisition_is_a_botorch_acquisition_function(setup) -> None:
+    protocol, comparison, _ = setup
+    snaps = [ReadoutSnapshot.of(c.readout.state, c.log_prior) for c in comparison.candidates]
+    acq = PopulationDiscrimination([c.features for c in comparison.candidates], snaps, (1, 16, 16))
+    assert isinstance(acq, AcquisitionFunction)
+    X = torch.from_numpy(comparison.pool[:4].reshape(4, 1, -1)).float().requires_grad_(True)
+    value = acq(X)
+    value.sum().backward()
+    assert value.shape == (4,) and (value > 0).all() and X.grad is not None and X.grad.abs().sum() > 0
+
+
+def test_synthesized_images_stay_inside_the_trust_region_and_safety(setup) -> None:
+    protocol, comparison, truth = setup
+    _, _, decisions = _run(protocol, comparison.pool, truth, "population_synthesis", 6)
+    for d in decisions:
+        protocol.check_image(d.pixels)
+        assert d.info["energy_ratio"] <= 1.0 + 1e-9
+        assert d.info["pool_distance"] >= 0.0 and d.score >= d.info["best_pool_score"] - 1e-9
+    assert any(d.info["source"] == "synthesized" and d.info["pool_distance"] > 0 for d in decisions)
+
+
+def test_unconstrained_synthesis_leaves_the_pool_range(setup) -> None:
+    """Without the trust region (a huge margin), the optimiser inflates features past the pool."""
+    protocol, comparison, truth = setup
+    _, _, free = _run(protocol, comparison.pool, truth, "population_synthesis", 4,
+                      settings={"margin": 1e6, "steps": 25})
+    assert max(d.info["energy_ratio"] for d in free) > 1.0
+
+
+def test_designs_are_deterministic_and_resume_replays_to_the_same_next_image(setup) -> None:
+    protocol, comparison, truth = setup
+    first, design, a = _run(protocol, comparison.pool, truth, "population_synthesis", 5)
+    _, _, b = _run(protocol, comparison.pool, truth, "population_synthesis", 5)
+    assert [d.stimulus for d in a] == [d.stimulus for d in b]
+    next_uninterrupted = design.propose(first, 5).stimulus
+    # a resumed orchestrator: fresh comparison and design, the 5 trials replayed, then propose trial 5
+    resumed = PopulationComparison.from_protocol(protocol, 0, pool=comparison.pool)
+    for i, d in enumerate(a):
+        y = protocol.response.validate({"value": truth.sample(d.stimulus, np.random.default_rng([0, i]), pixels=d.pixels)})
+        resumed.update(d.stimulus, y, pixels=d.pixels / 255.0)
+    assert make_design(protocol, 0, "population_synthesis").propose(resumed, 5).stimulus == next_uninterrupted
+    assert any(d.info["pipelined"] for d in a[1:])
+
+
+def test_pool_and_noise_baselines(setup) -> None:
+    protocol, comparison, truth = setup
+    _, design, pool = _run(protocol, comparison.pool, truth, "population_pool", 3)
+    snaps = design.snapshots(PopulationComparison.from_protocol(protocol, 0, pool=comparison.pool))
+    scores = design.scores(comparison, snaps)
+    assert pool[0].info["pool_index"] == int(torch.argmax(scores))
+    _, _, rand = _run(protocol, comparison.pool, truth, "population_random_pool", 3)
+    _, _, noise = _run(protocol, comparison.pool, truth, "population_random_noise", 3)
+    for d in rand + noise:
+        protocol.check_image(d.pixels)
+    assert rand[0].stimulus != rand[1].stimulus and noise[0].info["pool_distance"] > 0
