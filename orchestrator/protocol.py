@@ -809,7 +809,7 @@ Checker = Callable[[Any], list[tuple[str, str]]]
 MAX_PROTOCOL_BYTES = 1_000_000
 
 
-def load_protocol(path: str | Path, checks: Sequence[Checker] | None = None) -> LoadedProtocol:
+def load_protocol(path: str | Path, checks: Sequence[Checker] = ()) -> LoadedProtocol:
     """Read and validate a protocol file; raise ProtocolError listing every problem (see parse_protocol_text)."""
     path = Path(path)
     try:
@@ -819,14 +819,14 @@ def load_protocol(path: str | Path, checks: Sequence[Checker] | None = None) -> 
     return parse_protocol_text(text, source=str(path), checks=checks)
 
 
-def parse_protocol_text(text: str, source: str = "<string>", checks: Sequence[Checker] | None = None) -> LoadedProtocol:
+def parse_protocol_text(text: str, source: str = "<string>", checks: Sequence[Checker] = ()) -> LoadedProtocol:
     """Validate protocol YAML text; raise ProtocolError listing every problem with its line, in one pass.
 
-    `checks` are the semantic checks to run beside the schema. None means the orchestrator's
-    (orchestrator.protocol_checks.orchestrator_checks: models, stimulus types, design limits; they
-    import torch). A rig passes ``checks=()``: it parses the text the orchestrator already validated
-    and never imports torch or BoTorch. The YAML is parsed once; anchors and aliases are refused
-    before anything is expanded.
+    `checks` are the semantic checks to run beside the schema; this module knows none of them, so
+    it imports neither torch nor the modules that own them. The orchestrator passes its own
+    (`orchestrator.protocol_checks.parse_checked` / `load_checked`: models, stimulus types, design
+    limits); a rig passes none: it parses the text the orchestrator already validated. The YAML is
+    parsed once; anchors and aliases are refused before anything is expanded.
     """
     node, data, problems = _compose(text, source)
     if node is None:
@@ -842,10 +842,6 @@ def parse_protocol_text(text: str, source: str = "<string>", checks: Sequence[Ch
     except ValidationError as exc:
         problems.extend(_problems_from_validation(exc, lines, source))
         partial, valid_fields = _partial_protocol(data)
-    if checks is None:
-        from orchestrator.protocol_checks import orchestrator_checks
-
-        checks = orchestrator_checks()
     target = protocol if protocol is not None else partial
     found: list[tuple[str, str]] = []
     for check in checks:

@@ -8,10 +8,23 @@ protocol on a rig PC imports neither torch nor BoTorch.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator.protocol import LoadedProtocol, load_protocol, parse_protocol_text
+
 Checker = Callable[[Any], list[tuple[str, str]]]  # the shape orchestrator.protocol.Checker names
-__all__ = ["orchestrator_checks", "stimulus_checks"]
+__all__ = ["load_checked", "orchestrator_checks", "parse_checked", "stimulus_checks"]
+
+
+def load_checked(path: str | Path) -> LoadedProtocol:
+    """Load a protocol file with every orchestrator check (what `cloop validate` and `cloop run` see)."""
+    return load_protocol(path, checks=orchestrator_checks())
+
+
+def parse_checked(text: str, source: str = "<string>") -> LoadedProtocol:
+    """Parse protocol text with every orchestrator check."""
+    return parse_protocol_text(text, source=source, checks=orchestrator_checks())
 
 
 def _needs(check: Any, *fields: str) -> Checker:

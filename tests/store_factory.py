@@ -17,6 +17,7 @@ import numpy as np
 
 from builders import retention_text
 from conftest import postgres_database  # noqa: F401  (re-exported for the store tests)
+from orchestrator.protocol_checks import parse_checked
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,7 +38,7 @@ def loaded_protocol(text: str = RETENTION_TEXT) -> Any:
     try:
         from orchestrator.protocol import parse_protocol_text
 
-        return parse_protocol_text(text, source="<test>")
+        return parse_checked(text, source="<test>")
     except Exception:  # protocol module not importable yet: keep the store tests independent
         import hashlib
         import types

@@ -15,6 +15,7 @@ from orchestrator.protocol import parse_protocol_text
 from orchestrator.simulate import SimulatedRigPool, SimulationConfig, simulate
 from orchestrator.models import build_truth
 from orchestrator.store import TrialStore, upgrade
+from orchestrator.protocol_checks import parse_checked
 
 ROOT = Path(__file__).resolve().parent.parent
 TRUTH = "power:a=0.9025,b=0.4861"
@@ -25,7 +26,7 @@ BATCHED = (ROOT / "protocols" / "retention.yaml").read_text().replace(
 
 @pytest.fixture
 def loaded():  # noqa: ANN201
-    return parse_protocol_text(BATCHED)
+    return parse_checked(BATCHED)
 
 
 @pytest.fixture
@@ -111,7 +112,7 @@ def test_a_stop_in_the_middle_of_a_batch_leaves_no_open_trial(store: TrialStore,
 def test_an_implausible_response_is_stored_invalid_and_never_reaches_the_models(store: TrialStore) -> None:
     from orchestrator.simulate import SimulatedOutcome
 
-    poisson = parse_protocol_text((ROOT / "protocols" / "retention.yaml").read_text().replace(
+    poisson = parse_checked((ROOT / "protocols" / "retention.yaml").read_text().replace(
         "  kind: binomial\n  n: 10\n", "  kind: poisson\n").replace(
         "builtin: retention_power", "formula: \"exp(a - b * t)\"").replace(
         "builtin: retention_exponential", "formula: \"exp(a) / (1 + b * t)\""))

@@ -15,6 +15,7 @@ from orchestrator.design.base import BaseStrategy
 from orchestrator.inference import ModelComparison, generator
 from orchestrator.models import build_truth
 from orchestrator.protocol import SafetyViolation, parse_protocol_text
+from orchestrator.protocol_checks import parse_checked
 
 RETENTION = retention_minimal_text({"design": {"strategy": "STRATEGY", "settings": "SETTINGS"}}) + "BATCH\nSAFETY\n"
 
@@ -22,7 +23,7 @@ RETENTION = retention_minimal_text({"design": {"strategy": "STRATEGY", "settings
 def retention(strategy: str = "mutual_information", settings: str = "{}", safety: str = "", batch: int = 1):
     text = (RETENTION.replace("STRATEGY", strategy).replace("SETTINGS", settings)
             .replace("BATCH", f"  batch_size: {batch}" if batch > 1 else "").replace("SAFETY", safety))
-    return parse_protocol_text(text).protocol
+    return parse_checked(text).protocol
 
 
 MIXED = """
@@ -65,7 +66,7 @@ safety:
 
 
 def mixed(strategy: str, batch: int = 1):
-    return parse_protocol_text(MIXED.replace("STRATEGY", strategy).replace("BATCH", str(batch))).protocol
+    return parse_checked(MIXED.replace("STRATEGY", strategy).replace("BATCH", str(batch))).protocol
 
 
 def _assert_within_limits(protocol, stim: dict) -> None:
@@ -157,7 +158,7 @@ def test_sweep_cycles_fixed_values() -> None:
     design = make_design(p, 0)
     assert [design.propose(None, i).stimulus["lag"] for i in range(7)] == [0, 1, 2, 4, 7, 0, 1]
     with pytest.raises(Exception) as err:
-        parse_protocol_text(RETENTION.replace("STRATEGY", "sweep").replace("SETTINGS", "{values: [0, 500]}")
+        parse_checked(RETENTION.replace("STRATEGY", "sweep").replace("SETTINGS", "{values: [0, 500]}")
                             .replace("BATCH", "").replace("SAFETY", ""))
     assert "design.settings" in str(err.value)
 
@@ -196,7 +197,7 @@ design:
   strategy: staircase
   settings: {start: 50, step: 10}
 """
-    p = parse_protocol_text(text).protocol
+    p = parse_checked(text).protocol
     comparison = ModelComparison.from_protocol(p, 0)
     design = make_design(p, 0)
     levels = []
@@ -254,7 +255,7 @@ def test_discriminating_design_beats_random_on_retention() -> None:
     text = (RETENTION.replace("STRATEGY", "mutual_information")
             .replace("SETTINGS", "{mode: discriminate, max_components: 128}").replace("BATCH", "").replace("SAFETY", "")
             .replace("    inputs: {t: lag}\n", "    inputs: {t: lag}\n    settings: {particles: 500}\n"))
-    p = parse_protocol_text(text).protocol
+    p = parse_checked(text).protocol
     assert p.models[0].settings == {"particles": 500}
     mi = [_trials_to(p, "mutual_information", s, 0.95, 12) for s in range(6)]
     rnd = [_trials_to(p, "random", s, 0.95, 12) for s in range(6)]
@@ -297,7 +298,7 @@ def test_exact_grid_mi_equals_brute_force_over_the_grid() -> None:
 def test_exact_grid_discretises_continuous_spaces_deterministically() -> None:
     text = RETENTION.replace("{kind: integer, low: 0, high: 100}", "{kind: continuous, low: 0, high: 100}")
     text = text.replace("STRATEGY", "mutual_information").replace("SETTINGS", "{}").replace("BATCH", "")
-    p = parse_protocol_text(text.replace("SAFETY", "safety:\n  lag: {max: 50}")).protocol
+    p = parse_checked(text.replace("SAFETY", "safety:\n  lag: {max: 50}")).protocol
     runs = []
     for _ in range(2):
         comparison = ModelComparison.from_protocol(p, 3, "smc")

@@ -15,6 +15,7 @@ import stimuli
 from builders import retention_text
 from orchestrator import catalogue
 from orchestrator.protocol import ProtocolError, parse_protocol_text
+from orchestrator.protocol_checks import parse_checked
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,7 +33,7 @@ def test_a_model_plugin_is_a_builtin_a_protocol_can_name(plugins: None) -> None:
 
     text = retention_text({"models.1.name": "hyperbolic", "models.1.builtin": "retention_hyperbolic",
                            "models.1.priors.b": {"dist": "gamma", "shape": 2, "rate": 20}})
-    protocol = parse_protocol_text(text).protocol
+    protocol = parse_checked(text).protocol
     comparison = ModelComparison.from_protocol(protocol, seed=3)
     for lag, recalled in [(0, 9), (10, 6), (40, 4), (80, 3)]:
         comparison.update({"lag": lag}, recalled)
@@ -74,9 +75,9 @@ def test_a_stimulus_type_plugin_is_checked_like_a_builtin(plugins: None) -> None
                                                                 "units": "fraction"}},
                            "models.0.inputs": {"t": "contrast"}, "models.1.inputs": {"t": "contrast"},
                            "safety": None, "rig.capabilities": ["checkerboard"]})
-    assert parse_protocol_text(good).protocol.stimulus.type == "checkerboard"
+    assert parse_checked(good).protocol.stimulus.type == "checkerboard"
     with pytest.raises(ProtocolError) as err:
-        parse_protocol_text(good.replace("units: fraction", "units: deg"))
+        parse_checked(good.replace("units: fraction", "units: deg"))
     assert any(p.path == "stimulus.parameters.contrast.units" for p in err.value.problems)
 
 
@@ -86,7 +87,7 @@ def test_a_design_strategy_is_one_registered_class(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.setitem(STRATEGIES, "alternating_extremes", AlternatingExtremes)
-    protocol = parse_protocol_text(retention_text({"design.strategy": "alternating_extremes",
+    protocol = parse_checked(retention_text({"design.strategy": "alternating_extremes",
                                                    "safety.lag": {"min": 5, "max": 60}})).protocol
     design = make_design(protocol, seed=0)
     assert [design.propose(None, i).stimulus["lag"] for i in range(3)] == [5, 60, 5]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from orchestrator.models import FormulaError, build_candidates, check_protocol, compile_formula
 from orchestrator.protocol import ProtocolError, parse_protocol_text
+from orchestrator.protocol_checks import parse_checked
 
 ALLOWED = {"a": "parameter", "b": "parameter", "theta": "variable", "pref": "parameter", "k": "parameter"}
 
@@ -44,7 +45,7 @@ models:
 
 
 def _protocol(formula: str):
-    return parse_protocol_text(PROTOCOL.replace("FORMULA", formula))
+    return parse_checked(PROTOCOL.replace("FORMULA", formula))
 
 
 def test_formula_matches_builtin_values() -> None:

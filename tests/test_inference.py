@@ -12,6 +12,7 @@ from builders import retention_minimal_text
 from orchestrator.inference import MAX_STAGES, ModelComparison, SMCPosterior, ess, systematic_resample
 from orchestrator.models import build_candidates, build_truth
 from orchestrator.protocol import parse_protocol_text
+from orchestrator.protocol_checks import parse_checked
 
 RETENTION = retention_minimal_text()
 DATA = [(0, 9), (5, 4), (1, 8), (20, 2), (3, 5), (60, 1), (2, 6), (10, 3)]
@@ -32,7 +33,7 @@ def _exact_log_evidence(model: str, data: list[tuple[int, int]]) -> float:
 
 @pytest.mark.parametrize("inference", ["smc", "grid"])
 def test_evidence_matches_quadrature(inference: str) -> None:
-    protocol = parse_protocol_text(RETENTION).protocol
+    protocol = parse_checked(RETENTION).protocol
     comparison = ModelComparison.from_protocol(protocol, seed=11, inference=inference)
     assert comparison.exact == (inference == "grid")
     for t, y in DATA:
@@ -49,7 +50,7 @@ def test_evidence_matches_quadrature(inference: str) -> None:
 
 
 def test_posterior_concentrates_on_truth() -> None:
-    protocol = parse_protocol_text(RETENTION).protocol
+    protocol = parse_checked(RETENTION).protocol
     truth = build_truth(protocol, "power:a=0.9,b=0.4")
     comparison = ModelComparison.from_protocol(protocol, seed=3, inference="smc")
     for i in range(80):
@@ -64,7 +65,7 @@ def test_posterior_concentrates_on_truth() -> None:
 
 
 def test_same_seed_and_data_give_identical_state() -> None:
-    protocol = parse_protocol_text(RETENTION).protocol
+    protocol = parse_checked(RETENTION).protocol
     a, b = (ModelComparison.from_protocol(protocol, 5, "smc"), ModelComparison.from_protocol(protocol, 5, "smc"))
     c = ModelComparison.from_protocol(protocol, 6, "smc")
     for t, y in DATA:
@@ -95,7 +96,7 @@ models:
     priors:
       r0: {dist: gamma, shape: 2, rate: 1}
 """
-    protocol = parse_protocol_text(text).protocol
+    protocol = parse_checked(text).protocol
     cands = build_candidates(protocol)
     post = SMCPosterior(cands[1], seed=1, n_particles=4000)
     post.update(torch.tensor([0.5], dtype=torch.float64), 40.0)
@@ -118,7 +119,7 @@ def test_systematic_resample_is_deterministic_and_proportional() -> None:
 
 
 def test_update_rejects_non_finite_and_unknown_stimulus() -> None:
-    protocol = parse_protocol_text(RETENTION).protocol
+    protocol = parse_checked(RETENTION).protocol
     comparison = ModelComparison.from_protocol(protocol, 0)
     with pytest.raises(ValueError, match="finite"):
         comparison.update({"lag": 1}, float("nan"))
@@ -147,7 +148,7 @@ models:
 
 
 def test_gp_candidate_predicts_and_loses_to_the_true_parametric_model() -> None:
-    protocol = parse_protocol_text(GP_PROTOCOL).protocol
+    protocol = parse_checked(GP_PROTOCOL).protocol
     truth = build_truth(protocol, "bump:b=1,g=12,m=0.4")
     comparison = ModelComparison.from_protocol(protocol, 2)
     xs = np.linspace(0, 1, 21)
@@ -165,7 +166,7 @@ def test_gp_candidate_predicts_and_loses_to_the_true_parametric_model() -> None:
 
 
 def test_gp_wins_when_no_parametric_model_fits() -> None:
-    protocol = parse_protocol_text(GP_PROTOCOL).protocol
+    protocol = parse_checked(GP_PROTOCOL).protocol
     comparison = ModelComparison.from_protocol(protocol, 2)
     rng = np.random.default_rng(0)
     for i in range(60):  # two bumps: the one-bump model cannot fit
@@ -176,19 +177,19 @@ def test_gp_wins_when_no_parametric_model_fits() -> None:
 
 
 def test_models_with_at_most_three_parameters_use_the_exact_grid_and_others_do_not() -> None:
-    protocol = parse_protocol_text(RETENTION).protocol
+    protocol = parse_checked(RETENTION).protocol
     auto = ModelComparison.from_protocol(protocol, 0)
     assert auto.exact and auto.summary()["power"]["kind"] == "grid"
-    continuous = parse_protocol_text(RETENTION.replace("{kind: integer, low: 0, high: 100}",
+    continuous = parse_checked(RETENTION.replace("{kind: integer, low: 0, high: 100}",
                                                        "{kind: continuous, low: 0, high: 100}")).protocol
     assert ModelComparison.from_protocol(continuous, 0).exact
     assert not ModelComparison.from_protocol(continuous, 0, "smc").exact
-    gp = ModelComparison.from_protocol(parse_protocol_text(GP_PROTOCOL).protocol, 0)
+    gp = ModelComparison.from_protocol(parse_checked(GP_PROTOCOL).protocol, 0)
     assert not gp.exact
 
 
 def test_switching_to_the_grid_replays_the_history_exactly() -> None:
-    protocol = parse_protocol_text(RETENTION).protocol
+    protocol = parse_checked(RETENTION).protocol
     smc = ModelComparison.from_protocol(protocol, 4, "smc")
     grid = ModelComparison.from_protocol(protocol, 4, "grid")
     for t, y in DATA:
@@ -229,7 +230,7 @@ def test_an_absurd_response_is_assimilated_in_bounded_work(kind: str, value: flo
     text = POISSON_ONE.replace("KIND", kind)
     if kind == "poisson":
         text = text.replace("      noise_sd: {dist: gamma, shape: 2, rate: 2}\n", "")
-    protocol = parse_protocol_text(text).protocol
+    protocol = parse_checked(text).protocol
     comparison = ModelComparison.from_protocol(protocol, 1, "smc")  # the grid's update is O(grid) anyway
     for i in range(5):
         comparison.update({"c": i / 4}, 2.0)
@@ -268,7 +269,7 @@ models:
       slope: {dist: lognormal, mu: 0, sigma: 0.5}
     settings: {fixed: {guess: 0.5, lapse: 0.04}}
 """
-    comparison = ModelComparison.from_protocol(parse_protocol_text(text).protocol, 0)
+    comparison = ModelComparison.from_protocol(parse_checked(text).protocol, 0)
     assert comparison.exact  # 4 named parameters, 2 of them constants: a 64 x 64 grid
     assert comparison.posteriors[0].size == 64 * 64
     for x, y in [(10, 0), (30, 1), (20, 1), (15, 0)]:

@@ -17,6 +17,7 @@ from orchestrator.models import (
 )
 from orchestrator.models.likelihoods import Likelihood
 from orchestrator.protocol import ProtocolError, parse_protocol_text
+from orchestrator.protocol_checks import parse_checked
 
 D = torch.float64
 
@@ -24,7 +25,7 @@ RETENTION = retention_minimal_text()
 
 
 def retention():
-    return parse_protocol_text(RETENTION).protocol
+    return parse_checked(RETENTION).protocol
 
 
 BUILTIN_ARGS = {
@@ -180,7 +181,7 @@ def test_protocol_model_problems_are_reported_with_paths() -> None:
     bad = RETENTION.replace("builtin: retention_exponential", "builtin: retention_exp") \
         .replace("      b: {dist: beta, alpha: 1, beta: 4}\n", "      c: {dist: beta, alpha: 1, beta: 4}\n")
     with pytest.raises(ProtocolError) as err:
-        parse_protocol_text(bad)
+        parse_checked(bad)
     paths = {p.path for p in err.value.problems}
     assert "models.1.builtin" in paths
     assert "models.0.priors" in paths  # missing prior for b
@@ -212,9 +213,9 @@ models:
       noise_sd: {dist: halfnormal, scale: 0.1}
 """
     with pytest.raises(ProtocolError) as err:
-        parse_protocol_text(text)
+        parse_checked(text)
     assert "models.0.priors: missing prior for parameter 'noise_sd'" in str(err.value)
-    ok = parse_protocol_text(text.replace("      slope: {dist: lognormal, mu: 0, sigma: 1}\n  - name: weibull",
+    ok = parse_checked(text.replace("      slope: {dist: lognormal, mu: 0, sigma: 1}\n  - name: weibull",
                                           "      slope: {dist: lognormal, mu: 0, sigma: 1}\n      noise_sd: {dist: halfnormal, scale: 0.1}\n  - name: weibull"))
     cands = build_candidates(ok.protocol)
     assert cands[0].fixed == {"guess": 0.5, "lapse": 0.04}
@@ -241,7 +242,7 @@ def test_third_party_model_via_entry_point(tmp_path: Path, monkeypatch: pytest.M
     (dist / "entry_points.txt").write_text("[cloop.models]\nhill = cloop_plugin_demo:Hill\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "hill" in available_models()
-    p = parse_protocol_text(RETENTION.replace("builtin: retention_exponential", "builtin: hill").replace(
+    p = parse_checked(RETENTION.replace("builtin: retention_exponential", "builtin: hill").replace(
         "      a: {dist: beta, alpha: 2, beta: 1}\n      b: {dist: beta, alpha: 1, beta: 80}",
         "      top: {dist: beta, alpha: 2, beta: 1}\n      k: {dist: gamma, shape: 2, rate: 0.2}")).protocol
     assert check_protocol(p) == []

@@ -13,12 +13,13 @@ from orchestrator.neural.acquisition import PopulationDiscrimination, ReadoutSna
 from orchestrator.neural.comparison import PopulationComparison
 from orchestrator.neural.truth import build_population_truth
 from orchestrator.protocol import load_protocol
+from orchestrator.protocol_checks import load_checked
 from test_neural_helpers import population_protocol
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    protocol = load_protocol(population_protocol(tmp_path_factory.mktemp("p"))).protocol
+    protocol = load_checked(population_protocol(tmp_path_factory.mktemp("p"))).protocol
     comparison = PopulationComparison.from_protocol(protocol, 0)
     truth = build_population_truth(protocol, "cnn_a:ev=0.4,seed=2", comparison)
     return protocol, comparison, truth

@@ -10,24 +10,25 @@ import pytest
 import torch
 
 from orchestrator.protocol import InvalidResponse, ProtocolError, SafetyViolation, load_protocol
+from orchestrator.protocol_checks import load_checked
 from test_neural_helpers import population_protocol
 
 
 def _problems(path: Path) -> list[str]:
     with pytest.raises(ProtocolError) as err:
-        load_protocol(path)
+        load_checked(path)
     return [f"{p.path}: {p.message}" for p in err.value.problems]
 
 
 def test_population_protocol_and_example_load(tmp_path: Path) -> None:
-    p = load_protocol(population_protocol(tmp_path)).protocol
+    p = load_checked(population_protocol(tmp_path)).protocol
     assert p.is_population and p.response.n_units == 8 and p.stimulus.shape == (16, 16)
-    example = load_protocol(Path(__file__).parent.parent / "protocols" / "v1_population.yaml").protocol
+    example = load_checked(Path(__file__).parent.parent / "protocols" / "v1_population.yaml").protocol
     assert [m.name for m in example.models] == ["gabor", "cnn_a", "cnn_b"]
 
 
 def test_response_vector_validation_names_the_unit(tmp_path: Path) -> None:
-    spec = load_protocol(population_protocol(tmp_path, units=3)).protocol.response
+    spec = load_checked(population_protocol(tmp_path, units=3)).protocol.response
     out = spec.validate({"value": [1, None, 4]})
     assert out.dtype == np.float64 and out.shape == (3,) and np.isnan(out[1]) and out[2] == 4
     assert np.isnan(spec.validate({"value": [1, float("nan"), 2]})[1])
@@ -37,7 +38,7 @@ def test_response_vector_validation_names_the_unit(tmp_path: Path) -> None:
         spec.validate({"value": [1, "x", 2]})
     with pytest.raises(InvalidResponse, match=r"unit 2\) must be a count"):
         spec.validate({"value": [1, 2, -1]})
-    ids = load_protocol(population_protocol(tmp_path, units=3)).protocol.model_copy(
+    ids = load_checked(population_protocol(tmp_path, units=3)).protocol.model_copy(
         update={"response": spec.model_copy(update={"units": ["a", "b", "c"]})}).response
     with pytest.raises(InvalidResponse, match=r"unit b\)"):
         ids.validate({"value": [0, 1.5, 0]})
@@ -59,7 +60,7 @@ def test_weights_that_do_not_load_and_changed_weights_are_refused(tmp_path: Path
     torch.save(tiny_cnn(seed=5, width=8, grid=2).state_dict(), wrong)
     base = {"name": "gabor", "builtin": "gabor_energy", "settings": {"orientations": 2, "frequencies": [0.2], "grid": 1}}
     entry = {"name": "lab", "module": "orchestrator.neural.zoo:TinyCNN", "settings": {"width": 4, "grid": 2}}
-    ok = load_protocol(population_protocol(tmp_path, models=[base, {**entry, "weights": str(good)}])).protocol
+    ok = load_checked(population_protocol(tmp_path, models=[base, {**entry, "weights": str(good)}])).protocol
     lines = _problems(population_protocol(tmp_path, models=[base, {**entry, "weights": str(wrong)}]))
     assert any(line.startswith(f"models.1.weights: {wrong} does not load") for line in lines), lines
 
@@ -100,7 +101,7 @@ def test_pool_of_mixed_sizes_and_pool_outside_limits_are_named(tmp_path: Path) -
 
 
 def test_image_safety_limits(tmp_path: Path) -> None:
-    p = load_protocol(population_protocol(tmp_path)).protocol
+    p = load_checked(population_protocol(tmp_path)).protocol
     p.check_image(np.full((16, 16), 0.5))
     with pytest.raises(SafetyViolation, match="rms_contrast"):
         p.check_image(np.where(np.arange(256).reshape(16, 16) % 2, 0.0, 1.0))

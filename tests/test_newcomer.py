@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from conftest import free_port
 from orchestrator.cli import app
 from orchestrator.keys import generate
+from orchestrator.protocol_checks import load_checked
 
 ROOT = Path(__file__).resolve().parent.parent
 RETENTION = str(ROOT / "protocols" / "retention.yaml")
@@ -100,7 +101,7 @@ def test_demo_seed_is_a_subject_the_rule_gets_right() -> None:
     from orchestrator.protocol import load_protocol
     from orchestrator.simulate import SimulationConfig, simulate
 
-    last = list(simulate(load_protocol(RETENTION), SimulationConfig(truth=DEMO_TRUTH, seed=DEMO_SEED)))[-1]
+    last = list(simulate(load_checked(RETENTION), SimulationConfig(truth=DEMO_TRUTH, seed=DEMO_SEED)))[-1]
     assert last["leader"] == DEMO_TRUTH.split(":")[0] and last["p_truth"] >= 0.99
 
 
@@ -127,7 +128,7 @@ def test_resume_with_a_malformed_bind_changes_nothing(tmp_path: Path) -> None:
 
     db = f"sqlite:///{tmp_path / 'lab.db'}"
     request = SessionRequest(protocol_path=RETENTION, db_url=db, bind="tcp://127.0.0.1:5555", insecure=True)
-    session_id, _ = register_session(request, load_protocol(RETENTION))
+    session_id, _ = register_session(request, load_checked(RETENTION))
     result = runner.invoke(app, ["resume", session_id, "--db", db, "--bind", "tcp://127.0.0.1", "--no-prefect"])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: --bind: "), result.output

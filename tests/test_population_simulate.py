@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from orchestrator.protocol import load_protocol
+from orchestrator.protocol_checks import load_checked
 from test_neural_helpers import population_protocol
 
 
@@ -42,7 +43,7 @@ def test_population_truth_has_the_requested_explainable_variance(tmp_path: Path)
     from orchestrator.neural.comparison import PopulationComparison
     from orchestrator.neural.truth import build_population_truth
 
-    protocol = load_protocol(population_protocol(tmp_path, noise="gaussian", units=40)).protocol
+    protocol = load_checked(population_protocol(tmp_path, noise="gaussian", units=40)).protocol
     comparison = PopulationComparison.from_protocol(protocol, 0)
     truth = build_population_truth(protocol, "gabor:ev=0.25,seed=4", comparison)
     signal = np.stack([truth.signal(img) for img in comparison.pool])
@@ -61,7 +62,7 @@ def test_simulated_rig_adapter_answers_a_wire_image(tmp_path: Path) -> None:
     from rig_adapters.simulated import SimulatedAdapter
 
     path = population_protocol(tmp_path)
-    protocol = load_protocol(path).protocol
+    protocol = load_checked(path).protocol
     adapter = SimulatedAdapter(truth="cnn_a:ev=0.3,seed=1", seed=3)
     adapter.start(SessionInfo(session_id="s", protocol_text=path.read_text(), rig_id="sim-1"))
     store = ArtifactStore(tmp_path / "art")
@@ -80,7 +81,7 @@ def test_poisson_truth_explainable_variance_is_on_the_anscombe_scale(tmp_path: P
     from orchestrator.neural.comparison import PopulationComparison, TRANSFORMS
     from orchestrator.neural.truth import build_population_truth
 
-    protocol = load_protocol(population_protocol(tmp_path, units=30)).protocol
+    protocol = load_checked(population_protocol(tmp_path, units=30)).protocol
     comparison = PopulationComparison.from_protocol(protocol, 0)
     truth = build_population_truth(protocol, "cnn_a:ev=0.4,seed=2,rate=20", comparison)
     drive = np.stack([truth.signal(img) for img in comparison.pool])

@@ -23,6 +23,7 @@ from orchestrator.flows import (
 )
 from orchestrator.session import NoRigError
 from orchestrator.transport import RigLost, TransportError
+from orchestrator.protocol_checks import load_checked
 
 
 @pytest.mark.parametrize(
@@ -99,7 +100,7 @@ def test_deployment_resume_refuses_a_finished_session(status: str, sqlite_url: s
 
     upgrade(sqlite_url)
     with TrialStore(sqlite_url) as store:
-        sid = store.create_session(protocol_id=store.add_protocol(load_protocol(REPO_ROOT / "protocols/retention.yaml")),
+        sid = store.create_session(protocol_id=store.add_protocol(load_checked(REPO_ROOT / "protocols/retention.yaml")),
                                    subject_id=store.subject("m"), seed=1, bind="tcp://127.0.0.1:5555", status=status,
                                    meta={"request": {"protocol_path": "retention.yaml", "db_url": sqlite_url}})
     from orchestrator.flows import refuse_finished

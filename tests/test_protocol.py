@@ -17,6 +17,7 @@ from orchestrator.protocol import (
     load_protocol,
     parse_protocol_text,
 )
+from orchestrator.protocol_checks import parse_checked, load_checked
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = sorted((ROOT / "tests" / "bad_protocols").glob("*.yaml"))
@@ -69,7 +70,7 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     text = (ROOT / "protocols" / "retention.yaml").read_text()
     text = text.replace("kind: binomial", "kind: binomal").replace("max_trials: 40", "max_trails: 40")
     with pytest.raises(ProtocolError) as info:
-        parse_protocol_text(text, "x.yaml")
+        parse_checked(text, "x.yaml")
     paths = {p.path for p in info.value.problems}
     assert {"response.kind", "stopping.max_trails"} <= paths
 
@@ -81,7 +82,7 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def _retention():
-    return load_protocol(ROOT / "protocols" / "retention.yaml").protocol
+    return load_checked(ROOT / "protocols" / "retention.yaml").protocol
 
 
 def test_check_safe_rejects_out_of_limits_and_wrong_types() -> None:
@@ -104,7 +105,7 @@ def test_safety_limits_narrow_the_parameter_range() -> None:
     text = (ROOT / "protocols" / "retention.yaml").read_text().replace(
         "lag: {min: 0, max: 100}", "lag: {min: 2, max: 50}"
     )
-    protocol = parse_protocol_text(text).protocol
+    protocol = parse_checked(text).protocol
     assert protocol.safety_limits() == {"lag": (2.0, 50.0)}
     with pytest.raises(SafetyViolation):
         protocol.check_safe({"lag": 60})

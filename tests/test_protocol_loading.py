@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.protocol import InvalidResponse, ProtocolError, parse_protocol_text
+from orchestrator.protocol_checks import parse_checked
 
 ROOT = Path(__file__).resolve().parent.parent
 RETENTION = (ROOT / "protocols" / "retention.yaml").read_text()
@@ -102,7 +103,7 @@ def test_yaml_alias_bomb_is_refused_before_expansion() -> None:
 
 def test_fixed_parameter_prior_is_the_same_as_settings_fixed() -> None:
     text = RETENTION.replace("      b: {dist: beta, alpha: 1, beta: 80}", "      b: {dist: fixed, value: 0.02}")
-    protocol = parse_protocol_text(text).protocol
+    protocol = parse_checked(text).protocol
     exponential = protocol.model("exponential")
     assert "b" not in exponential.priors and exponential.settings["fixed"] == {"b": 0.02}
     from orchestrator.models import build_candidates
@@ -115,7 +116,7 @@ def test_a_parameter_fixed_twice_is_refused() -> None:
     text = RETENTION.replace("      b: {dist: beta, alpha: 1, beta: 80}",
                              "      b: {dist: fixed, value: 0.02}\n    settings: {fixed: {b: 0.03}}")
     with pytest.raises(ProtocolError, match=r"fixed both as a prior and in settings.fixed"):
-        parse_protocol_text(text)
+        parse_checked(text)
 
 
 POISSON = RETENTION.replace("  kind: binomial\n  n: 10\n", "  kind: poisson\n").replace(
@@ -125,18 +126,18 @@ POISSON = RETENTION.replace("  kind: binomial\n  n: 10\n", "  kind: poisson\n").
 
 @pytest.mark.parametrize("value", [1e7, 2**64 - 1, 10**400, -1])
 def test_implausible_counts_are_invalid(value: float) -> None:
-    spec = parse_protocol_text(POISSON).protocol.response
+    spec = parse_checked(POISSON).protocol.response
     with pytest.raises(InvalidResponse):
         spec.validate({"value": value})
     assert spec.validate({"value": 1e6}) == 1e6
 
 
 def test_response_range_is_widened_in_the_protocol() -> None:
-    spec = parse_protocol_text(POISSON.replace("  kind: poisson\n", "  kind: poisson\n  high: 1.0e8\n")).protocol.response
+    spec = parse_checked(POISSON.replace("  kind: poisson\n", "  kind: poisson\n  high: 1.0e8\n")).protocol.response
     assert spec.validate({"value": 1e7}) == 1e7 and spec.plausible_range() == (0.0, 1e8)
     gaussian = POISSON.replace("  kind: poisson\n", "  kind: gaussian\n")
     with pytest.raises(ProtocolError):  # gaussian models need a noise prior; the range itself is fine
-        parse_protocol_text(gaussian)
+        parse_checked(gaussian)
     from orchestrator.protocol import ResponseSpec
 
     default = ResponseSpec(kind="gaussian")
@@ -149,9 +150,9 @@ def test_response_range_is_widened_in_the_protocol() -> None:
 def test_fixed_values_obey_safety_and_safety_may_name_them() -> None:
     path = ROOT / "tests" / "bad_protocols" / "27_fixed_value_over_safety.yaml"
     ok = path.read_text().replace("amplitude: 900000  # <-- here", "amplitude: 50")
-    assert parse_protocol_text(ok).protocol.stimulus.fixed["amplitude"] == 50
+    assert parse_checked(ok).protocol.stimulus.fixed["amplitude"] == 50
     with pytest.raises(ProtocolError) as info:
-        parse_protocol_text(path.read_text())
+        parse_checked(path.read_text())
     assert [p.path for p in info.value.problems] == ["stimulus.fixed.amplitude"]
 
 

@@ -16,6 +16,7 @@ from types import ModuleType
 import pytest
 
 from orchestrator.store import TrialStore, upgrade
+from orchestrator.protocol_checks import parse_checked
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ def _session_with_open_trial(url: str, status: str) -> str:
     from orchestrator.protocol import parse_protocol_text
 
     upgrade(url)
-    loaded = parse_protocol_text(loaded_text)
+    loaded = parse_checked(loaded_text)
     with TrialStore(url) as store:
         sid = store.create_session(protocol_id=store.add_protocol(loaded), subject_id=store.subject("m1"), seed=3,
                                    bind="tcp://127.0.0.1:1", status=status,

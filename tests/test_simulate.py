@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from orchestrator.cli_simulate import register
 from orchestrator.protocol import parse_protocol_text
 from orchestrator.simulate import SimulationConfig, simulate
+from orchestrator.protocol_checks import parse_checked
 
 PROTOCOL = """
 name: retention
@@ -81,7 +82,7 @@ def test_simulate_json_lines(protocol_file: Path) -> None:
 
 
 def test_simulate_is_reproducible_and_design_override_applies(protocol_file: Path) -> None:
-    p = parse_protocol_text(PROTOCOL).protocol
+    p = parse_checked(PROTOCOL).protocol
     cfg = SimulationConfig(truth="exponential", seed=5, max_trials=5, design="sweep")
     a = [(r["stimulus"], r["response"], r["model_probabilities"]) for r in simulate(p, cfg)]
     b = [(r["stimulus"], r["response"], r["model_probabilities"]) for r in simulate(p, cfg)]

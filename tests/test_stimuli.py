@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import stimuli
 from orchestrator.protocol import ProtocolError, load_protocol, parse_protocol_text
+from orchestrator.protocol_checks import parse_checked, load_checked
 from stimuli import StimulusParameterError, UnknownStimulusType, get_stimulus_type
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ def test_image_name_must_be_safe_and_required() -> None:
 
 
 def test_orientation_tuning_protocol_is_valid() -> None:
-    loaded = parse_protocol_text(ORIENTATION)
+    loaded = parse_checked(ORIENTATION)
     assert stimuli.check_protocol(loaded.protocol) == []
 
 
@@ -107,7 +108,7 @@ def _variant(tmp_path: Path, old: str, new: str) -> Path:
 def test_validate_reports_file_line_and_field(tmp_path: Path, old: str, new: str, expected: str) -> None:
     path = _variant(tmp_path, old, new)
     with pytest.raises(ProtocolError) as info:
-        load_protocol(path)
+        load_checked(path)
     text = str(info.value)
     assert expected in text, text
     line = next(l for l in text.splitlines() if expected in l)
@@ -118,7 +119,7 @@ def test_unknown_varied_parameter_and_wrong_kind(tmp_path: Path) -> None:
     path = _variant(tmp_path, "    contrast: {kind: continuous",
                     "    n_dots: {kind: continuous, low: 1, high: 5}\n    contrast: {kind: continuous")
     with pytest.raises(ProtocolError) as info:
-        load_protocol(path)
+        load_checked(path)
     assert "stimulus.parameters.n_dots: grating has no parameter 'n_dots'" in str(info.value)
 
 
@@ -126,7 +127,7 @@ def test_pulse_train_rejects_display_duration() -> None:
     text = ORIENTATION.replace("type: grating", "type: pulse_train")
     loaded_problems = None
     try:
-        parse_protocol_text(text)
+        parse_checked(text)
     except ProtocolError as exc:
         loaded_problems = str(exc)
     assert loaded_problems and "stimulus.duration_s" in loaded_problems
@@ -134,7 +135,7 @@ def test_pulse_train_rejects_display_duration() -> None:
 
 def test_abstract_accepts_anything() -> None:
     retention = (ROOT / "protocols" / "retention.yaml").read_text()
-    loaded = parse_protocol_text(retention)
+    loaded = parse_checked(retention)
     assert loaded.protocol.stimulus.type == "abstract"
     assert stimuli.check_protocol(loaded.protocol) == []
 

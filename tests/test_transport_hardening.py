@@ -19,6 +19,7 @@ from orchestrator import keys as keyfiles
 from orchestrator import messages as m
 from orchestrator.rig_api import AttemptFailed, FailureReason, NoRigError, RigLost, TrialRejected
 from orchestrator.transport import MAX_INBOUND_FRAME_BYTES, PEER_BUFFER_BYTES, RigServer, guard
+from orchestrator.protocol_checks import load_checked
 from rig_adapters.simulated import NullAdapter
 from rig_adapters.worker import RigWorker
 from test_transport_helpers import RawRig, cmd, wait_until
@@ -394,7 +395,7 @@ def test_a_session_that_finds_no_rig_says_what_it_saw(tmp_path: Path) -> None:
     path = ROOT / "protocols" / "retention.yaml"
     request = SessionRequest(protocol_path=str(path), db_url=f"sqlite:///{tmp_path / 's.db'}",
                              bind=f"tcp://127.0.0.1:{free_port()}", insecure=True, wait_for_rig_s=2.0, seed=1)
-    session_id, seed = register_session(request, load_protocol(path))
+    session_id, seed = register_session(request, load_checked(path))
 
     def rig_with_a_typo() -> None:  # registers, fails to start the session, leaves
         raw = RawRig(request.bind)

@@ -18,6 +18,7 @@ import pytest
 
 from orchestrator import keys as keyfiles
 from orchestrator.transport import AttemptFailed, RigLost, RigServer, TrialOutcome
+from orchestrator.protocol_checks import parse_checked
 from rig_adapters.base import AdapterError, SessionInfo, available_adapters, build_adapter, load_adapter_class
 from rig_adapters.simulated import NullAdapter, SimulatedAdapter
 from test_transport_helpers import Workers, cmd, free_port, wait_until
@@ -67,7 +68,7 @@ def test_simulated_adapter_draws_from_the_truth_with_per_trial_seeds() -> None:
         adapter.present(Trial(trial_id=1, attempt=1, index=1, session_id="s", stimulus={"lag": 1},
                               stimulus_type="abstract", response_kind="binomial", timeout_s=1.0))
     adapter.start(SessionInfo("s", RETENTION, "r"))
-    truth = build_truth(parse_protocol_text(RETENTION).protocol, "power:a=0.9,b=0.5")
+    truth = build_truth(parse_checked(RETENTION).protocol, "power:a=0.9,b=0.5")
     for index, lag in [(0, 0), (1, 5), (2, 50), (3, 5)]:
         trial = Trial(trial_id=index, attempt=1, index=index, session_id="s", stimulus={"lag": lag},
                       stimulus_type="abstract", response_kind="binomial", timeout_s=1.0)
@@ -84,7 +85,7 @@ def test_simulated_worker_process_serves_a_session(tmp_path: Path) -> None:
     from orchestrator.models import build_truth
     from orchestrator.protocol import parse_protocol_text
 
-    truth = build_truth(parse_protocol_text(RETENTION).protocol, "exponential:a=0.95,b=0.02")
+    truth = build_truth(parse_checked(RETENTION).protocol, "exponential:a=0.95,b=0.02")
     with RigServer("tcp://127.0.0.1:0", insecure=True) as srv, Workers(tmp_path) as workers:
         srv.set_session("sess", RETENTION)
         workers.start(srv.endpoint, "sim", adapter="simulated",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from orchestrator.transport import RigServer, TrialCommand
+from orchestrator.protocol_checks import load_checked
 from test_transport_helpers import Workers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ def test_sixteen_simulated_rigs_in_one_session(tmp_path: Path) -> None:
     from orchestrator.models import build_truth
     from orchestrator.protocol import load_protocol
 
-    loaded = load_protocol(REPO / "protocols" / "retention.yaml")
+    loaded = load_checked(REPO / "protocols" / "retention.yaml")
     truth = build_truth(loaded.protocol, TRUTH)
     with RigServer("tcp://127.0.0.1:0", insecure=True) as srv, Workers(tmp_path) as workers:
         srv.set_session("sixteen", loaded.text)
