@@ -39,8 +39,9 @@ def _population(name: str) -> Callable[..., Any]:
     return build
 
 
-STRATEGIES.update({name: _population(name) for name in (
-    "population_synthesis", "population_pool", "population_random_pool", "population_random_noise")})
+#: the designs an image protocol with a population response can use
+POPULATION_STRATEGIES = ("population_synthesis", "population_pool", "population_random_pool", "population_random_noise")
+STRATEGIES.update({name: _population(name) for name in POPULATION_STRATEGIES})
 
 
 def make_design(protocol: Any, seed: int, override: str | None = None) -> BaseStrategy:
@@ -74,7 +75,11 @@ def check_protocol(protocol: Any) -> list[tuple[str, str]]:
     name = protocol.design.strategy
     if name not in STRATEGIES:
         return [("design.strategy", f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")]
-    problems = size_problems(protocol)
+    population = getattr(protocol, "is_population", False)
+    if population != (name in POPULATION_STRATEGIES):
+        return []  # a scalar design on an image protocol (or the reverse) is reported by the protocol's own check
+    # Image protocols have no stimulus parameters to count: their designs check their own sizes.
+    problems = [] if population else size_problems(protocol)
     if problems:
         return problems
     try:

@@ -22,6 +22,7 @@ import torch
 from orchestrator.neural.features import FeatureModel, FeatureSpecError, fit_feature_model, pool_tensor
 from orchestrator.neural.pool import load_pool
 from orchestrator.neural.hyper import ReadoutGrid
+from orchestrator.neural.numerics import flushed_denormals
 from orchestrator.neural.readout import NIGPrior, ReadoutState
 
 ImageResolver = Callable[[str], np.ndarray]
@@ -81,7 +82,12 @@ class PopulationComparison:
     def from_protocol(cls, protocol: Any, seed: int, images: ImageResolver | None = None,
                       pool: np.ndarray | None = None) -> "PopulationComparison":
         """Build every candidate (networks, standardisation on the pool, readout priors)."""
-        torch.set_flush_denormal(True)
+        with flushed_denormals():
+            return cls._build(protocol, seed, images, pool)
+
+    @classmethod
+    def _build(cls, protocol: Any, seed: int, images: ImageResolver | None,
+               pool: np.ndarray | None) -> "PopulationComparison":
         pool = load_pool(protocol, seed=0) if pool is None else pool
         tensor = pool_tensor(pool)
         probs = protocol.model_prior_probabilities()

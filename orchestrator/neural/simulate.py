@@ -13,17 +13,21 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from orchestrator.design import make_design
 from orchestrator.neural.comparison import PopulationComparison
+from orchestrator.neural.numerics import flushed_denormals
 from orchestrator.neural.pool import load_pool
 from orchestrator.neural.truth import build_population_truth
 
 
 def simulate_population(protocol: Any, config: Any) -> Iterator[dict[str, Any]]:
     """Yield one JSON-safe record per trial (all replicates, in order)."""
-    torch.set_flush_denormal(True)
+    with flushed_denormals():  # the consumer runs between records with the flag set too: a CLI loop
+        yield from _simulate_population(protocol, config)
+
+
+def _simulate_population(protocol: Any, config: Any) -> Iterator[dict[str, Any]]:
     pool = load_pool(protocol)
     base = PopulationComparison.from_protocol(protocol, int(config.seed), pool=pool)
     truth = build_population_truth(protocol, config.truth, base)  # validates the truth up front

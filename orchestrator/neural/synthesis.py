@@ -19,6 +19,7 @@ import torch
 
 from orchestrator.neural.acquisition import ReadoutSnapshot, discrimination_from_features
 from orchestrator.neural.features import FeatureModel
+from orchestrator.neural.numerics import without_denormals
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def _inside(models: Sequence[FeatureModel], images: torch.Tensor, margin: float)
     return ok, ratio
 
 
+@without_denormals
 def synthesize(models: Sequence[FeatureModel], snaps: Sequence[ReadoutSnapshot], starts: torch.Tensor,
                start_ids: Sequence[int], protocol: Any, settings: SynthesisSettings) -> Synthesized:
     """Climb the acquisition from `starts` (K, C, H, W) and return the best feasible image."""
