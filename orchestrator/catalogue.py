@@ -59,6 +59,37 @@ class PriorEntry:
     arguments: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model id a protocol can name under `builtin:`, with the names of its inputs and parameters."""
+
+    id: str
+    doc: str
+    variables: tuple[str, ...]
+    parameters: tuple[str, ...]
+    notes: dict[str, str]
+    source: str = "builtin"
+
+
+def _source(info: Any) -> str:
+    """Where a model comes from, as `cloop models` shows it: builtin, registered or the entry-point group."""
+    from orchestrator.models import ENTRY_POINT_GROUP
+
+    return f"entry point {ENTRY_POINT_GROUP}" if info.source.startswith("entry point") else info.source
+
+
+def models() -> list[ModelEntry]:
+    """Builtin models (by id), then registered and `cloop.models` entry-point models; the GP candidate
+    among the builtins. Names and meanings come from `orchestrator.models.builtin_catalogue()`."""
+    from orchestrator.models import builtin_catalogue
+
+    found = [ModelEntry(m.id, m.formula, tuple(v.name for v in m.variables), tuple(p.name for p in m.parameters),
+                        {i.name: i.meaning for i in (*m.variables, *m.parameters) if i.meaning}, _source(m))
+             for m in builtin_catalogue()]
+    found.append(ModelEntry(GP_MODEL_ID, GP_DOC, (), (), dict(GP_SETTINGS)))
+    return sorted(found, key=lambda e: (e.source != "builtin", e.id))
+
+
 def _describe(name: str, meaning: str, unit: str = "", axis: str = "") -> str:
     """`- `name`: meaning (unit; log axis)` — the unit and a log axis only when there is one."""
     extras = [u for u in (unit, "log axis" if axis == "log" else "") if u]
@@ -111,7 +142,8 @@ def render_models() -> str:
             lines += [f"- `{k}`: {v}" for k, v in GP_SETTINGS.items()]
             lines.append("")
             continue
-        lines.append(f"#### `{entry.id}`" + ("" if entry.source == "builtin" else f" ({entry.source})"))
+        source = _source(entry)
+        lines.append(f"#### `{entry.id}`" + ("" if source == "builtin" else f" ({source})"))
         lines += ["", entry.formula, ""]
         for label, infos in (("Inputs", entry.variables), ("Parameters", entry.parameters)):
             lines += [f"{label}:", ""]
