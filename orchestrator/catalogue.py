@@ -1,169 +1,99 @@
 """What a protocol can name, read from the installed code: models, priors, design strategies, plug-ins.
 
 `cloop models` and `cloop designs` print these tables, and docs/protocols.md embeds the same text
-(a test compares them), so the reference cannot drift from the code. Names, variables, parameters,
-aliases and entry points come from the registries themselves; the one-line meanings and units of
-the builtin models' parameters and of the strategies' settings are kept here, next to the code
-that renders them, and a test fails when a model or strategy has a name without its note.
+(a test compares them), so the reference cannot drift from the code. Models, their inputs and
+parameters (meaning, unit, natural axis) come from `orchestrator.models.builtin_catalogue()`, design
+strategies and their settings from `orchestrator.design.catalogue()`, population designs from
+their classes. Kept here only what has no other home: the settings shared by every model and the
+Gaussian-process candidate's settings (it is no `EncodingModel` class).
 """
 
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
 #: Plug-in groups a lab can add to (see docs/extending.md).
 ENTRY_POINT_GROUPS = ("cloop.models", "cloop.adapters", "cloop.responses", "cloop.stimuli")
 
-#: Builtin model id -> {variable or parameter: meaning and units}. Models see raw stimulus values:
-#: `log: true` on a stimulus parameter changes how designs search it, never what a model receives.
-MODEL_NOTES: dict[str, dict[str, str]] = {
-    "retention_power": {
-        "t": "retention interval (the stimulus parameter's units, e.g. s)",
-        "a": "recall probability at t = 0 (0..1)", "b": "forgetting exponent (> 0, dimensionless)"},
-    "retention_exponential": {
-        "t": "retention interval (the stimulus parameter's units, e.g. s)",
-        "a": "recall probability at t = 0 (0..1)", "b": "forgetting rate (per unit of t)"},
-    "orientation_von_mises": {
-        "theta": "orientation, deg (period 180)", "baseline": "response far from the preferred orientation",
-        "amplitude": "peak response above baseline", "kappa": "concentration (> 0; larger = narrower tuning)",
-        "pref": "preferred orientation, deg"},
-    "orientation_gaussian": {
-        "theta": "orientation, deg (period 180)", "baseline": "response far from the preferred orientation",
-        "amplitude": "peak response above baseline", "width": "tuning width (SD), deg",
-        "pref": "preferred orientation, deg"},
-    "contrast_naka_rushton": {
-        "c": "contrast, fraction 0..1 (linear)", "baseline": "response at zero contrast",
-        "rmax": "response range above baseline", "c50": "semi-saturation contrast, fraction 0..1 (linear)",
-        "n": "exponent (> 0)"},
-    "contrast_linear_threshold": {
-        "c": "contrast, fraction 0..1 (linear)", "baseline": "response below threshold",
-        "slope": "response per unit of contrast above threshold (linear)",
-        "threshold": "contrast where the response starts to rise, fraction (linear)"},
-    "orientation_contrast": {
-        "theta": "orientation, deg (period 180)", "c": "contrast, fraction 0..1 (linear)",
-        "baseline": "spontaneous response", "rmax": "peak response above baseline at full drive",
-        "kappa": "orientation concentration (> 0)", "pref": "preferred orientation, deg",
-        "c50": "semi-saturation contrast, fraction (linear)", "n": "contrast exponent (> 0)"},
-    "divisive_normalization": {
-        "theta": "orientation, deg (period 180)", "c": "contrast, fraction 0..1 (linear)",
-        "baseline": "spontaneous response", "rmax": "peak response above baseline",
-        "kappa": "orientation concentration of the drive (> 0)", "pref": "preferred orientation, deg",
-        "sigma": "normalization constant, contrast units (linear)", "n": "exponent (> 0)"},
-    **{model_id: {
-        "x": "stimulus intensity in the stimulus parameter's own units (linear axis; log it in the"
-             " protocol if you want a log axis)" + (", x > 0" if model_id.endswith("weibull") else ""),
-        "threshold": "intensity at the curve's midpoint, same units and axis as x (linear)",
-        "slope": ("shape exponent (dimensionless, > 0)" if model_id.endswith("weibull")
-                  else "steepness, per unit of x (linear)"),
-        "guess": "lower asymptote, probability (e.g. 0.5 in 2AFC: fix it, see 'fixed')",
-        "lapse": "lapse rate, probability (upper asymptote = 1 - lapse)"}
-       for model_id in ("psychometric_logistic", "psychometric_weibull", "psychometric_cumulative_normal")},
-    **{model_id: {
-        "r_ss": "smaller-sooner reward amount", "t_ss": "smaller-sooner delay",
-        "r_ll": "larger-later reward amount", "t_ll": "larger-later delay",
-        "k": "discount rate, per unit of delay (> 0)", "tau": "choice inverse temperature (> 0)"}
-       for model_id in ("discounting_exponential", "discounting_hyperbolic")},
-}
-
 #: Settings every non-GP model accepts under `models[i].settings`.
 MODEL_SETTINGS = {
-    "fixed": "{parameter: number}: hold a parameter at a value instead of inferring it (no prior then)",
+    "fixed": "{parameter: number}: hold a parameter at a value instead of inferring it (no prior then;"
+             " the same as the prior `{dist: fixed, value: v}`)",
     "particles": "number of posterior particles (default 2000; 4000 above 3 free parameters)",
     "moves": "MCMC rejuvenation moves per resampling (default 4)",
 }
 
-GP_ENTRY = {
-    "doc": "nonparametric: response mean = link(f(x)), f ~ GP with a scaled RBF kernel on the unit-scaled"
-           " stimulus space (log scale for `log: true` parameters)",
-    "settings": {
-        "link": "exp (poisson default) | logit (bernoulli/binomial default) | identity (gaussian default)",
-        "lengthscale": "RBF lengthscale on the unit-scaled space (default 0.25; or a prior: its median)",
-        "outputscale": "kernel variance (default 2.0, 1.0 for identity; or a prior: its median)",
-        "mean": "constant mean on the link scale (default: link of the running mean response; or a prior)",
-        "noise_sd": "gaussian responses: noise SD (default 1.0; or a prior: its median)",
-        "quadrature": "Gauss-Hermite nodes for the evidence (default 32)",
-        "design_nodes": "quadrature nodes of the predictive used by designs (default 12)",
-    },
+GP_MODEL_ID = "gaussian_process"
+GP_DOC = ("nonparametric: response mean = link(f(x)), f ~ GP with a scaled RBF kernel on the unit-scaled"
+          " stimulus space (log scale for `log: true` parameters)")
+GP_SETTINGS = {
+    "link": "exp (poisson default) | logit (bernoulli/binomial default) | identity (gaussian default)",
+    "lengthscale": "RBF lengthscale on the unit-scaled space (default 0.25; or a prior: its median)",
+    "outputscale": "kernel variance (default 2.0, 1.0 for identity; or a prior: its median)",
+    "mean": "constant mean on the link scale (default: link of the running mean response; or a prior)",
+    "noise_sd": "gaussian responses: noise SD (default 1.0; or a prior: its median)",
+    "quadrature": "Gauss-Hermite nodes for the evidence (default 32)",
+    "design_nodes": "quadrature nodes of the predictive used by designs (default 12)",
 }
 
-#: Strategy class name -> {setting: meaning}. Aliases share their class's entry.
-DESIGN_SETTINGS: dict[str, dict[str, str]] = {
-    "RandomDesign": {},
-    "SweepDesign": {
-        "stimuli": "list of stimulus mappings, presented in order (cycling)",
-        "values": "list of values of the single stimulus parameter",
-        "points": "evenly spaced points per dimension (default 10)"},
-    "StaircaseDesign": {
-        "parameter": "the numeric parameter to vary (default: the first numeric one)",
-        "start": "starting value (default: the upper limit)",
-        "step": "first step (default: 1/10 of the range; halved at each reversal)",
-        "min_step": "smallest step (default: step / 8)",
-        "down": "correct answers in a row before stepping down (default 2)",
-        "up": "wrong answers in a row before stepping up (default 1)"},
-    "InformationDesign": {
-        "mode": "auto (discriminate, then characterize the leader past design.characterize_threshold)"
-                " | discriminate | characterize",
-        "model": "the model to characterize (default: the current leader)",
-        "max_components": "particles per model in the predictive mixture (default 512, 256 if all discrete)",
-        "raw_samples": "random starts scored before optimizing (default 128; 32 when characterizing)",
-        "num_restarts": "gradient restarts from the best raw samples (default 1)",
-        "maxiter": "optimizer iterations per restart (default 5)",
-        "exhaustive_limit": "discrete spaces up to this many stimuli are scored exhaustively (default 5000)",
-        "mixed_limit": "categorical combinations optimized separately in mixed spaces (default 32)",
-        "float32": "score in float32 (default true; false for float64)"},
+#: Meanings of the population designs' settings (their defaults are read from the code's docs).
+POPULATION_SETTINGS = {
+    "contrast": "RMS contrast of the noise images (default 0.8 x the protocol's rms_contrast limit)",
+    "starts": "best pool images the synthesis starts from (default 3)",
+    "random_starts": "extra starts from seeded noise images (default 1)",
+    "steps": "gradient steps per start (default 30)",
+    "lr": "Adam learning rate on the pixel parametrization (default 0.08)",
+    "margin": "feature energy may reach the pool's maximum times 1 + margin (default 0)",
+    "pipeline": "compute the next image while the current trial runs (default true)",
 }
-DESIGN_SETTINGS["ParameterEstimationDesign"] = {
-    k: v for k, v in DESIGN_SETTINGS["InformationDesign"].items() if k != "mode"}
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """One model id a protocol can name under `builtin:`."""
-
-    id: str
-    doc: str
-    variables: tuple[str, ...]
-    parameters: tuple[str, ...]
-    notes: dict[str, str] = field(default_factory=dict)
-    source: str = "builtin"
 
 
 @dataclass(frozen=True)
 class PriorEntry:
+    """One prior distribution of the protocol schema and its argument names."""
+
     dist: str
     arguments: tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class DesignEntry:
-    name: str
-    aliases: tuple[str, ...]
+class ModelEntry:
+    """One model id a protocol can name under `builtin:`, with the names of its inputs and parameters."""
+
+    id: str
     doc: str
-    settings: dict[str, str]
+    variables: tuple[str, ...]
+    parameters: tuple[str, ...]
+    notes: dict[str, str]
+    source: str = "builtin"
 
 
-def _is_builtin(cls: type) -> bool:
-    """A model class shipped with cloop (as opposed to one from another package's entry point)."""
-    return cls.__module__.startswith("orchestrator.")
+def _source(info: Any) -> str:
+    """Where a model comes from, as `cloop models` shows it: builtin, registered or the entry-point group."""
+    from orchestrator.models import ENTRY_POINT_GROUP
+
+    return f"entry point {ENTRY_POINT_GROUP}" if info.source.startswith("entry point") else info.source
 
 
 def models() -> list[ModelEntry]:
-    """Builtin models (registry order: by id), then models from `cloop.models` entry points."""
-    from orchestrator.models import base
+    """Builtin models (by id), then registered and `cloop.models` entry-point models; the GP candidate
+    among the builtins. Names and meanings come from `orchestrator.models.builtin_catalogue()`."""
+    from orchestrator.models import builtin_catalogue
 
-    found: list[ModelEntry] = []
-    for model_id in base.available_models():
-        if model_id == "gaussian_process":
-            found.append(ModelEntry(model_id, GP_ENTRY["doc"], (), (), dict(GP_ENTRY["settings"])))
-            continue
-        cls = base.get_model_class(model_id)
-        source = "builtin" if _is_builtin(cls) else f"entry point {base.ENTRY_POINT_GROUP}"
-        notes = MODEL_NOTES.get(model_id, {})
-        found.append(ModelEntry(model_id, (cls.doc or cls.__doc__ or "").strip(), tuple(cls.variables),
-                                tuple(cls.parameters), dict(notes), source))
-    return found
+    found = [ModelEntry(m.id, m.formula, tuple(v.name for v in m.variables), tuple(p.name for p in m.parameters),
+                        {i.name: i.meaning for i in (*m.variables, *m.parameters) if i.meaning}, _source(m))
+             for m in builtin_catalogue()]
+    found.append(ModelEntry(GP_MODEL_ID, GP_DOC, (), (), dict(GP_SETTINGS)))
+    return sorted(found, key=lambda e: (e.source != "builtin", e.id))
+
+
+def _describe(name: str, meaning: str, unit: str = "", axis: str = "") -> str:
+    """`- `name`: meaning (unit; log axis)` — the unit and a log axis only when there is one."""
+    extras = [u for u in (unit, "log axis" if axis == "log" else "") if u]
+    return f"- `{name}`" + (f": {meaning}" if meaning else "") + (f" ({'; '.join(extras)})" if extras else "")
 
 
 def priors() -> list[PriorEntry]:
@@ -178,25 +108,16 @@ def priors() -> list[PriorEntry]:
     return found
 
 
-def designs() -> list[DesignEntry]:
-    """Design strategies (each class once, its aliases beside it)."""
-    from orchestrator.design import STRATEGIES
+def population_designs() -> list[Any]:
+    """The population design strategies as `DesignInfo` records (summary: the class docstring)."""
+    from orchestrator.design.catalogue import DesignInfo, SettingInfo
+    from orchestrator.neural.designs import STRATEGIES
 
-    by_target: dict[object, list[str]] = {}
-    for name, target in STRATEGIES.items():
-        by_target.setdefault(target, []).append(name)
     found = []
-    for target, names in by_target.items():
-        cls = target if isinstance(target, type) else None
-        canonical = getattr(cls, "name", None) if cls else None
-        primary = canonical if canonical in names else names[0]
-        doc = " ".join((cls.__doc__ or "").split()) if cls else ""
-        if cls is None:  # a preset of another strategy (e.g. discriminate = mutual information, one mode)
-            doc = "mutual information, mode fixed to discriminate (never switches to characterizing)"
-            settings = {k: v for k, v in DESIGN_SETTINGS["InformationDesign"].items() if k not in ("mode", "model")}
-        else:
-            settings = DESIGN_SETTINGS.get(cls.__name__, {})
-        found.append(DesignEntry(primary, tuple(n for n in names if n != primary), doc, settings))
+    for name, cls in STRATEGIES.items():
+        settings = tuple(SettingInfo(key, None, POPULATION_SETTINGS.get(key, ""))
+                         for key in sorted(cls.known_settings, key=list(POPULATION_SETTINGS).index))
+        found.append(DesignInfo(name, " ".join((cls.__doc__ or "").split()), settings))
     return found
 
 
@@ -206,25 +127,28 @@ def plugins() -> dict[str, list[tuple[str, str]]]:
 
 
 def render_models() -> str:
-    """Markdown for `cloop models`: builtin models, model settings, priors, model plug-ins."""
+    """Markdown for `cloop models`: builtin and plug-in models, model settings, priors."""
+    from orchestrator.models import builtin_catalogue
     from orchestrator.models.candidate import NOISE_PARAM
     from orchestrator.models.formula import CONSTANTS, FUNCTIONS
 
     lines = ["### Models", ""]
-    for entry in models():
-        lines.append(f"#### `{entry.id}`" + ("" if entry.source == "builtin" else f" ({entry.source})"))
-        lines += ["", entry.doc, ""]
-        if entry.id == "gaussian_process":
-            lines += ["Settings (`models[i].settings`):", ""]
-            lines += [f"- `{k}`: {v}" for k, v in entry.notes.items()]
-        else:
-            for label, names in (("inputs", entry.variables), ("parameters", entry.parameters)):
-                lines.append(f"{label.capitalize()}:")
-                lines.append("")
-                lines += [f"- `{n}`" + (f": {entry.notes[n]}" if n in entry.notes else "") for n in names]
-                lines.append("")
-            lines.pop()
-        lines.append("")
+    entries: list[Any] = sorted(builtin_catalogue(), key=lambda m: (m.source != "builtin", m.id))
+    gp_at = next((i for i, m in enumerate(entries) if m.source != "builtin" or m.id > GP_MODEL_ID), len(entries))
+    entries.insert(gp_at, None)  # the GP candidate, in id order among the builtins
+    for entry in entries:
+        if entry is None:
+            lines += [f"#### `{GP_MODEL_ID}`", "", GP_DOC, "", "Settings (`models[i].settings`):", ""]
+            lines += [f"- `{k}`: {v}" for k, v in GP_SETTINGS.items()]
+            lines.append("")
+            continue
+        source = _source(entry)
+        lines.append(f"#### `{entry.id}`" + ("" if source == "builtin" else f" ({source})"))
+        lines += ["", entry.formula, ""]
+        for label, infos in (("Inputs", entry.variables), ("Parameters", entry.parameters)):
+            lines += [f"{label}:", ""]
+            lines += [_describe(i.name, i.meaning, i.unit, getattr(i, "axis", "")) for i in infos]
+            lines.append("")
     lines += ["### Model settings (every model except `gaussian_process`)", ""]
     lines += [f"- `{k}`: {v}" for k, v in MODEL_SETTINGS.items()]
     lines += ["", f"With a `gaussian` response every model has one more parameter, `{NOISE_PARAM}` (the response"
@@ -240,15 +164,24 @@ def render_models() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _default(value: Any) -> str:
+    if value is None:
+        return ""
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return f" (default {text})"
+
+
 def render_designs(include_plugins: bool = True) -> str:
     """Markdown for `cloop designs`: strategies with aliases and settings, then installed plug-ins."""
+    from orchestrator.design.catalogue import catalogue as design_catalogue
+
     lines = ["### Design strategies", ""]
-    for entry in designs():
+    for entry in design_catalogue() + population_designs():
         aliases = f" (aliases: {', '.join(f'`{a}`' for a in entry.aliases)})" if entry.aliases else ""
-        lines += [f"#### `{entry.name}`{aliases}", "", entry.doc, ""]
+        lines += [f"#### `{entry.name}`{aliases}", "", entry.summary, ""]
         if entry.settings:
             lines += ["Settings (`design.settings`):", ""]
-            lines += [f"- `{k}`: {v}" for k, v in entry.settings.items()]
+            lines += [f"- `{s.name}`: {s.meaning}{_default(s.default)}" for s in entry.settings]
         else:
             lines.append("No settings.")
         lines.append("")

@@ -47,29 +47,34 @@ def test_cloop_designs_prints_strategies_and_installed_plugins() -> None:
     assert "`simulated` (rig_adapters.simulated:SimulatedAdapter)" in plugins
 
 
-def test_every_builtin_model_input_and_parameter_has_a_note() -> None:
-    from orchestrator.models import base
+def test_every_builtin_model_input_and_parameter_has_a_meaning() -> None:
+    from orchestrator.models import builtin_catalogue
+    from orchestrator.models.builtin import BUILTIN_MODELS
 
-    builtin_ids = {m for m in base.available_models()
-                   if m != "gaussian_process" and catalogue._is_builtin(base.get_model_class(m))}
-    assert set(catalogue.MODEL_NOTES) == builtin_ids
-    for model_id in builtin_ids:
-        cls = base.get_model_class(model_id)
-        assert set(catalogue.MODEL_NOTES[model_id]) == set(cls.variables) | set(cls.parameters), model_id
+    listed = {m.id: m for m in builtin_catalogue() if m.source == "builtin"}
+    assert set(listed) == set(BUILTIN_MODELS)
+    for model_id, info in listed.items():
+        cls = BUILTIN_MODELS[model_id]
+        assert [v.name for v in info.variables] == list(cls.variables), model_id
+        assert [p.name for p in info.parameters] == list(cls.parameters), model_id
+        blank = [i.name for i in info.variables + info.parameters if not i.meaning]
+        assert not blank, f"{model_id}: no meaning for {blank}"
+        assert f"#### `{model_id}`" in catalogue.render_models()
 
 
 def test_priors_of_the_schema_match_the_prior_builder() -> None:
     from orchestrator.models.priors import PRIOR_FIELDS
 
     listed = {p.dist: p.arguments for p in catalogue.priors()}
-    assert listed == {d: args for d, args in PRIOR_FIELDS.items() if d != "fixed"}
+    assert listed == dict(PRIOR_FIELDS)
+    assert listed["fixed"] == ("value",)
 
 
 def _settings_read_by(cls: type) -> set[str]:
     """String keys a strategy's own code reads from its settings (`s.get("k")`, `self.settings["k"]`)."""
     keys: set[str] = set()
     for klass in cls.__mro__:
-        if not klass.__module__.startswith("orchestrator.design"):
+        if not klass.__module__.startswith(("orchestrator.design", "orchestrator.neural")):
             continue
         for node in ast.walk(ast.parse(inspect.cleandoc("\n" + inspect.getsource(klass)))):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
@@ -84,18 +89,32 @@ def _settings_read_by(cls: type) -> set[str]:
     return keys
 
 
-def test_every_design_setting_the_code_reads_is_documented() -> None:
-    from orchestrator.design import STRATEGIES
+def _documented_designs() -> dict[str, set[str]]:
+    """Strategy name or alias -> the settings the catalogue documents for it."""
+    from orchestrator.design.catalogue import catalogue as design_catalogue
 
-    classes = {t for t in STRATEGIES.values() if isinstance(t, type)}
-    assert {c.__name__ for c in classes} <= set(catalogue.DESIGN_SETTINGS)
-    for cls in classes:
-        read = _settings_read_by(cls)
-        documented = set(catalogue.DESIGN_SETTINGS[cls.__name__])
+    found: dict[str, set[str]] = {}
+    for entry in design_catalogue() + catalogue.population_designs():
+        for name in (entry.name, *entry.aliases):
+            found[name] = {s.name for s in entry.settings}
+    return found
+
+
+def test_every_strategy_and_every_setting_the_code_reads_is_documented() -> None:
+    from orchestrator.design import STRATEGIES
+    from orchestrator.neural.designs import STRATEGIES as POPULATION
+
+    documented = _documented_designs()
+    assert set(STRATEGIES) == set(documented), "strategies without a catalogue entry (or entries without one)"
+    classes = {name: target for name, target in STRATEGIES.items() if isinstance(target, type)}
+    classes.update(POPULATION)
+    for name, cls in classes.items():
+        read = _settings_read_by(cls) | set(getattr(cls, "known_settings", ()))
         if cls.__name__ == "ParameterEstimationDesign":
             read.discard("mode")  # fixed to characterize by the class itself
-        assert read <= documented, f"{cls.__name__} reads undocumented settings {sorted(read - documented)}"
+        assert read <= documented[name], f"{name} reads undocumented settings {sorted(read - documented[name])}"
     from orchestrator.design import InformationDesign
 
     assert {"maxiter", "raw_samples", "mode"} <= _settings_read_by(InformationDesign)  # the scan sees them
-    assert {"points", "stimuli", "values"} <= set(catalogue.DESIGN_SETTINGS["SweepDesign"])
+    assert {"points", "stimuli", "values"} <= documented["sweep"]
+    assert documented["population_synthesis"] >= {"starts", "steps", "lr", "margin", "pipeline"}
