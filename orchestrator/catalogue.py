@@ -3,8 +3,8 @@
 `cloop models` and `cloop designs` print these tables, and docs/protocols.md embeds the same text
 (a test compares them), so the reference cannot drift from the code. Models, their inputs and
 parameters (meaning, unit, natural axis) come from `orchestrator.models.builtin_catalogue()`, design
-strategies and their settings from `orchestrator.design.catalogue()`, population designs from
-their classes. Kept here only what has no other home: the settings shared by every model and the
+strategies and their settings (population designs included) from `orchestrator.design.catalogue()`.
+Kept here only what has no other home: the settings shared by every model and the
 Gaussian-process candidate's settings (it is no `EncodingModel` class).
 """
 
@@ -38,18 +38,6 @@ GP_SETTINGS = {
     "quadrature": "Gauss-Hermite nodes for the evidence (default 32)",
     "design_nodes": "quadrature nodes of the predictive used by designs (default 12)",
 }
-
-#: Meanings of the population designs' settings (their defaults are read from the code's docs).
-POPULATION_SETTINGS = {
-    "contrast": "RMS contrast of the noise images (default 0.8 x the protocol's rms_contrast limit)",
-    "starts": "best pool images the synthesis starts from (default 3)",
-    "random_starts": "extra starts from seeded noise images (default 1)",
-    "steps": "gradient steps per start (default 30)",
-    "lr": "Adam learning rate on the pixel parametrization (default 0.08)",
-    "margin": "feature energy may reach the pool's maximum times 1 + margin (default 0)",
-    "pipeline": "compute the next image while the current trial runs (default true)",
-}
-
 
 @dataclass(frozen=True)
 class PriorEntry:
@@ -108,19 +96,6 @@ def priors() -> list[PriorEntry]:
     return found
 
 
-def population_designs() -> list[Any]:
-    """The population design strategies as `DesignInfo` records (summary: the class docstring)."""
-    from orchestrator.design.catalogue import DesignInfo, SettingInfo
-    from orchestrator.neural.designs import STRATEGIES
-
-    found = []
-    for name, cls in STRATEGIES.items():
-        settings = tuple(SettingInfo(key, None, POPULATION_SETTINGS.get(key, ""))
-                         for key in sorted(cls.known_settings, key=list(POPULATION_SETTINGS).index))
-        found.append(DesignInfo(name, " ".join((cls.__doc__ or "").split()), settings))
-    return found
-
-
 def plugins() -> dict[str, list[tuple[str, str]]]:
     """Installed entry points per cloop group: [(name, module:object), ...]."""
     return {group: sorted((ep.name, ep.value) for ep in entry_points(group=group)) for group in ENTRY_POINT_GROUPS}
@@ -173,10 +148,10 @@ def _default(value: Any) -> str:
 
 def render_designs(include_plugins: bool = True) -> str:
     """Markdown for `cloop designs`: strategies with aliases and settings, then installed plug-ins."""
-    from orchestrator.design.catalogue import catalogue as design_catalogue
+    from orchestrator.design import catalogue as design_catalogue
 
     lines = ["### Design strategies", ""]
-    for entry in design_catalogue() + population_designs():
+    for entry in design_catalogue():
         aliases = f" (aliases: {', '.join(f'`{a}`' for a in entry.aliases)})" if entry.aliases else ""
         lines += [f"#### `{entry.name}`{aliases}", "", entry.summary, ""]
         if entry.settings:

@@ -91,10 +91,10 @@ def _settings_read_by(cls: type) -> set[str]:
 
 def _documented_designs() -> dict[str, set[str]]:
     """Strategy name or alias -> the settings the catalogue documents for it."""
-    from orchestrator.design.catalogue import catalogue as design_catalogue
+    from orchestrator.design import catalogue as design_catalogue
 
     found: dict[str, set[str]] = {}
-    for entry in design_catalogue() + catalogue.population_designs():
+    for entry in design_catalogue():
         for name in (entry.name, *entry.aliases):
             found[name] = {s.name for s in entry.settings}
     return found

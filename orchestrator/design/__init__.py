@@ -63,8 +63,8 @@ def make_design(protocol: Any, seed: int, override: str | None = None) -> BaseSt
 
 
 def catalogue() -> list[Any]:
-    """Every design strategy with its settings (orchestrator.design.catalogue.DesignInfo records)."""
-    from orchestrator.design.catalogue import catalogue as _catalogue
+    """Every design strategy with its settings (orchestrator.design.info.DesignInfo records)."""
+    from orchestrator.design.info import catalogue as _catalogue
 
     return _catalogue()
 

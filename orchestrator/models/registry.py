@@ -68,7 +68,7 @@ def _info(cls: type[EncodingModel], source: str) -> ModelInfo:
 
 def builtin_catalogue(include_entry_points: bool = True) -> list[ModelInfo]:
     """Metadata of every parametric model a protocol can name (the GP candidate is a design of its
-    own, listed by `orchestrator.design.catalogue`). Entry points that fail to load are skipped."""
+    own, listed by `orchestrator.catalogue`). Entry points that fail to load are skipped."""
     out = [_info(cls, "builtin") for _, cls in sorted(BUILTIN_MODELS.items())]
     out += [_info(cls, "registered") for _, cls in sorted(_EXTRA.items())]
     if include_entry_points:

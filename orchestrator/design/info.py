@@ -34,7 +34,8 @@ _INFORMATION = (
     _MODE,
     SettingInfo("model", None, "characterize this model (default: the current leader)"),
     SettingInfo("exact", True, "run as exact grid ADO when every model has <= 3 parameters and the stimulus "
-                               f"space is discrete with <= {grid.MAX_STIMULI} points and outcome tables "
+                               f"space has <= {grid.MAX_STIMULI} candidate stimuli (continuous dimensions on settings.points "
+                               "grid points) and outcome tables "
                                f"<= {grid.MAX_TABLE_ENTRIES} float32 entries"),
     SettingInfo("exhaustive_limit", 5000, "score every stimulus of a discrete space up to this many points "
                                           "(beyond: a seeded sample of this many)"),
@@ -48,7 +49,35 @@ _INFORMATION = (
 
 
 def catalogue() -> list[DesignInfo]:
-    """Every design strategy with its settings and defaults."""
+    """Every design strategy with its settings and defaults, the population designs last."""
+    return _scalar_designs() + population_designs()
+
+
+#: Meanings of the population designs' settings (their defaults are read from the code's docs).
+POPULATION_SETTINGS = {
+    "contrast": "RMS contrast of the noise images (default 0.8 x the protocol's rms_contrast limit)",
+    "starts": "best pool images the synthesis starts from (default 3)",
+    "random_starts": "extra starts from seeded noise images (default 1)",
+    "steps": "gradient steps per start (default 30)",
+    "lr": "Adam learning rate on the pixel parametrization (default 0.08)",
+    "margin": "feature energy may reach the pool's maximum times 1 + margin (default 0)",
+    "pipeline": "compute the next image while the current trial runs (default true)",
+}
+
+
+def population_designs() -> list[DesignInfo]:
+    """The population design strategies (summary: the class docstring; settings: what each reads)."""
+    from orchestrator.neural.designs import STRATEGIES
+
+    found = []
+    for name, cls in STRATEGIES.items():
+        settings = tuple(SettingInfo(key, None, POPULATION_SETTINGS.get(key, ""))
+                         for key in sorted(cls.known_settings, key=list(POPULATION_SETTINGS).index))
+        found.append(DesignInfo(name, " ".join((cls.__doc__ or "").split()), settings))
+    return found
+
+
+def _scalar_designs() -> list[DesignInfo]:
     return [
         DesignInfo("mutual_information", "maximise the mutual information between the next response and the "
                    "model identity (then the winner's parameters)", _INFORMATION, ("mi", "ado")),
@@ -75,4 +104,4 @@ def catalogue() -> list[DesignInfo]:
     ]
 
 
-__all__ = ["DesignInfo", "SettingInfo", "catalogue"]
+__all__ = ["DesignInfo", "SettingInfo", "catalogue", "population_designs"]
