@@ -118,7 +118,12 @@ def check_truth(protocol: Any, truth: str, flag: str = "--truth") -> None:
     from orchestrator.models import build_truth
 
     try:
-        build_truth(protocol, truth)
+        if getattr(protocol, "is_population", False):  # a simulated population of the protocol's units
+            from orchestrator.neural.truth import parse_population_truth
+
+            parse_population_truth(protocol, truth)
+        else:
+            build_truth(protocol, truth)
     except (ValueError, KeyError) as exc:
         message = str(exc).strip("'\"")
         if message.startswith("truth: "):

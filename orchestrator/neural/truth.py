@@ -75,19 +75,26 @@ class PopulationTruth:
         return f"{self.model_name}:" + ",".join(f"{k}={v:g}" for k, v in self.params.items())
 
 
-def build_population_truth(protocol: Any, text: str, comparison: Any) -> PopulationTruth:
-    """Parse ``MODEL:opt=value,...`` and draw the population (features from `comparison`'s candidate)."""
+def parse_population_truth(protocol: Any, text: str) -> tuple[str, dict[str, float]]:
+    """``MODEL:opt=value,...`` -> (model name, options with defaults); cheap, no feature model is built."""
     from orchestrator.models.truth import parse_truth_spec
 
     name, given = parse_truth_spec(text)
     unknown = sorted(set(given) - set(OPTIONS))
     if unknown:
         raise ValueError(f"truth {text!r}: unknown option(s) {unknown}; known: {', '.join(OPTIONS)}")
-    if name not in comparison.model_names:
-        raise ValueError(f"truth {text!r}: unknown model {name!r}; the protocol defines {comparison.model_names}")
+    names = [m.name for m in protocol.models]
+    if name not in names:
+        raise ValueError(f"truth {text!r}: unknown model {name!r}; the protocol defines {names}")
     params = {**OPTIONS, **given}
     if not 0 < params["ev"] < 1:
         raise ValueError(f"truth {text!r}: ev (explainable variance) must be in (0, 1)")
+    return name, params
+
+
+def build_population_truth(protocol: Any, text: str, comparison: Any) -> PopulationTruth:
+    """Parse ``MODEL:opt=value,...`` and draw the population (features from `comparison`'s candidate)."""
+    name, params = parse_population_truth(protocol, text)
     fm = comparison.candidates[comparison.model_names.index(name)].features
     n = protocol.response.n_units
     rng = np.random.default_rng([int(params["seed"]), 0x7A0])
