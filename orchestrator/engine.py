@@ -88,9 +88,10 @@ def replay_history(store: TrialStore, session_id: str, comparison: ModelComparis
         for stimulus, value in store.observations(session_id):
             comparison.update(stimulus, value)
         return
+    observations = iter(store.observations(session_id))  # completed trials in order, population vectors included
     for trial in store.trials(session_id):
         if trial.status == "completed":
-            comparison.update(trial.stimulus, trial.value)
+            comparison.update(*next(observations))
         if trial.id in missing:
             store.record_model_state(trial.id, comparison.probabilities(), comparison.summary())
 
