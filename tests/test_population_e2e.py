@@ -98,6 +98,18 @@ def test_population_session_over_loopback_stores_every_vector_and_image(cloop_cm
         assert hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest() == sha
     assert len(set(hashes)) > 1  # the design moved on from its first image
 
+    # The report shows the session's own images and its trials x units responses.
+    report = subprocess.run([*cloop_cmd, "report", session_id, "--db", db, "-o", str(tmp_path / "r.html"),
+                             "--png-dir", str(tmp_path / "png")], env=run_env, capture_output=True, text=True,
+                            timeout=120)
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "Images shown" in page and "Population responses" in page and "Model probabilities" in page
+    import matplotlib.image
+
+    thumbnails = matplotlib.image.imread(tmp_path / "png" / "stimuli.png")
+    assert thumbnails[..., :3].std() > 0.15  # pixels drawn, not a note on a blank figure
+
 
 def test_resume_after_sigkill_replays_to_the_same_next_image(cloop_cmd, run_env, tmp_path) -> None:
     protocol = _protocol(tmp_path)
