@@ -46,12 +46,19 @@ class TrialReport:
     index: int
     status: str
     stimulus: dict[str, Any]
-    response: float | None
+    response: float | Any | None  # a population trial's response is its vector (numpy array)
     probabilities: dict[str, float]
     decision: Decision
     attempts: int
     error: str | None = None
     update_ms: float = 0.0  # time the models took to assimilate the response
+
+    @property
+    def response_text(self) -> str:
+        """The response for a log line: the number, or ``[N units]`` for a population vector."""
+        if self.response is None or isinstance(self.response, (int, float)):
+            return str(self.response)
+        return f"[{len(self.response)} units]"
 
 
 @dataclass

@@ -69,6 +69,7 @@ def test_population_session_over_loopback_stores_every_vector_and_image(cloop_cm
         _stop(rig)
     assert orchestrator.returncode == 0, err
     session_id = out.splitlines()[0].strip()
+    assert f"response=[{UNITS} units]" in err + out  # one short progress line per trial, not the vector
 
     with TrialStore(db) as store:
         trials = store.trials(session_id)
