@@ -13,9 +13,11 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import free_port, wait_process
 
 from orchestrator import analysis
@@ -23,6 +25,7 @@ from orchestrator.store import TrialStore
 from test_neural_helpers import population_protocol
 
 UNITS = 6
+TRIALS = 4
 TRUTH = "cnn_a:ev=0.5,seed=3"
 
 
@@ -57,37 +60,59 @@ def _stimulus_hashes(db: str, session_id: str) -> list[str]:
         return [t["stimulus"]["image"] for t in store.trials(session_id)]
 
 
-def test_population_session_over_loopback_stores_every_vector_and_image(cloop_cmd, run_env, tmp_path) -> None:
-    db = f"sqlite:///{tmp_path / 'pop.db'}"
+@dataclass(frozen=True)
+class Finished:
+    """An uninterrupted session: where it is, its id, what `cloop run` printed."""
+
+    workdir: Path
+    protocol: Path
+    db: str
+    session_id: str
+    output: str
+
+
+@pytest.fixture(scope="module")
+def finished(cloop_cmd: list[str], tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    """One session of TRIALS trials run to the end (shared: the resume test replays against it)."""
+    workdir = tmp_path_factory.mktemp("population")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_HOME": str(workdir / "prefect-home")}
+    env.pop("CLOOP_DB", None)
+    db = f"sqlite:///{workdir / 'pop.db'}"
     port = free_port()
-    protocol = _protocol(tmp_path)
-    orchestrator = _run(cloop_cmd, run_env, protocol, db, port, "--max-trials", "4")
-    rig = _rig(cloop_cmd, run_env, port, tmp_path / "rig-state")
+    protocol = _protocol(workdir)
+    orchestrator = _run(cloop_cmd, env, protocol, db, port, "--max-trials", str(TRIALS))
+    rig = _rig(cloop_cmd, env, port, workdir / "rig-state")
     try:
         out, err = wait_process(orchestrator, 120)
     finally:
         _stop(rig)
     assert orchestrator.returncode == 0, err
-    session_id = out.splitlines()[0].strip()
-    assert f"response=[{UNITS} units]" in err + out  # one short progress line per trial, not the vector
+    return Finished(workdir, protocol, db, out.splitlines()[0].strip(), out + err)
+
+
+def test_population_session_over_loopback_stores_every_vector_and_image(finished: Finished, cloop_cmd, run_env,
+                                                                         tmp_path) -> None:
+    db, session_id = finished.db, finished.session_id
+    assert f"response=[{UNITS} units]" in finished.output  # one short progress line per trial, not the vector
 
     with TrialStore(db) as store:
         trials = store.trials(session_id)
         assert store.session(session_id)["status"] == "completed"
-    assert [t["status"] for t in trials] == ["completed"] * 4
+    assert [t["status"] for t in trials] == ["completed"] * TRIALS
     meta, responses = analysis.population_responses(db, session_id)
-    assert responses.shape == (4, UNITS) and np.isfinite(responses).all() and (responses >= 0).all()
-    assert list(meta["index"]) == [0, 1, 2, 3]
+    assert responses.shape == (TRIALS, UNITS) and np.isfinite(responses).all() and (responses >= 0).all()
+    assert list(meta["index"]) == list(range(TRIALS))
 
     # What the rig journaled as sent is what the database holds, unit for unit.
     sent = {}
-    for path in (tmp_path / "rig-state").glob("*.journal.jsonl"):
+    for path in (finished.workdir / "rig-state").glob("*.journal.jsonl"):
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if record["event"] == "result":
                 sent[int(record["key"].rsplit(":", 1)[1])] = record["result"]["response"]["value"]
-    assert sorted(sent) == [0, 1, 2, 3]
-    np.testing.assert_array_equal(responses, np.array([sent[i] for i in range(4)], dtype=float))
+    assert sorted(sent) == list(range(TRIALS))
+    np.testing.assert_array_equal(responses, np.array([sent[i] for i in range(TRIALS)], dtype=float))
 
     # Every image is retrievable by its hash, and the pixels hash to it: the bytes the rig verified.
     hashes = [t["stimulus"]["image"] for t in trials]
@@ -112,19 +137,10 @@ def test_population_session_over_loopback_stores_every_vector_and_image(cloop_cm
     assert thumbnails[..., :3].std() > 0.15  # pixels drawn, not a note on a blank figure
 
 
-def test_resume_after_sigkill_replays_to_the_same_next_image(cloop_cmd, run_env, tmp_path) -> None:
-    protocol = _protocol(tmp_path)
-    trials = 4
-    reference_db = f"sqlite:///{tmp_path / 'ref.db'}"
-    port = free_port()
-    orchestrator = _run(cloop_cmd, run_env, protocol, reference_db, port, "--max-trials", str(trials))
-    rig = _rig(cloop_cmd, run_env, port, tmp_path / "ref-state")
-    try:
-        out, err = wait_process(orchestrator, 120)
-    finally:
-        _stop(rig)
-    assert orchestrator.returncode == 0, err
-    reference = _stimulus_hashes(reference_db, out.splitlines()[0].strip())
+def test_resume_after_sigkill_replays_to_the_same_next_image(finished: Finished, cloop_cmd, run_env,
+                                                             tmp_path) -> None:
+    protocol, trials = finished.protocol, TRIALS
+    reference = _stimulus_hashes(finished.db, finished.session_id)
     assert len(reference) == trials
 
     db = f"sqlite:///{tmp_path / 'kill.db'}"
@@ -134,15 +150,15 @@ def test_resume_after_sigkill_replays_to_the_same_next_image(cloop_cmd, run_env,
     try:
         session_id = orchestrator.stdout.readline().strip()
         deadline = time.monotonic() + 90
-        with TrialStore(db) as store:  # kill once two trials are done: the next image is not yet sent
+        with TrialStore(db) as store:  # kill once two trials are done (the third being chosen or shown)
             while store.trial_counts(session_id).get("completed", 0) < 2:
                 assert orchestrator.poll() is None and time.monotonic() < deadline, "the session did not progress"
                 time.sleep(0.05)
         os.kill(orchestrator.pid, signal.SIGKILL)
         orchestrator.wait(10)
         assert orchestrator.returncode == -signal.SIGKILL  # killed mid-session, not finished
-        with TrialStore(db) as store:
-            assert store.trial_counts(session_id).get("completed", 0) < trials
+        with TrialStore(db) as store:  # so the last image is chosen by the resumed process, after replay
+            assert store.trial_counts(session_id).get("completed", 0) <= trials - 2
         resumed = subprocess.Popen([*cloop_cmd, "resume", session_id, "--db", db, "--no-prefect", "--insecure",
                                     "--bind", f"tcp://127.0.0.1:{port}", "--wait-for-rig", "30"],
                                    env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -171,7 +187,6 @@ def test_replay_fills_the_model_state_a_crash_left_out_from_the_stored_vectors(t
     loaded = load_protocol(path)
     url = f"sqlite:///{tmp_path / 'crash.db'}"
     upgrade(url)
-    direct = PopulationComparison.from_protocol(loaded.protocol, 4)
     stimulus = {"image": "ab" * 32}
     vector = np.arange(UNITS, dtype=float)
     image = np.full((12, 12), 0.5)
