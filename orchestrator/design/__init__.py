@@ -74,6 +74,8 @@ def check_protocol(protocol: Any) -> list[tuple[str, str]]:
     name = protocol.design.strategy
     if name not in STRATEGIES:
         return [("design.strategy", f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")]
+    if getattr(protocol, "is_population", False) and not name.startswith("population_"):
+        return []  # the protocol itself refuses a scalar design on images, in one line naming design.strategy
     problems = size_problems(protocol)
     if problems:
         return problems
