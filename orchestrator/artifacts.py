@@ -1,30 +1,28 @@
 """Content-addressed storage of the images a session shows: one uint8 .npy file per sha256.
 
 A trial's stored stimulus is ``{"image": "<sha256>"}``; the pixels live here, named by the sha256
-of their C-order pixel bytes (exactly the bytes the wire carries), so the same image shown twice is stored once and any
-copy can be verified. The default location is beside the SQLite database (``<db path>.artifacts/``);
+of their C-order pixel bytes (the hash :mod:`orchestrator.wire_images` puts on the wire), so the
+same image shown twice is stored once and any copy can be verified. The default location is beside the SQLite database (``<db path>.artifacts/``);
 ``CLOOP_ARTIFACTS`` (or an explicit path) puts it elsewhere, which PostgreSQL sessions need.
 Files are written to a temporary name, fsynced and renamed: a crash leaves no half image.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from orchestrator.wire_images import image_payload, image_sha256
+
+__all__ = ["ArtifactError", "ArtifactStore", "default_location", "image_sha256", "to_uint8"]
+
 ENV_VAR = "CLOOP_ARTIFACTS"
 
 
 class ArtifactError(ValueError):
     """An artifact is missing, corrupt, or not an image cloop can store."""
-
-
-def image_sha256(pixels: np.ndarray) -> str:
-    """The content hash of a uint8 image: sha256 of its C-order pixel bytes (what the wire carries)."""
-    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -95,21 +93,7 @@ class ArtifactStore:
         return self._path(sha).exists()
 
     def wire(self, stimulus: dict[str, Any]) -> dict[str, Any]:
-        """The stimulus as sent to a rig: the image ref replaced by its pixels (contract of the wire)."""
+        """The stimulus as sent to a rig: the image ref replaced by its pixels (:mod:`orchestrator.wire_images`)."""
         if set(stimulus) != {"image"} or not isinstance(stimulus["image"], str):
             return stimulus
-        arr = self.get(stimulus["image"])
-        return {"image": {"sha256": stimulus["image"], "shape": list(arr.shape), "dtype": "uint8",
-                          "data": arr.tobytes()}}
-
-
-def decode_wire_image(image: dict[str, Any]) -> np.ndarray:
-    """The uint8 array of a wire image dict, size and hash checked (used by rigs)."""
-    shape = tuple(int(v) for v in image["shape"])
-    data = image["data"]
-    if image.get("dtype") != "uint8" or len(data) != int(np.prod(shape)):
-        raise ArtifactError(f"image data has {len(data)} bytes, shape {list(shape)} needs {int(np.prod(shape))}")
-    arr = np.frombuffer(data, dtype=np.uint8).reshape(shape)
-    if image_sha256(arr) != image["sha256"]:
-        raise ArtifactError("image data does not match its sha256")
-    return arr
+        return {"image": image_payload(self.get(stimulus["image"]))}

@@ -46,12 +46,19 @@ class TrialReport:
     index: int
     status: str
     stimulus: dict[str, Any]
-    response: float | None
+    response: float | Any | None  # a population trial's response is its vector (numpy array)
     probabilities: dict[str, float]
     decision: Decision
     attempts: int
     error: str | None = None
     update_ms: float = 0.0  # time the models took to assimilate the response
+
+    @property
+    def response_text(self) -> str:
+        """The response for a log line: the number, or ``[N units]`` for a population vector."""
+        if self.response is None or isinstance(self.response, (int, float)):
+            return str(self.response)
+        return f"[{len(self.response)} units]"
 
 
 @dataclass
@@ -88,9 +95,10 @@ def replay_history(store: TrialStore, session_id: str, comparison: ModelComparis
         for stimulus, value in store.observations(session_id):
             comparison.update(stimulus, value)
         return
+    observations = iter(store.observations(session_id))  # completed trials in order, population vectors included
     for trial in store.trials(session_id):
         if trial.status == "completed":
-            comparison.update(trial.stimulus, trial.value)
+            comparison.update(*next(observations))
         if trial.id in missing:
             store.record_model_state(trial.id, comparison.probabilities(), comparison.summary())
 

@@ -95,7 +95,7 @@ def run_trials_task(request: SessionRequest, session_id: str, seed: int) -> dict
         best = max(report.probabilities.items(), key=lambda kv: kv[1]) if report.probabilities else ("-", 0.0)
         logger.info(
             "trial %d %s stimulus=%s response=%s leader=%s P=%.3f decision=%.1f ms",
-            report.index, report.status, report.stimulus, report.response, best[0], best[1],
+            report.index, report.status, report.stimulus, report.response_text, best[0], best[1],
             report.decision.compute_ms,
         )
 

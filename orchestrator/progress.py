@@ -74,7 +74,7 @@ class ProgressDisplay:
         stimulus = " ".join(f"{k}={v}" for k, v in report.stimulus.items())
         self._write(
             f"trial {report.index + 1}/{self.max_trials} {report.status} {stimulus} "
-            f"response={report.response} leader={leader} P={p:.3f} decision={decision}"
+            f"response={report.response_text} leader={leader} P={p:.3f} decision={decision}"
             + (f" error={report.error}" if report.error else "")
         )
 

@@ -1,7 +1,8 @@
 """`cloop report`: a self-contained HTML page (PNG plots embedded as data URIs) about one session.
 
 Plots: model probabilities over trials, the stimuli chosen in stimulus space coloured by trial,
-each model's fitted prediction (posterior-mean parameters) against the observed responses,
+each model's fitted prediction (posterior-mean parameters) against the observed responses (for a
+population session: the images shown and the trials x units responses, orchestrator.report_population),
 design decision times, and trial timing; plus a summary table. A plot whose inputs are missing
 is still drawn, with a note saying why it is empty-handed, so the page layout never changes.
 """
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from orchestrator.analysis import SessionData, load_session
+from orchestrator.analysis import SessionData, image_refs, load_session
 from orchestrator.export import ExportError, _check_writable, atomic_path, need
 from orchestrator.store import iso
 
@@ -440,9 +441,44 @@ def render_html(data: SessionData, plots: list[Plot]) -> str:
     return "\n".join(parts)
 
 
-def make_plots(data: SessionData) -> list[Plot]:
+def population_plots(data: SessionData, images: dict[str, np.ndarray]) -> dict[str, Callable[[SessionData, Any], Plot]]:
+    """A population session's "stimuli" and "predictions" figures: the images shown, the responses."""
+    from orchestrator import report_population as pop
+
+    def stimuli(data: SessionData, protocol: Any) -> Plot:
+        rows, columns = pop.thumbnail_grid(data)
+        fig = _plt().figure(figsize=(1.3 * columns + 0.4, 1.45 * rows + 0.3))
+        pop.draw_images(fig, data, images)
+        return Plot("stimuli", "Images shown", _png(fig),
+                    f"The images shown, in trial order (at most {pop.MAX_THUMBNAILS}, evenly spaced), "
+                    "exact pixels from the artifact store.")
+
+    def responses(data: SessionData, protocol: Any) -> Plot:
+        fig = _plt().figure(figsize=(7, 3.6))
+        pop.draw_responses(fig, data)
+        return Plot("predictions", "Population responses", _png(fig),
+                    "Each completed trial's response vector, trials by units (blank: a masked unit).")
+
+    return {"stimuli": stimuli, "predictions": responses}
+
+
+def make_plots(data: SessionData, images: dict[str, np.ndarray] | None = None) -> list[Plot]:
+    """The report's figures; a population session (`images`: its pixels by sha256) gets its own two."""
     protocol = _protocol(data)
-    return [PLOT_FUNCS[k](data, protocol) for k in PLOTS]
+    funcs = PLOT_FUNCS if images is None else {**PLOT_FUNCS, **population_plots(data, images)}
+    return [funcs[k](data, protocol) for k in PLOTS]
+
+
+def _session_images(db_url: str | None, data: SessionData) -> dict[str, np.ndarray]:
+    """A population session's shown images by sha256; a missing artifact store draws a note, not an error."""
+    from orchestrator.analysis import load_images
+    from orchestrator.store import StoreError, resolve_url
+
+    refs = image_refs([r.stimulus for r in data.rows])
+    try:
+        return load_images(resolve_url(db_url), refs) if refs else {}
+    except StoreError:
+        return {}
 
 
 def _prepare_png_dir(png_dir: Path) -> None:
@@ -466,7 +502,7 @@ def write_report(db_url: str | None, session: str, output: str | os.PathLike[str
     data = load_session(db_url, session)
     if data.trials.empty:
         raise ExportError(f"session {data.session_id} has no trials; nothing to report")
-    plots = make_plots(data)
+    plots = make_plots(data, _session_images(db_url, data) if data.population is not None else None)
     page = render_html(data, plots)
     with atomic_path(output) as tmp:
         tmp.write_text(page, encoding="utf-8")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["MAX_IMAGE_BYTES", "MAX_IMAGE_SIDE", "ImagePayloadError", "check_image_payload", "image_payload",
-           "image_array", "is_image_payload"]
+           "image_array", "image_sha256", "is_image_payload"]
 
 #: Largest pixel buffer a trial may carry (a 1920 x 1080 RGB frame is 6.2 MB).
 MAX_IMAGE_BYTES = 8 << 20
@@ -74,6 +74,11 @@ def check_image_payload(value: Any, path: str = "image") -> tuple[int, ...]:
     if len(data) != expected:
         raise ImagePayloadError(f"{path}.data: {len(data)} B, but shape {shape} of uint8 needs {expected} B")
     return tuple(shape)
+
+
+def image_sha256(pixels: np.ndarray) -> str:
+    """The content hash of a uint8 image: sha256 of its C-order pixel bytes (what the wire carries)."""
+    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()
 
 
 def image_payload(pixels: np.ndarray) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 from orchestrator.messages import Trial
 
 ENTRY_POINT_GROUP = "cloop.adapters"
-RESPONSE_KINDS = ("bernoulli", "binomial", "poisson", "gaussian")
+RESPONSE_KINDS = ("bernoulli", "binomial", "poisson", "gaussian", "population")
 
 
 class AdapterError(RuntimeError):

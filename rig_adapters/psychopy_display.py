@@ -201,7 +201,7 @@ class PsychoPyDisplayAdapter(Adapter):
         if stype.modality != "visual":
             raise AdapterError(f"the psychopy adapter draws visual stimuli; {stype.name!r} is {stype.modality}")
         self._stim_type = stype.name
-        self._fixed = dict(protocol.stimulus.fixed)
+        self._fixed = dict(getattr(protocol.stimulus, "fixed", None) or {})  # image spaces have none
         self._duration_s = protocol.stimulus.duration_s or stype.default_duration_s
         self.open()
         self.response.start(session)

@@ -89,9 +89,9 @@ class SimulatedAdapter(Adapter):
         presented_at = time.time()
         rng = np.random.default_rng([self.seed, cmd.index])
         if cmd.response_kind == "population":
-            from orchestrator.artifacts import decode_wire_image
+            from orchestrator.wire_images import image_array
 
-            pixels = decode_wire_image(cmd.stimulus["image"])
+            pixels = image_array(cmd.stimulus["image"], "stimulus.image")
             counts = self._truth.sample(cmd.stimulus, rng, pixels=pixels)
             if self.trial_seconds:
                 time.sleep(self.trial_seconds)

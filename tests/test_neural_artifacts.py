@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.artifacts import ArtifactError, ArtifactStore, decode_wire_image, default_location, image_sha256
+from orchestrator.artifacts import ArtifactError, ArtifactStore, default_location, image_sha256
+from orchestrator.wire_images import ImagePayloadError, image_array, image_payload
 
 
 def test_put_get_roundtrip_is_content_addressed(tmp_path: Path) -> None:
@@ -47,8 +48,9 @@ def test_wire_form_decodes_to_the_same_pixels(tmp_path: Path) -> None:
     sha = store.put(img)
     wire = store.wire({"image": sha})["image"]
     assert wire["shape"] == [8, 8, 3] and wire["dtype"] == "uint8" and isinstance(wire["data"], bytes)
-    np.testing.assert_array_equal(decode_wire_image(wire), img)
-    with pytest.raises(ArtifactError, match="does not match"):
-        decode_wire_image({**wire, "data": bytes(len(wire["data"]))})
-    with pytest.raises(ArtifactError, match="bytes"):
-        decode_wire_image({**wire, "data": wire["data"][:-1]})
+    assert wire == image_payload(img) and wire["sha256"] == sha  # one wire format, one hash
+    np.testing.assert_array_equal(image_array(wire), img)
+    with pytest.raises(ImagePayloadError, match="hash to"):
+        image_array({**wire, "data": bytes(len(wire["data"]))})
+    with pytest.raises(ImagePayloadError, match="needs"):
+        image_array({**wire, "data": wire["data"][:-1]})

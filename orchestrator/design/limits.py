@@ -51,7 +51,7 @@ def sweep_points(protocol: Any) -> int:
 def size_problems(protocol: Any, strategy: str | None = None) -> list[tuple[str, str]]:
     """(field, message) for every size the design cannot run."""
     out: list[tuple[str, str]] = []
-    params = protocol.stimulus.parameters
+    params = getattr(protocol.stimulus, "parameters", None) or {}  # an image space has none: its own checks apply
     if len(params) > MAX_DIMENSIONS:
         out.append(("stimulus.parameters", f"{len(params)} parameters; the designs take at most {MAX_DIMENSIONS}"))
     for name, spec in params.items():
