@@ -86,6 +86,21 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database on each backend: a SQLite file, then a throwaway PostgreSQL database."""
+    from orchestrator import store
+
+    if request.param == "sqlite":
+        sqlite_url = f"sqlite:///{tmp_path / 'cloop.db'}"
+        store.upgrade(sqlite_url)
+        yield sqlite_url
+    else:
+        with postgres_database() as pg_url:
+            store.upgrade(pg_url)
+            yield pg_url
+
+
 @pytest.fixture(scope="session")
 def cloop_cmd() -> list[str]:
     """How to start the real CLI in a subprocess (console script if installed, else -m)."""

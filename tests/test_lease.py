@@ -12,28 +12,15 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from sqlalchemy import text
 
 from conftest import free_port, wait_process
 from orchestrator import store as st
-from store_factory import loaded_protocol, postgres_database
+from store_factory import loaded_protocol
 
 TRUTH = "power:a=0.9025,b=0.4861"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        u = f"sqlite:///{tmp_path / 'lease.db'}"
-        st.upgrade(u)
-        yield u
-    else:
-        with postgres_database() as u:
-            st.upgrade(u)
-            yield u
 
 
 def _session(store: st.TrialStore, status: str = "interrupted") -> str:

@@ -16,19 +16,7 @@ from typer.testing import CliRunner
 
 from orchestrator import store as st
 from orchestrator.cli_data import register
-from store_factory import build_session, loaded_protocol, postgres_database
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        u = f"sqlite:///{tmp_path / 'cloop.db'}"
-        st.upgrade(u)
-        yield u
-    else:
-        with postgres_database() as u:
-            st.upgrade(u)
-            yield u
+from store_factory import build_session, loaded_protocol
 
 
 @pytest.fixture

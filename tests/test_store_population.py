@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 
 from orchestrator import analysis
 from orchestrator import store as st
-from store_factory import loaded_protocol, postgres_database
+from store_factory import loaded_protocol
 
 UNITS = ["u17", "u18", "u20", "u31", "u32"]
 POPULATION_TEXT = """\
@@ -27,18 +26,6 @@ response:
   window_s: 0.5
 models: []
 """
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        u = f"sqlite:///{tmp_path / 'pop.db'}"
-        st.upgrade(u)
-        yield u
-    else:
-        with postgres_database() as u:
-            st.upgrade(u)
-            yield u
 
 
 def _outcome(i: int, value: list[float] | None = None) -> dict:
