@@ -96,3 +96,33 @@ def test_snr_grid_evidence_is_the_exact_mixture_of_batch_evidences() -> None:
     exact = logsumexp([batch_log_evidence(X, Y, p).sum() for p in priors]) - np.log(3)
     assert grid.log_evidence == pytest.approx(float(exact), rel=1e-9)
     assert grid.weights().sum() == pytest.approx(1.0) and grid.state is grid.best.state
+
+
+def test_snr_grid_with_masked_units_matches_each_prior_fitted_alone() -> None:
+    """The stacked grid keeps masking exact: every component equals its prior's own readout."""
+    from orchestrator.neural.hyper import ReadoutGrid
+
+    X, Y, _ = _data(T=40, N=5, seed=4)
+    Y[[2, 9, 10], 1] = np.nan
+    Y[[5, 30], 4] = np.nan
+    priors = [NIGPrior(np.r_[np.full(8, 8.0 / g ** 2), 0.01], 2.0, 1.5) for g in (0.5, 1.0, 2.0)]
+    grid = ReadoutGrid(5, priors)
+    alone = [PopulationReadout(5, p) for p in priors]
+    for x, y in zip(X, Y):
+        grid.update(x, y)
+        for r in alone:
+            r.update(x, y)
+    for k, (p, r) in enumerate(zip(priors, alone)):
+        keep1, keep4 = ~np.isnan(Y[:, 1]), ~np.isnan(Y[:, 4])
+        exact = (batch_log_evidence(X, Y[:, [0, 2, 3]], p).sum() + batch_log_evidence(X[keep1], Y[keep1][:, [1]], p)[0]
+                 + batch_log_evidence(X[keep4], Y[keep4][:, [4]], p)[0])
+        assert grid.component_evidence[k] == pytest.approx(float(exact), rel=1e-9)
+        assert grid.components[k].state.log_evidence == pytest.approx(r.state.log_evidence, rel=1e-12)
+        np.testing.assert_allclose(grid.components[k].state.private[1].mean, r.state.private[1].mean, rtol=1e-10)
+        _, loc_g, s2_g = grid.components[k].predictive(X[:3])
+        _, loc_r, s2_r = r.predictive(X[:3])
+        np.testing.assert_allclose(loc_g, loc_r, rtol=1e-10)
+        np.testing.assert_allclose(s2_g, s2_r, rtol=1e-10)
+    assert set(grid.state.private) == {1, 4}
+    with pytest.raises(RuntimeError):
+        grid.components[0].update(X[0], Y[0])

@@ -26,16 +26,19 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.linalg import blas
 from scipy.special import gammaln
 
 
 @dataclass(frozen=True)
 class NIGPrior:
-    """Prior precision diagonal (d,) of the weights in noise units, and the inverse-gamma (a0, b0)."""
+    """Prior precision diagonal (d,) of the weights in noise units, and the inverse-gamma (a0, b0).
+
+    a0 and b0 may also be per-unit arrays (N,)."""
 
     precision: np.ndarray
-    a0: float
-    b0: float
+    a0: float | np.ndarray
+    b0: float | np.ndarray
 
 
 def student_t_logpdf(y: np.ndarray, df: np.ndarray, loc: np.ndarray, scale2: np.ndarray) -> np.ndarray:
@@ -43,6 +46,13 @@ def student_t_logpdf(y: np.ndarray, df: np.ndarray, loc: np.ndarray, scale2: np.
     z = (y - loc) ** 2 / scale2
     return (gammaln((df + 1) / 2) - gammaln(df / 2) - 0.5 * np.log(df * math.pi * scale2)
             - (df + 1) / 2 * np.log1p(z / df))
+
+
+def _add_outer(A: np.ndarray, alpha: float, u: np.ndarray, v: np.ndarray) -> None:
+    """A += alpha u v^T in place (A C-contiguous float64): BLAS dger, no (rows x cols) temporary."""
+    out = blas.dger(alpha, v, u, a=A.T, overwrite_a=1)
+    if not np.shares_memory(out, A):  # pragma: no cover - BLAS copied (unexpected layout)
+        A += alpha * np.outer(u, v)
 
 
 @dataclass
@@ -70,14 +80,119 @@ class ReadoutState:
                             self.n_trials, {u: _Private(p.S.copy(), p.mean.copy()) for u, p in self.private.items()})
 
 
+class ReadoutStack:
+    """K readouts of the same N units on the same d features that differ only in their prior.
+
+    Their arrays are stacked on a leading axis (S (K, d, d), means (K, N, d), a and b (K, N)) so a
+    trial is a handful of batched BLAS calls whatever K is. ``states[k]`` is component k's
+    ReadoutState whose arrays are views into the stack: updated in place, never reallocated.
+    A masked unit's private shape matrix and mean are stacked the same way ((K, d, d), (K, d)).
+    """
+
+    def __init__(self, n_units: int, priors: list[NIGPrior]) -> None:
+        if not priors:
+            raise ValueError("a readout needs at least one prior")
+        d = priors[0].precision.shape[0]
+        if any(p.precision.shape != (d,) for p in priors):
+            raise ValueError("every prior of a readout stack must have the same number of features")
+        self.n_units, self.d, self.priors = int(n_units), int(d), list(priors)
+        n = self.n_units
+        self.S = np.stack([np.diag(1.0 / p.precision) for p in priors]).astype(np.float64)
+        self.means = np.zeros((len(priors), n, d))
+        self.a = np.stack([np.broadcast_to(np.asarray(p.a0, dtype=np.float64), (n,)) for p in priors]).copy()
+        self.b = np.stack([np.broadcast_to(np.asarray(p.b0, dtype=np.float64), (n,)) for p in priors]).copy()
+        self.log_evidence = np.zeros(len(priors))
+        self.n_trials = 0
+        self.private: dict[int, _Private] = {}
+        self.states = [ReadoutState(self.S[k], self.means[k], self.a[k], self.b[k]) for k in range(len(priors))]
+
+    @property
+    def K(self) -> int:
+        return len(self.priors)
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Absorb one trial (features x (d,), responses y (N,), NaN = masked); return its log evidence (K,)."""
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        seen = ~np.isnan(y)
+        Sx = self.S @ x  # (K, d)
+        one_q = 1.0 + Sx @ x  # (K,)
+        gain = Sx / one_q[:, None]
+        if not self.private and seen.all():  # the common case: one shared shape matrix, no fancy indexing
+            resid = y[None, :] - self.means @ x  # (K, N)
+            logp = student_t_logpdf(resid, 2 * self.a, 0.0, self.b / self.a * one_q[:, None])
+            for k in range(self.K):
+                _add_outer(self.means[k], 1.0, resid[k], gain[k])
+            self.a += 0.5
+            self.b += resid ** 2 / (2.0 * one_q[:, None])
+        else:
+            logp = self._update_masked(x, y, seen, one_q, gain)
+        for k in range(self.K):
+            _add_outer(self.S[k], -1.0, Sx[k], gain[k])
+        if self.n_trials % 64 == 63:  # keep S symmetric to round-off over thousands of updates
+            self.S[...] = 0.5 * (self.S + self.S.transpose(0, 2, 1))
+        total = logp.sum(axis=1)
+        self.log_evidence += total
+        self.n_trials += 1
+        for k, st in enumerate(self.states):
+            st.log_evidence, st.n_trials = float(self.log_evidence[k]), self.n_trials
+        return total
+
+    def _update_masked(self, x: np.ndarray, y: np.ndarray, seen: np.ndarray, one_q: np.ndarray,
+                       gain: np.ndarray) -> np.ndarray:
+        """The update when some units are masked now or were before (they keep private S and mean)."""
+        for u in np.flatnonzero(~seen):
+            u = int(u)
+            if u not in self.private:
+                p = _Private(self.S.copy(), self.means[:, u].copy())
+                self.private[u] = p
+                for k, st in enumerate(self.states):
+                    st.private[u] = _Private(p.S[k], p.mean[k])
+        shared = seen.copy()
+        shared[list(self.private)] = False
+        K = self.K
+        resid = np.zeros((K, self.n_units))
+        one_qu = np.ones((K, self.n_units))
+        resid[:, shared] = y[shared][None, :] - self.means[:, shared] @ x
+        one_qu[:, shared] = one_q[:, None]
+        for u, p in self.private.items():
+            if seen[u]:
+                pSx = p.S @ x  # (K, d)
+                pq1 = 1.0 + pSx @ x
+                r = y[u] - p.mean @ x
+                resid[:, u], one_qu[:, u] = r, pq1
+                p.mean += pSx * (r / pq1)[:, None]
+                for k in range(K):
+                    _add_outer(p.S[k], -1.0 / pq1[k], pSx[k], pSx[k])
+        a, b = self.a[:, seen], self.b[:, seen]
+        logp = student_t_logpdf(resid[:, seen], 2 * a, 0.0, b / a * one_qu[:, seen])
+        self.means[:, shared] += resid[:, shared, None] * gain[:, None, :]
+        self.a[:, seen] += 0.5
+        self.b[:, seen] += resid[:, seen] ** 2 / (2.0 * one_qu[:, seen])
+        return logp
+
+
 class PopulationReadout:
-    """The NIG readout of N units on d features; `update` absorbs one trial and returns its log evidence."""
+    """The NIG readout of N units on d features; `update` absorbs one trial and returns its log evidence.
+
+    A readout is one component of a ReadoutStack (its own stack of one, or one of a ReadoutGrid's);
+    a grid's components are updated through the grid.
+    """
 
     def __init__(self, n_units: int, prior: NIGPrior) -> None:
-        d = prior.precision.shape[0]
-        self.n_units, self.d, self.prior = int(n_units), int(d), prior
-        self.state = ReadoutState(S=np.diag(1.0 / prior.precision), means=np.zeros((n_units, d)),
-                                  a=np.full(n_units, prior.a0), b=np.full(n_units, prior.b0))
+        self._bind(ReadoutStack(n_units, [prior]), 0)
+
+    @classmethod
+    def component(cls, stack: ReadoutStack, k: int) -> "PopulationReadout":
+        """Component k of `stack`, sharing its arrays."""
+        readout = cls.__new__(cls)
+        readout._bind(stack, k)
+        return readout
+
+    def _bind(self, stack: ReadoutStack, k: int) -> None:
+        self.stack, self.index = stack, int(k)
+        self.n_units, self.d, self.prior = stack.n_units, stack.d, stack.priors[k]
+        self.state = stack.states[k]
 
     # -- prediction ------------------------------------------------------------------------------
 
@@ -85,69 +200,21 @@ class PopulationReadout:
         """Student-t predictive of every unit at images with `features` (B, d): df (N,), loc (B, N), scale2 (B, N)."""
         st = state or self.state
         F = np.atleast_2d(features)
-        q = np.einsum("bi,ij,bj->b", F, st.S, F)
+        q = ((F @ st.S) * F).sum(1)
         loc = F @ st.means.T
         scale2 = (st.b / st.a)[None, :] * (1.0 + q)[:, None]
         for u, p in st.private.items():
             loc[:, u] = F @ p.mean
-            scale2[:, u] = st.b[u] / st.a[u] * (1.0 + np.einsum("bi,ij,bj->b", F, p.S, F))
+            scale2[:, u] = st.b[u] / st.a[u] * (1.0 + ((F @ p.S) * F).sum(1))
         return 2 * st.a, loc, scale2
 
     # -- update ----------------------------------------------------------------------------------
 
     def update(self, x: np.ndarray, y: np.ndarray) -> float:
         """Absorb one trial (features x (d,), responses y (N,), NaN = masked); return its log evidence."""
-        st = self.state
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        seen = ~np.isnan(y)
-        Sx = st.S @ x
-        q = float(x @ Sx)
-        gain = Sx / (1.0 + q)
-        if not st.private and seen.all():  # the common case: one shared shape matrix, no fancy indexing
-            resid = y - st.means @ x
-            df = 2 * st.a
-            logp = student_t_logpdf(resid, df, 0.0, st.b / st.a * (1.0 + q))
-            st.means += np.outer(resid, gain)
-            st.a += 0.5
-            st.b += resid ** 2 / (2.0 * (1.0 + q))
-        else:
-            logp = self._update_masked(x, y, seen, Sx, q, gain)
-        st.S -= np.outer(Sx, gain)
-        if st.n_trials % 64 == 63:  # keep S symmetric to round-off over thousands of updates
-            st.S = 0.5 * (st.S + st.S.T)
-        total = float(logp.sum())
-        st.log_evidence += total
-        st.n_trials += 1
-        return total
-
-    def _update_masked(self, x: np.ndarray, y: np.ndarray, seen: np.ndarray, Sx: np.ndarray, q: float,
-                       gain: np.ndarray) -> np.ndarray:
-        """The update when some units are masked now or were before (they keep private S and mean)."""
-        st = self.state
-        for u in np.flatnonzero(~seen):
-            if int(u) not in st.private:
-                st.private[int(u)] = _Private(st.S.copy(), st.means[u].copy())
-        shared = seen.copy()
-        if st.private:
-            shared[list(st.private)] = False
-        resid = np.zeros(self.n_units)
-        one_q = np.ones(self.n_units)
-        resid[shared] = y[shared] - st.means[shared] @ x
-        one_q[shared] = 1.0 + q
-        for u, p in st.private.items():
-            if seen[u]:
-                pSx = p.S @ x
-                pq = float(x @ pSx)
-                r = y[u] - float(p.mean @ x)
-                resid[u], one_q[u] = r, 1.0 + pq
-                p.mean += pSx * (r / (1.0 + pq))
-                p.S -= np.outer(pSx, pSx) / (1.0 + pq)
-        logp = student_t_logpdf(resid[seen], 2 * st.a[seen], 0.0, st.b[seen] / st.a[seen] * one_q[seen])
-        st.means[shared] += resid[shared, None] * gain[None, :]
-        st.a[seen] += 0.5
-        st.b[seen] += resid[seen] ** 2 / (2.0 * one_q[seen])
-        return logp
+        if self.stack.K != 1:
+            raise RuntimeError("a grid's component is updated through its ReadoutGrid")
+        return float(self.stack.update(x, y)[0])
 
     def noise_variance(self) -> np.ndarray:
         """Posterior mean of each unit's noise variance, b / (a - 1) (the mode b / (a + 1) when a <= 1)."""
@@ -166,5 +233,5 @@ def batch_log_evidence(X: np.ndarray, Y: np.ndarray, prior: NIGPrior) -> np.ndar
     bn = prior.b0 + 0.5 * ((Y ** 2).sum(0) - (mean * eta).sum(0))
     _, logdet0 = np.linalg.slogdet(L0)
     _, logdetn = np.linalg.slogdet(Ln)
-    return (-T / 2 * math.log(2 * math.pi) + 0.5 * (logdet0 - logdetn) + prior.a0 * math.log(prior.b0)
+    return (-T / 2 * math.log(2 * math.pi) + 0.5 * (logdet0 - logdetn) + prior.a0 * np.log(prior.b0)
             - an * np.log(bn) + gammaln(an) - gammaln(prior.a0))

@@ -1,0 +1,166 @@
+"""Population design costs: readout update, scoring the pool, one synthesis, readout memory.
+
+Issue #13's targets on a 2-core CPU with one torch thread: readout update <= 1 ms per model per
+trial (N = 100, 257 features), scoring the 1,000-image pool <= 60 ms, one synthesis p95 <= 0.5 s
+(32 x 32 vs 2 models) and <= 2 s (32 x 32 vs 3 models, 64 x 64 vs 2), memory linear in N and d.
+Every time is given as p50 / p95 with the load average (``uptime``) before and after, since the
+machine is shared. Synthesis also reports the acquisition value it reached (mean over proposals)
+next to the best pool image's, so a faster synthesis that climbs less shows.
+
+``--baseline DIR`` runs the same measurements first on the source tree DIR (e.g. an unpacked
+``git archive`` of an earlier commit) in a subprocess, and adds the ratio baseline / this tree.
+
+    python benchmarks/population_costs.py [--baseline DIR] [--repeats 12] > costs.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+GABOR = {"name": "gabor", "builtin": "gabor_energy", "settings": {"orientations": 8, "frequencies": [0.1, 0.2], "grid": 4}}
+CNN_A = {"name": "cnn_a", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 1, "width": 16, "grid": 4}}
+CNN_B = {"name": "cnn_b", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 2, "width": 16, "grid": 4}}
+SYNTH = {"starts": 2, "random_starts": 1, "steps": 15}
+SYNTHESIS_CELLS = (("32x32_2models", [GABOR, CNN_A], 32), ("32x32_3models", [GABOR, CNN_A, CNN_B], 32),
+                   ("64x64_2models", [GABOR, CNN_A], 64))
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def percentiles(samples: list[float], digits: int = 3) -> dict[str, float]:
+    return {"p50": round(float(np.percentile(samples, 50)), digits), "p95": round(float(np.percentile(samples, 95)), digits)}
+
+
+def timed(fn: Callable[[], Any], repeats: int, scale: float = 1000.0) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * scale)
+    return out
+
+
+def protocol_for(models: list[dict], units: int, size: int) -> Any:
+    import yaml
+
+    from orchestrator.protocol import parse_protocol_text
+
+    doc = {"name": "bench", "version": "1",
+           "stimulus": {"type": "image", "size": [size, size], "pool_size": 1000},
+           "response": {"kind": "population", "units": units, "noise": "poisson", "window_s": 0.5},
+           "models": models, "design": {"strategy": "population_synthesis", "settings": SYNTH},
+           "safety": {"mean_luminance": {"min": 0.4, "max": 0.6}, "rms_contrast": {"max": 0.35}}}
+    return parse_protocol_text(yaml.safe_dump(doc)).protocol
+
+
+def readout_costs() -> dict[str, Any]:
+    from orchestrator.neural.hyper import ReadoutGrid
+    from orchestrator.neural.readout import NIGPrior, PopulationReadout
+
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    prior = NIGPrior(np.r_[np.full(256, 256.0), 0.01], 2.0, 1.0)
+    for n in (100, 1000):
+        r = PopulationReadout(n, prior)
+        X, Y = rng.standard_normal((300, 257)), rng.poisson(5, (300, n)).astype(float)
+        rows = iter(zip(X, Y))
+        out[f"readout_update_ms_N{n}_d257"] = percentiles(timed(lambda: r.update(*next(rows)), 300))
+        st = r.state
+        out[f"readout_state_bytes_N{n}_d257"] = int(st.S.nbytes + st.means.nbytes + st.a.nbytes + st.b.nbytes)
+    grid = ReadoutGrid(100, [NIGPrior(np.r_[np.full(256, 256.0 / g ** 2), 0.01], 2.0, 1.0) for g in (0.25, 0.5, 1, 2)])
+    X, Y = rng.standard_normal((300, 257)), rng.poisson(5, (300, 100)).astype(float)
+    rows = iter(zip(X, Y))
+    out["readout_update_ms_N100_d257_snr_grid4"] = percentiles(timed(lambda: grid.update(*next(rows)), 300))
+    return out
+
+
+def design_costs(repeats: int) -> dict[str, Any]:
+    from orchestrator.design import make_design
+    from orchestrator.neural.comparison import PopulationComparison
+    from orchestrator.neural.truth import build_population_truth
+
+    out: dict[str, Any] = {}
+    for label, models, size in SYNTHESIS_CELLS:
+        protocol = protocol_for(models, 100, size)
+        base = PopulationComparison.from_protocol(protocol, 0)
+        truth = build_population_truth(protocol, "cnn_a:ev=0.3,seed=1", base)
+        comparison = base.fresh(0)
+        for i in range(10):  # some data, so the models disagree
+            img = base.pool[i]
+            y = np.asarray(truth.sample({}, np.random.default_rng(i), pixels=img), float)
+            comparison.update({"image": f"{i:064x}"}, y, pixels=img)
+        pool_design = make_design(protocol, 0, "population_pool")
+        snaps = pool_design.snapshots(comparison)
+        pool_design.scores(comparison, snaps)  # the first call caches the pool's features
+        if size == 32:
+            out[f"score_pool1000_ms_{label}_N100"] = percentiles(
+                timed(lambda: pool_design.scores(comparison, snaps), repeats), 2)
+        synth = make_design(protocol, 0, "population_synthesis")
+        synth.pipeline = False
+        times, reached, pool_best = [], [], []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            d = synth.propose(comparison, 100 + i)
+            times.append(time.perf_counter() - t0)
+            reached.append(float(d.score))
+            pool_best.append(float(d.info["best_pool_score"]))
+        out[f"synthesis_s_{label}"] = percentiles(times)
+        out[f"synthesis_objective_{label}"] = {"reached_mean": round(float(np.mean(reached)), 5),
+                                               "best_pool_mean": round(float(np.mean(pool_best)), 5)}
+    return out
+
+
+def measure(repeats: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    start = load()
+    costs = {**readout_costs(), **design_costs(repeats)}
+    import orchestrator
+
+    return {"load_start": start, "load_end": load(), "source": str(Path(orchestrator.__file__).parent.parent),
+            "costs": costs}
+
+
+def _ratio(base: Any, new: Any) -> Any:
+    if isinstance(base, dict) and isinstance(new, dict):
+        return {k: _ratio(base[k], new[k]) for k in new if k in base and "objective" not in k}
+    if isinstance(base, (int, float)) and isinstance(new, (int, float)) and new:
+        return round(base / new, 2)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=12, help="pool scorings and syntheses per cell")
+    parser.add_argument("--baseline", type=Path, help="a source tree to measure first, for ratios")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "torch_threads": 1},
+                              "settings": {"synthesis": SYNTH, "pool_images": 1000, "units": 100, "repeats": args.repeats}}
+    if args.baseline is not None:
+        env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve()), "OMP_NUM_THREADS": "1"}
+        run = subprocess.run([sys.executable, str(Path(args.baseline) / "benchmarks" / "population_costs.py")
+                              if (Path(args.baseline) / "benchmarks" / "population_costs.py").exists()
+                              else __file__, "--repeats", str(args.repeats)],
+                             env=env, capture_output=True, text=True, check=True, cwd=str(args.baseline))
+        result["baseline"] = {"tree": str(args.baseline), **json.loads(run.stdout)["this_tree"]}
+    result["this_tree"] = measure(args.repeats)
+    if "baseline" in result:
+        result["ratio_baseline_over_this"] = _ratio(result["baseline"]["costs"], result["this_tree"]["costs"])
+    json.dump(result, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
