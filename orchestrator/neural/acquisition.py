@@ -50,26 +50,32 @@ class ReadoutSnapshot:
 
 
 def predictive_moments(features: torch.Tensor, snap: ReadoutSnapshot) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian moments (B, N) of every unit's predictive at images with `features` (B, d)."""
-    q = ((features @ snap.S) * features).sum(-1)
-    mean = features @ snap.means.T
-    var = (1.0 + q)[:, None] * (snap.noise_scale * snap.inflation)[None, :]
+    """Gaussian moments (B, N) of every unit's predictive at images with `features` (B, d).
+
+    Everything runs in the features' precision (single for pool scoring, double for synthesis)."""
+    dtype = features.dtype
+    q = ((features @ snap.S.to(dtype)) * features).sum(-1)
+    mean = features @ snap.means.to(dtype).T
+    var = (1.0 + q)[:, None] * (snap.noise_scale * snap.inflation).to(dtype)[None, :]
     return mean, var
 
 
 def bhattacharyya_bound(moments: Sequence[tuple[torch.Tensor, torch.Tensor]], log_probs: torch.Tensor) -> torch.Tensor:
-    """The pairwise-distance lower bound on I(model; response) per image (B,), in nats."""
+    """The pairwise-distance lower bound on I(model; response) per image (B,), in nats.
+
+    All pairs at once: means and variances stacked (M, B, N), the pairs i < j gathered (P, B, N)."""
     M = len(moments)
     B = moments[0][0].shape[0]
-    D = torch.zeros(B, M, M, dtype=moments[0][0].dtype)
-    for i in range(M):
-        mi, vi = moments[i]
-        for j in range(i + 1, M):
-            mj, vj = moments[j]
-            s = vi + vj
-            dij = ((mi - mj) ** 2 / (4 * s) + 0.5 * torch.log(s / 2) - 0.25 * torch.log(vi * vj)).sum(-1)
-            D[:, i, j] = dij
-            D[:, j, i] = dij
+    mu = torch.stack([m for m, _ in moments])
+    var = torch.stack([v for _, v in moments])
+    i, j = torch.triu_indices(M, M, offset=1)
+    log_var = torch.log(var)
+    s = var[i] + var[j]
+    dij = ((mu[i] - mu[j]) ** 2 / (4 * s) + 0.5 * torch.log(s / 2)).sum(-1) \
+        - 0.25 * (log_var[i] + log_var[j]).sum(-1)  # (P, B)
+    D = torch.zeros(B, M, M, dtype=torch.float64)
+    D[:, i, j] = dij.T.to(torch.float64)
+    D[:, j, i] = dij.T.to(torch.float64)
     lp = log_probs.to(D.dtype)
     inner = torch.logsumexp(lp[None, None, :] - D, dim=-1)  # (B, M)
     return -(lp.exp()[None, :] * inner).sum(-1)

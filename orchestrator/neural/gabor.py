@@ -14,6 +14,19 @@ import torch
 from torch import nn
 
 
+def fast_length(n: int) -> int:
+    """The smallest m >= n whose only prime factors are 2, 3 and 5 (FFT lengths that are fast)."""
+    m = int(n)
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
 class GaborEnergy(nn.Module):
     """Quadrature-pair energy features: (B, C, H, W) images -> (B, orientations x frequencies x grid^2)."""
 
@@ -60,13 +73,20 @@ class GaborEnergy(nn.Module):
         return self._spectra[(h, w)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Filtering by FFT on a reflect-padded image: one transform for the whole bank."""
+        """Filtering by FFT on a reflect-padded image: one transform for the whole bank.
+
+        When the padding covers the filters' half-width, the transform is zero-padded further to a
+        length with small prime factors (62 -> 64 for 32 x 32 images): the cropped responses are
+        the same, and the transforms several times faster than at a length with a large prime.
+        """
         grey = images.mean(dim=1) - 0.5
         H, W = grey.shape[-2:]
         pad = min(self.half, H - 1, W - 1)
         padded = nn.functional.pad(grey[:, None], (pad,) * 4, mode="reflect")[:, 0].to(torch.float32)
         h, w = padded.shape[-2:]
-        resp = torch.fft.irfft2(torch.fft.rfft2(padded)[:, None] * self._spectrum(h, w)[None], s=(h, w))
+        if pad == self.half:  # no circular wrap reaches the crop, so extra zeros change nothing
+            h, w = fast_length(h), fast_length(w)
+        resp = torch.fft.irfft2(torch.fft.rfft2(padded, s=(h, w))[:, None] * self._spectrum(h, w)[None], s=(h, w))
         resp = resp[..., pad:pad + H, pad:pad + W]
         energy = resp[:, 0::2] ** 2 + resp[:, 1::2] ** 2
         return nn.functional.adaptive_avg_pool2d(energy, self.grid).flatten(1).to(images.dtype)

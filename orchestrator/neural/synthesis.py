@@ -29,6 +29,9 @@ class SynthesisSettings:
     margin: float = 0.0
     """Allowed feature energy: up to (1 + margin) x the pool's largest, down to the pool's smallest / (1 + margin)."""
     penalty: float = 50.0
+    patience: int = 4
+    """Stop after this many steps in which no start improved its best objective by `tolerance` (relative)."""
+    tolerance: float = 1e-3
 
 
 @dataclass
@@ -63,7 +66,10 @@ def synthesize(models: Sequence[FeatureModel], snaps: Sequence[ReadoutSnapshot],
     opt = torch.optim.Adam([z], lr=settings.lr)
     mean_lo, mean_hi = limits["mean_luminance"]
     contrast_hi = limits["rms_contrast"][1]
-    for _ in range(settings.steps):
+    best_obj = torch.full((x0.shape[0],), -torch.inf, dtype=torch.float64)
+    best_x = x0.clone()
+    stalled = 0
+    for _ in range(settings.steps + 1):  # the last pass only evaluates the final step's image
         opt.zero_grad()
         x = lo + span * torch.sigmoid(z)
         feats, penalty = [], torch.zeros(x.shape[0], dtype=torch.float64)
@@ -79,9 +85,20 @@ def synthesize(models: Sequence[FeatureModel], snaps: Sequence[ReadoutSnapshot],
         penalty = penalty + (torch.relu(mean_lo - m) ** 2 + torch.relu(m - mean_hi) ** 2
                              + torch.relu(c - contrast_hi) ** 2) * 100.0
         score = discrimination_from_features(feats, snaps)
-        (-(score - settings.penalty * penalty).sum()).backward()
+        objective = score - settings.penalty * penalty
+        with torch.no_grad():  # keep every start's best iterate, not just its last
+            gain = objective.detach() - best_obj
+            better = gain > 0
+            best_x[better] = x.detach()[better]
+            floor = torch.where(torch.isfinite(best_obj), settings.tolerance * best_obj.abs(), torch.zeros_like(best_obj))
+            improved = bool((gain > floor).any())
+            best_obj = torch.where(better, objective.detach(), best_obj)
+        stalled = 0 if improved else stalled + 1
+        if stalled >= settings.patience or _ == settings.steps:
+            break
+        (-objective.sum()).backward()
         opt.step()
-    final = (lo + span * torch.sigmoid(z)).detach()
+    final = best_x
     best: Synthesized | None = None
     for k in range(final.shape[0]):
         cand = _feasible(models, snaps, x0[k], final[k], protocol, settings.margin)
