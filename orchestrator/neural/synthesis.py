@@ -43,6 +43,30 @@ class Synthesized:
     energy_ratio: float  # max over models of energy / pool max
 
 
+class _Adam:
+    """Adam (Kingma & Ba 2015, torch's defaults: betas 0.9 / 0.999, eps 1e-8) on one tensor.
+
+    Written out because constructing torch.optim.Adam the first time imports torch's compiler
+    stack, seconds that would land on a session's first synthesized trial."""
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.param, self.lr, self.betas, self.eps = param, float(lr), betas, float(eps)
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        g = self.param.grad
+        b1, b2 = self.betas
+        self.t += 1
+        self.m.mul_(b1).add_(g, alpha=1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (self.v.sqrt() / (1 - b2 ** self.t) ** 0.5).add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - b1 ** self.t))
+
+
 def _inside(models: Sequence[FeatureModel], images: torch.Tensor, margin: float) -> tuple[bool, float]:
     ratio, ok = 0.0, True
     with torch.no_grad():
@@ -63,14 +87,14 @@ def synthesize(models: Sequence[FeatureModel], snaps: Sequence[ReadoutSnapshot],
     span = hi - lo
     x0 = starts.to(torch.float32).clamp(lo + 1e-3 * span, hi - 1e-3 * span)
     z = torch.logit((x0 - lo) / span).detach().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=settings.lr)
+    adam = _Adam(z, settings.lr)
     mean_lo, mean_hi = limits["mean_luminance"]
     contrast_hi = limits["rms_contrast"][1]
     best_obj = torch.full((x0.shape[0],), -torch.inf, dtype=torch.float64)
     best_x = x0.clone()
     stalled = 0
     for _ in range(settings.steps + 1):  # the last pass only evaluates the final step's image
-        opt.zero_grad()
+        z.grad = None
         x = lo + span * torch.sigmoid(z)
         feats, penalty = [], torch.zeros(x.shape[0], dtype=torch.float64)
         for fm in models:
@@ -97,7 +121,7 @@ def synthesize(models: Sequence[FeatureModel], snaps: Sequence[ReadoutSnapshot],
         if stalled >= settings.patience or _ == settings.steps:
             break
         (-objective.sum()).backward()
-        opt.step()
+        adam.step()
     final = best_x
     best: Synthesized | None = None
     for k in range(final.shape[0]):
