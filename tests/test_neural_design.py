@@ -107,3 +107,51 @@ def test_pool_and_noise_baselines(setup) -> None:
     for d in rand + noise:
         protocol.check_image(d.pixels)
     assert rand[0].stimulus != rand[1].stimulus and noise[0].info["pool_distance"] > 0
+
+
+def test_bound_over_all_pairs_matches_the_pairwise_formula() -> None:
+    """Three models with different moments: the batched pairs give the documented D_ij and bound."""
+    gen = torch.Generator().manual_seed(0)
+    moments = [(torch.randn(4, 6, generator=gen, dtype=torch.float64),
+                torch.rand(4, 6, generator=gen, dtype=torch.float64) + 0.5) for _ in range(3)]
+    lp = torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+    D = torch.zeros(4, 3, 3, dtype=torch.float64)
+    for i in range(3):
+        for j in range(3):
+            (mi, vi), (mj, vj) = moments[i], moments[j]
+            s = vi + vj
+            D[:, i, j] = ((mi - mj) ** 2 / (4 * s) + 0.5 * torch.log(s / 2) - 0.25 * torch.log(vi * vj)).sum(-1)
+    expected = -(lp.exp() * torch.logsumexp(lp - D, dim=-1)).sum(-1)
+    assert torch.allclose(bhattacharyya_bound(moments, lp), expected, rtol=1e-12)
+
+
+def test_gabor_fft_at_a_fast_length_gives_the_same_features() -> None:
+    """Zero-padding the transform to a fast length (62 -> 64) leaves the cropped responses unchanged."""
+    from orchestrator.neural.gabor import GaborEnergy
+
+    net = GaborEnergy(orientations=4, frequencies=(0.1, 0.2), grid=4)
+    images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    grey = images.mean(dim=1) - 0.5
+    padded = torch.nn.functional.pad(grey[:, None], (net.half,) * 4, mode="reflect")[:, 0]
+    h, w = padded.shape[-2:]
+    assert (h, w) == (62, 62)
+    resp = torch.fft.irfft2(torch.fft.rfft2(padded)[:, None] * net._spectrum(h, w)[None], s=(h, w))
+    resp = resp[..., net.half:net.half + 32, net.half:net.half + 32]
+    direct = torch.nn.functional.adaptive_avg_pool2d(resp[:, 0::2] ** 2 + resp[:, 1::2] ** 2, 4).flatten(1)
+    fast = net(images)
+    assert torch.allclose(fast, direct, rtol=1e-4, atol=1e-6 * float(direct.abs().max()))
+
+
+def test_synthesis_adam_takes_torch_adams_steps() -> None:
+    from orchestrator.neural.synthesis import _Adam
+
+    start = torch.randn(2, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ours, theirs = start.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    mine, ref = _Adam(ours, 0.08), torch.optim.Adam([theirs], lr=0.08)
+    for _ in range(6):
+        for p in (ours, theirs):
+            p.grad = None
+            (p ** 4 - 3 * p).sum().backward()
+        mine.step()
+        ref.step()
+    assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-14) and not torch.allclose(ours, start)

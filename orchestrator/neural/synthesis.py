@@ -2,7 +2,8 @@
 
 Pixels are parametrised as x = lo + (hi - lo) sigmoid(z), so every iterate is inside the pixel
 limits; Adam climbs the acquisition from several starts (the best pool images and seeded random
-ones). Unconstrained, synthesis wins by driving one model's features far beyond anything in the
+ones), all starts as one batch through each network. Each start keeps its best iterate, and the
+climb stops early once no start has improved for ``patience`` steps. Unconstrained, synthesis wins by driving one model's features far beyond anything in the
 pool, where its linear readout extrapolates and real neurons saturate. So the objective carries a
 penalty on every model's feature energy leaving its pool range (times ``1 + margin``), and the
 result is then made feasible exactly: it is blended back towards its start, x(t) = s + t (x - s),
@@ -93,7 +94,7 @@ def synthesize(models: Sequence[FeatureModel], snaps: Sequence[ReadoutSnapshot],
     best_obj = torch.full((x0.shape[0],), -torch.inf, dtype=torch.float64)
     best_x = x0.clone()
     stalled = 0
-    for _ in range(settings.steps + 1):  # the last pass only evaluates the final step's image
+    for step in range(settings.steps + 1):  # the last pass only evaluates the final step's image
         z.grad = None
         x = lo + span * torch.sigmoid(z)
         feats, penalty = [], torch.zeros(x.shape[0], dtype=torch.float64)
@@ -118,7 +119,7 @@ def synthesize(models: Sequence[FeatureModel], snaps: Sequence[ReadoutSnapshot],
             improved = bool((gain > floor).any())
             best_obj = torch.where(better, objective.detach(), best_obj)
         stalled = 0 if improved else stalled + 1
-        if stalled >= settings.patience or _ == settings.steps:
+        if stalled >= settings.patience or step == settings.steps:
             break
         (-objective.sum()).backward()
         adam.step()
