@@ -68,15 +68,20 @@ class _Adam:
         self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - b1 ** self.t))
 
 
-def _inside(models: Sequence[FeatureModel], images: torch.Tensor, margin: float) -> tuple[bool, float]:
-    ratio, ok = 0.0, True
+def _inside(models: Sequence[FeatureModel], images: torch.Tensor,
+            margin: float) -> tuple[bool, float, list[torch.Tensor]]:
+    """Whether one image is inside every model's trust region, the largest energy ratio, and the
+    models' standardised features (one network pass per model serves both)."""
+    ratio, ok, feats = 0.0, True, []
     with torch.no_grad():
         for fm in models:
-            e = float(fm.energy(images)[0])
+            raw = fm.raw(images).to(torch.float64)
+            e = float((raw ** 2).mean(dim=1)[0] / fm._energy_norm)
+            feats.append(torch.cat([(raw - fm.center) / fm.scale, torch.ones(raw.shape[0], 1, dtype=raw.dtype)], 1))
             lo, hi = fm.energy_range
             ratio = max(ratio, e / hi)
             ok = ok and lo / (1 + margin) - 1e-9 <= e <= hi * (1 + margin) + 1e-9
-    return ok, ratio
+    return ok, ratio, feats
 
 
 @without_denormals
@@ -153,15 +158,16 @@ def _feasible(models: Sequence[FeatureModel], snaps: Sequence[ReadoutSnapshot], 
             continue
         tensor = torch.from_numpy(pixels.astype(np.float32))
         tensor = tensor[None, None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)[None]
-        ok, ratio = _inside(models, tensor, margin)
+        ok, ratio, feats = _inside(models, tensor, margin)
         if ok:
             with torch.no_grad():
-                score = float(discrimination_from_features([fm(tensor) for fm in models], snaps)[0])
+                score = float(discrimination_from_features(feats, snaps)[0])
             return pixels, score, t, ratio
         t /= 2
     pixels = np.round(_to_layout(start) * 255.0) / 255.0
     tensor = torch.from_numpy(pixels.astype(np.float32))
     tensor = tensor[None, None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)[None]
+    _, ratio, feats = _inside(models, tensor, margin)
     with torch.no_grad():
-        score = float(discrimination_from_features([fm(tensor) for fm in models], snaps)[0])
-    return pixels, score, 0.0, _inside(models, tensor, margin)[1]
+        score = float(discrimination_from_features(feats, snaps)[0])
+    return pixels, score, 0.0, ratio
