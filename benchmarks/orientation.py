@@ -2,14 +2,19 @@
 
     python benchmarks/orientation.py --subjects 20 --timing-trials 500
 
-Part 1: trials until P(true) >= 0.95 for the mutual-information design and random, per simulated
-neuron (truth drawn from the von Mises model's prior, seeded). Part 2: decision time (perf_counter
-around `propose`) p50/p95 at trials 10, 100 and 500 of a long session, from repeated proposals
-at that exact posterior state. Prints one JSON object.
+Part 1 (`trials`): trials until P(true) >= 0.95 for the mutual-information design and random, per
+simulated neuron (truth drawn from the von Mises model's prior, seeded). Part 2 (`timing`): decision
+time (perf_counter and thread CPU time around `propose`) p50/p95 at trials 10, 100 and 500 of a long
+session, from repeated proposals at that exact posterior state, for the protocol's design and for
+the 3-model discriminating decision at the same state. Part 3 (`calibration`): MI sessions against
+truths drawn from each model's prior (von Mises, Gaussian, and functions drawn from the GP prior),
+for each GP hyperparameter treatment (`--hyper`): how often the first model to reach P >= .95 / .99
+is not the truth. Prints one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -79,6 +84,93 @@ def truth_for(protocol, seed: int) -> str:
             return "von_mises:" + ",".join(f"{k}={v:.6g}" for k, v in th.items())
 
 
+def gaussian_truth_for(seed: int) -> str:
+    """A Gaussian x linear-threshold neuron drawn from that model's prior (peak rate >= 5)."""
+    rng = np.random.default_rng([seed, 78])
+    while True:
+        th = {"b": rng.gamma(2, 1), "g": rng.gamma(4, 5), "w": rng.lognormal(3.0, 0.4),
+              "pref": rng.uniform(0, 180), "c0": rng.uniform(0, 0.3)}
+        if th["g"] * (1 - th["c0"]) >= 5:
+            return "gaussian:" + ",".join(f"{k}={v:.6g}" for k, v in th.items())
+
+
+class GPTruth:
+    """A neuron whose log rate is one function drawn from the GP candidate's prior: a hyperparameter
+    point of its grid (uniform), mean log(8) spikes; values at new stimuli are drawn conditionally on
+    the values already drawn, so the responses follow one exact sample path."""
+
+    model_name = "gp"
+
+    def __init__(self, comparison: ModelComparison, seed: int) -> None:
+        rng = np.random.default_rng([seed, 79])
+        gp = comparison.posterior("gp")
+        self.fit = gp.fits[int(rng.integers(len(gp.fits)))]
+        self.space = comparison.space
+        self.m = math.log(8.0)
+        self.U = torch.empty((0, self.space.d), dtype=torch.float64)
+        self.f = torch.empty(0, dtype=torch.float64)
+
+    def spec(self) -> str:
+        return f"gp:lengthscale={self.fit.lengthscale:g},outputscale={self.fit.outputscale:g}"
+
+    def sample(self, stimulus: dict, rng: np.random.Generator) -> float:
+        u = self.space.raw_to_unit(self.space.stimulus_to_raw(stimulus).reshape(1, -1))
+        kss = self.fit.outputscale
+        if self.f.numel():
+            K = self.fit.kernel(self.U, self.U) + 1e-8 * torch.eye(self.f.numel(), dtype=torch.float64)
+            k = self.fit.kernel(self.U, u)[:, 0]
+            sol = torch.linalg.solve(K, torch.stack([self.f - self.m, k], -1))
+            mu, var = self.m + float(k @ sol[:, 0]), max(kss - float(k @ sol[:, 1]), 1e-10)
+        else:
+            mu, var = self.m, kss
+        f = mu + math.sqrt(var) * rng.standard_normal()
+        self.U = torch.cat([self.U, u])
+        self.f = torch.cat([self.f, torch.tensor([f], dtype=torch.float64)])
+        return float(rng.poisson(math.exp(min(f, 7.0))))
+
+
+def calibration(text: str, hyper: str, sessions: int, seed0: int, cap: int) -> dict:
+    """First crossings of .95 and .99 in MI sessions against truths from each model's prior."""
+    text = text.replace("settings: {link: exp}", f"settings: {{link: exp, hyper: {hyper}}}")
+    protocol = parse_protocol_text(text, "<orientation benchmark>").protocol
+    out: dict = {}
+    for kind in ("von_mises", "gaussian", "gp"):
+        rows = []
+        for s in range(sessions):
+            seed = seed0 + 1000 * ("von_mises", "gaussian", "gp").index(kind) + s
+            comparison = ModelComparison.from_protocol(protocol, seed)
+            if kind == "gp":
+                truth = GPTruth(comparison, seed)
+            else:
+                truth = build_truth(protocol, truth_for(protocol, seed) if kind == "von_mises" else gaussian_truth_for(seed))
+            strategy = make_design(protocol, seed)
+            first: dict[str, tuple[str, int] | None] = {"0.95": None, "0.99": None}
+            for i in range(cap):
+                d = strategy.propose(comparison, i)
+                comparison.update(d.stimulus, truth.sample(d.stimulus, np.random.default_rng([seed, i])))
+                name, p = comparison.leader()
+                for crit in first:
+                    if first[crit] is None and p >= float(crit):
+                        first[crit] = (name, i + 1)
+                if first["0.99"] is not None:
+                    break
+            rows.append(first)
+            print(f"# calibration {hyper} {kind} {s}: {first} ({truth.spec()})", file=sys.stderr, flush=True)
+        res = {"sessions": sessions}
+        for crit in ("0.95", "0.99"):
+            stopped = [r[crit] for r in rows if r[crit] is not None]
+            res[f"reached_{crit}"] = len(stopped)
+            res[f"wrong_at_{crit}"] = sum(name != kind for name, _ in stopped)
+            res[f"median_trials_{crit}"] = censored_median([n for _, n in stopped], cap) if stopped else None
+        out[kind] = res
+    kinds = list(out)
+    for crit in ("0.95", "0.99"):
+        stopped = sum(out[k][f"reached_{crit}"] for k in kinds)
+        wrong = sum(out[k][f"wrong_at_{crit}"] for k in kinds)
+        out[f"fraction_correct_at_{crit}"] = round(1 - wrong / stopped, 4) if stopped else None
+    return out
+
+
 def trials_to(protocol, truth_spec: str, design: str, seed: int, crit: float, cap: int) -> tuple[int | None, list[float]]:
     truth = build_truth(protocol, truth_spec)
     comparison = ModelComparison.from_protocol(protocol, seed)
@@ -99,6 +191,7 @@ def timing_session(protocol, truth_spec: str, seed: int, checkpoints: list[int],
     truth = build_truth(protocol, truth_spec)
     comparison = ModelComparison.from_protocol(protocol, seed)
     strategy = make_design(protocol, seed)
+    discriminate = make_design(protocol, seed, "discriminate")
     out: dict[str, dict] = {}
     update_ms: list[float] = []
     for i in range(max(checkpoints)):
@@ -115,10 +208,20 @@ def timing_session(protocol, truth_spec: str, seed: int, checkpoints: list[int],
                 dd = strategy.propose(comparison, n + r * 7919)
                 ts.append((time.perf_counter() - t0) * 1000)
                 cs.append((time.thread_time() - c0) * 1000)
+            dts, dcs = [], []
+            for r in range(repeats):
+                t0, c0 = time.perf_counter(), time.thread_time()
+                discriminate.propose(comparison, n + r * 7919)
+                dts.append((time.perf_counter() - t0) * 1000)
+                dcs.append((time.thread_time() - c0) * 1000)
             out[str(n)] = {"decision_ms_p50": round(percentile(ts, 50), 2), "decision_ms_p95": round(percentile(ts, 95), 2),
                            "decision_cpu_ms_p50": round(percentile(cs, 50), 2),
                            "decision_cpu_ms_p95": round(percentile(cs, 95), 2),
-                           "strategy": dd.strategy, "update_ms_last10_p50": round(percentile(update_ms[-10:], 50), 2),
+                           "strategy": dd.strategy,
+                           "discriminate_ms_p50": round(percentile(dts, 50), 2), "discriminate_ms_p95": round(percentile(dts, 95), 2),
+                           "discriminate_cpu_ms_p50": round(percentile(dcs, 50), 2),
+                           "discriminate_cpu_ms_p95": round(percentile(dcs, 95), 2),
+                           "update_ms_last10_p50": round(percentile(update_ms[-10:], 50), 2),
                            "probabilities": {k: round(v, 4) for k, v in comparison.probabilities().items()}}
             print(f"# timing at {n}: {out[str(n)]}", file=sys.stderr, flush=True)
     return out
@@ -133,7 +236,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing,calibration")
+    ap.add_argument("--calibration-sessions", type=int, default=12, help="sessions per truth model and treatment")
+    ap.add_argument("--calibration-cap", type=int, default=60)
+    ap.add_argument("--hyper", default="marginal,type2", help="GP hyperparameter treatments to calibrate")
     ap.add_argument("--design-settings", default="", help="YAML flow mapping merged into design.settings")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -172,6 +278,9 @@ def main() -> None:
     if "timing" not in skip:
         cps = [c for c in (10, 100, 500) if c <= args.timing_trials]
         out["decision_time"] = timing_session(protocol, truth_for(protocol, args.seed), args.seed, cps, args.repeats)
+    if "calibration" not in skip:
+        out["calibration"] = {h: calibration(text, h, args.calibration_sessions, args.seed, args.calibration_cap)
+                              for h in filter(None, args.hyper.split(","))}
     out["environment"] = environment()
     print(dump(out))
 

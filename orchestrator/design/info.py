@@ -40,7 +40,8 @@ _INFORMATION = (
     SettingInfo("exhaustive_limit", 5000, "score every stimulus of a discrete space up to this many points "
                                           "(beyond: a seeded sample of this many)"),
     SettingInfo("mixed_limit", 32, "optimise continuous dimensions per discrete combination up to this many"),
-    SettingInfo("max_components", "256 (discrete) / 512 (continuous)", "particles per model in the design's mixture"),
+    SettingInfo("max_components", "256 (discrete) / 128 (continuous, batched) / 512 (continuous, lbfgs)",
+                "particles per model in the design's mixture"),
     SettingInfo("optimizer", "batched", "continuous spaces, one stimulus per decision: batched (Sobol points, "
                                         "then pattern-search rounds, no gradients) or lbfgs (BoTorch optimize_acqf)"),
     SettingInfo("raw_samples", 128, "seeded candidate points scored first (32 when characterizing)"),

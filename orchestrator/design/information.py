@@ -49,21 +49,24 @@ class InformationDesign(BaseStrategy):
         self.exhaustive_limit = int(s.get("exhaustive_limit", 5000))
         self.mixed_limit = int(s.get("mixed_limit", 32))
         discrete_only = not any(d.kind == "continuous" for d in self.space.dims)
-        # Defaults by phase, from the benchmarks: discrimination in continuous spaces needs a richer
-        # picture of each model's predictive (512 particles, 128 seeded raw samples); characterizing
-        # one model stays cheap (128 / 32) so late-session decisions are fast. Settings override both.
-        self.max_components = int(s.get("max_components", 256 if discrete_only else 512))
+        self.optimizer = str(s.get("optimizer", "batched"))
+        if self.optimizer not in ("batched", "lbfgs"):
+            raise ValueError(f"design.settings.optimizer: must be batched or lbfgs, not {self.optimizer!r}")
+        self.refine_rounds = int(s.get("refine_rounds", 3))
+        self.refine_keep = int(s.get("refine_keep", 2))
+        batched = (self.optimizer == "batched" and self.batch_size == 1
+                   and all(d.kind == "continuous" for d in self.space.dims))
+        # Defaults by phase, from the benchmarks (benchmarks/README.md, section 3): discrimination in
+        # continuous spaces scores 128 seeded points; with the batched search 128 particles per model
+        # cost no more regret than 512 (the L-BFGS-B path keeps 512). Characterizing one model stays
+        # cheap (128 particles, 32 points) so late-session decisions are fast. Settings override both.
+        self.max_components = int(s.get("max_components", 256 if discrete_only else 128 if batched else 512))
         self.char_components = int(s.get("max_components", 256 if discrete_only else 128))
         self.char_raw_samples = int(s.get("raw_samples", 32))
         self.num_restarts = int(s.get("num_restarts", 1))
         self.raw_samples = int(s.get("raw_samples", 128))
         self.maxiter = int(s.get("maxiter", 5))
         self.float32 = bool(s.get("float32", True))
-        self.optimizer = str(s.get("optimizer", "batched"))
-        if self.optimizer not in ("batched", "lbfgs"):
-            raise ValueError(f"design.settings.optimizer: must be batched or lbfgs, not {self.optimizer!r}")
-        self.refine_rounds = int(s.get("refine_rounds", 3))
-        self.refine_keep = int(s.get("refine_keep", 2))
         if discrete_only and self.space.n_discrete_combinations() <= self.exhaustive_limit:
             self._choices = self.space.enumerate_discrete()
         else:

@@ -161,8 +161,9 @@ class Likelihood:
 
     def _linear_log_density(self, mean: torch.Tensor, grid: "OutcomeGrid", noise: torch.Tensor | None,
                             compute_dtype: torch.dtype, with_tail: bool = False) -> torch.Tensor:
-        """The unnormalised log density at every exact outcome of `grid`: one matrix product (with
-        `with_tail`, Poisson tail bins too: log(width) + log pmf at the bin's middle count)."""
+        """The unnormalised log density at every exact outcome of `grid`, linear in a few features of
+        the mean: one matrix product (Poisson: one multiply-add; with `with_tail`, its tail bins too:
+        log(width) + log pmf at the bin's middle count)."""
         ys = grid.values
         shape = mean.shape
         if self.kind in ("bernoulli", "binomial"):
@@ -174,7 +175,6 @@ class Likelihood:
             const = torch.lgamma(n + 1) - torch.lgamma(ys + 1) - torch.lgamma(n - ys + 1)
         elif self.kind == "poisson":
             lam = mean.clamp_min(EPS)
-            feats = torch.stack([torch.log(lam), -lam], -1)
             const = -torch.lgamma(ys + 1)
             if with_tail and grid.tail_edges is not None:
                 e = grid.tail_edges.to(ys.dtype)
@@ -182,7 +182,10 @@ class Likelihood:
                 mid = e + (width - 1) / 2
                 ys = torch.cat([ys, mid])
                 const = torch.cat([const, torch.log(width) - torch.lgamma(mid + 1)])
-            basis = torch.stack([ys, torch.ones_like(ys)])
+            # y log(lam) - lam + const_y: one broadcast multiply-add (a matrix product with an inner
+            # dimension of 3 is ~2x slower on CPU)
+            lam = lam.to(compute_dtype).unsqueeze(-1)
+            return torch.addcmul(const.to(compute_dtype) - lam, torch.log(lam), ys.to(compute_dtype))
         elif self.kind == "gaussian":
             assert noise is not None and grid.spacing is not None
             sd = noise.clamp_min(EPS)
