@@ -7,6 +7,7 @@ sum over outcomes serves every kind.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -175,13 +176,9 @@ class Likelihood:
             const = torch.lgamma(n + 1) - torch.lgamma(ys + 1) - torch.lgamma(n - ys + 1)
         elif self.kind == "poisson":
             lam = mean.clamp_min(EPS)
-            const = -torch.lgamma(ys + 1)
-            if with_tail and grid.tail_edges is not None:
-                e = grid.tail_edges.to(ys.dtype)
-                width = torch.cat([e[1:] - e[:-1], e[-1:] - e[-2:-1] if e.shape[0] > 1 else torch.ones(1, dtype=e.dtype)])
-                mid = e + (width - 1) / 2
-                ys = torch.cat([ys, mid])
-                const = torch.cat([const, torch.log(width) - torch.lgamma(mid + 1)])
+            ys, const = grid.poisson_counts
+            if not with_tail and grid.tail_edges is not None:
+                ys, const = ys[: grid.values.shape[0]], const[: grid.values.shape[0]]
             # y log(lam) - lam + const_y: one broadcast multiply-add (a matrix product with an inner
             # dimension of 3 is ~2x slower on CPU)
             lam = lam.to(compute_dtype).unsqueeze(-1)
@@ -251,6 +248,21 @@ class OutcomeGrid:
     @property
     def size(self) -> int:
         return int(self.values.shape[0]) + (0 if self.tail_edges is None else int(self.tail_edges.shape[0]))
+
+    @functools.cached_property
+    def poisson_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Representative counts y and constants -lgamma(y + 1) (+ log bin width for the tail bins:
+        their middle count) of every outcome, computed once per grid for every model's table."""
+        ys = self.values
+        const = -torch.lgamma(ys + 1)
+        if self.tail_edges is not None:
+            e = self.tail_edges.to(ys.dtype)
+            last = e[-1:] - e[-2:-1] if e.shape[0] > 1 else torch.ones(1, dtype=e.dtype)
+            width = torch.cat([e[1:] - e[:-1], last])
+            mid = e + (width - 1) / 2
+            ys = torch.cat([ys, mid])
+            const = torch.cat([const, torch.log(width) - torch.lgamma(mid + 1)])
+        return ys, const
 
 
 def make_likelihood(response: Any) -> Likelihood:
