@@ -9,7 +9,8 @@ session, from repeated proposals at that exact posterior state, for the protocol
 the 3-model discriminating decision at the same state. Part 3 (`calibration`): MI sessions against
 truths drawn from each model's prior (von Mises, Gaussian, and functions drawn from the GP prior),
 for each GP hyperparameter treatment (`--hyper`): how often the first model to reach P >= .95 / .99
-is not the truth. Prints one JSON object.
+is not the truth. Part 4 (`regret`): the design regret (nats) and CPU time of design settings at the
+3-model states of MI sessions, against the exact best over a dense stimulus grid. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retention_common import censored_median, dump, environment, percentile  # noqa: E402
 
 from orchestrator.design import make_design  # noqa: E402
+from orchestrator.design.acquisition import ModelDiscriminationMI  # noqa: E402
 from orchestrator.inference import ModelComparison  # noqa: E402
 from orchestrator.models import build_truth  # noqa: E402
 from orchestrator.protocol import parse_protocol_text  # noqa: E402
@@ -171,6 +173,64 @@ def calibration(text: str, hyper: str, sessions: int, seed0: int, cap: int) -> d
     return out
 
 
+def regret(text: str, configs: list[str], subjects: int, seed0: int) -> dict:
+    """Design regret of design settings at the 3-model states of MI sessions (trials 0-9 while no
+    model has P >= .99): exact-best MI over a 60 x 30 stimulus grid, every particle, minus that MI
+    at the chosen stimulus, and the decision's CPU time."""
+    def with_settings(c: str):
+        t = text if not c else text.replace("  characterize_threshold: 0.99",
+                                            f"  characterize_threshold: 0.99\n  settings: {c}")
+        return parse_protocol_text(t, "<orientation benchmark>").protocol
+
+    base = with_settings("")
+    protocols = {c: with_settings(c) for c in configs}
+    rows: dict[str, list[tuple[float, float]]] = {c: [] for c in configs}
+    info: list[tuple[float, float]] = []
+    u = torch.cartesian_prod(torch.linspace(0, 1, 60, dtype=torch.float64), torch.linspace(0, 1, 30, dtype=torch.float64))
+    for s in range(subjects):
+        seed = seed0 + s
+        truth = build_truth(base, truth_for(base, seed))
+        comparison = ModelComparison.from_protocol(base, seed)
+        strategy = make_design(base, seed)
+        for i in range(10):
+            logp = comparison.log_probabilities()
+            if float(logp.exp().max()) >= 0.99:
+                break
+            alive = [j for j in range(len(logp)) if float(logp[j].exp()) >= 1e-6]
+            exact = ModelDiscriminationMI([comparison.posteriors[j].predictive(None) for j in alive], logp[alive],
+                                          comparison.space, comparison.candidates[0].likelihood)
+            exact.compute_dtype = torch.float32
+            with torch.no_grad():
+                grid_mi = torch.cat([exact(u[k:k + 48].unsqueeze(1)) for k in range(0, u.shape[0], 48)])
+            best = float(grid_mi.max())
+            info.append((best, float(grid_mi.mean())))  # a random stimulus gets the grid's mean MI
+            for c in configs:
+                design = make_design(protocols[c], seed)
+                design.mode = "discriminate"
+                c0 = time.thread_time()
+                d = design.propose(comparison, i)
+                ms = (time.thread_time() - c0) * 1000
+                x = comparison.space.raw_to_unit(comparison.space.stimulus_to_raw(d.stimulus).reshape(1, -1))
+                with torch.no_grad():
+                    rows[c].append((best - float(exact(x.unsqueeze(1))[0]), ms))
+            d = strategy.propose(comparison, i)
+            comparison.update(d.stimulus, truth.sample(d.stimulus, np.random.default_rng([seed, i])))
+        print(f"# regret subject {s}: {len(rows[configs[0]])} states", file=sys.stderr, flush=True)
+    ratios = [b / m for b, m in info if m > 0]
+    out: dict = {"information_per_trial": {
+        "states": len(info), "best_mi_mean": round(float(np.mean([b for b, _ in info])), 4),
+        "random_stimulus_mi_mean": round(float(np.mean([m for _, m in info])), 4),
+        "best_over_random_ratio_of_means": round(float(np.mean([b for b, _ in info]) / np.mean([m for _, m in info])), 2),
+        "best_over_random_ratio_median": round(percentile(ratios, 50), 2)}}
+    for c in configs:
+        r = [a for a, _ in rows[c]]
+        ms = [b for _, b in rows[c]]
+        out[c or "(default)"] = {"states": len(r), "regret_nats_p50": round(percentile(r, 50), 5),
+                                 "regret_nats_p95": round(percentile(r, 95), 5),
+                                 "cpu_ms_p50": round(percentile(ms, 50), 1), "cpu_ms_p95": round(percentile(ms, 95), 1)}
+    return out
+
+
 def trials_to(protocol, truth_spec: str, design: str, seed: int, crit: float, cap: int) -> tuple[int | None, list[float]]:
     truth = build_truth(protocol, truth_spec)
     comparison = ModelComparison.from_protocol(protocol, seed)
@@ -191,7 +251,8 @@ def timing_session(protocol, truth_spec: str, seed: int, checkpoints: list[int],
     truth = build_truth(protocol, truth_spec)
     comparison = ModelComparison.from_protocol(protocol, seed)
     strategy = make_design(protocol, seed)
-    discriminate = make_design(protocol, seed, "discriminate")
+    discriminate = make_design(protocol, seed)  # the protocol's settings, always discriminating
+    discriminate.mode = "discriminate"
     out: dict[str, dict] = {}
     update_ms: list[float] = []
     for i in range(max(checkpoints)):
@@ -236,10 +297,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing,calibration")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing,regret,calibration")
     ap.add_argument("--calibration-sessions", type=int, default=12, help="sessions per truth model and treatment")
     ap.add_argument("--calibration-cap", type=int, default=60)
     ap.add_argument("--hyper", default="marginal,type2", help="GP hyperparameter treatments to calibrate")
+    ap.add_argument("--regret-subjects", type=int, default=8)
+    ap.add_argument("--regret-configs", default="|{refine_rounds: 2}|{optimizer: lbfgs, max_components: 512}",
+                    help="'|'-separated design.settings flow mappings compared in the regret part (empty = defaults)")
     ap.add_argument("--design-settings", default="", help="YAML flow mapping merged into design.settings")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -278,6 +342,8 @@ def main() -> None:
     if "timing" not in skip:
         cps = [c for c in (10, 100, 500) if c <= args.timing_trials]
         out["decision_time"] = timing_session(protocol, truth_for(protocol, args.seed), args.seed, cps, args.repeats)
+    if "regret" not in skip:
+        out["regret"] = regret(ORIENTATION_YAML, args.regret_configs.split("|"), args.regret_subjects, args.seed)
     if "calibration" not in skip:
         out["calibration"] = {h: calibration(text, h, args.calibration_sessions, args.seed, args.calibration_cap)
                               for h in filter(None, args.hyper.split(","))}
