@@ -302,7 +302,7 @@ def main() -> None:
     ap.add_argument("--calibration-cap", type=int, default=60)
     ap.add_argument("--hyper", default="marginal,type2", help="GP hyperparameter treatments to calibrate")
     ap.add_argument("--regret-subjects", type=int, default=8)
-    ap.add_argument("--regret-configs", default="|{refine_rounds: 2}|{optimizer: lbfgs, max_components: 512}",
+    ap.add_argument("--regret-configs", default="|{refine_rounds: 3}|{optimizer: lbfgs, max_components: 512}",
                     help="'|'-separated design.settings flow mappings compared in the regret part (empty = defaults)")
     ap.add_argument("--design-settings", default="", help="YAML flow mapping merged into design.settings")
     args = ap.parse_args()

@@ -45,7 +45,7 @@ _INFORMATION = (
     SettingInfo("optimizer", "batched", "continuous spaces, one stimulus per decision: batched (Sobol points, "
                                         "then pattern-search rounds, no gradients) or lbfgs (BoTorch optimize_acqf)"),
     SettingInfo("raw_samples", 128, "seeded candidate points scored first (32 when characterizing)"),
-    SettingInfo("refine_rounds", 3, "batched optimizer: pattern-search rounds after the Sobol points"),
+    SettingInfo("refine_rounds", 2, "batched optimizer: pattern-search rounds after the Sobol points"),
     SettingInfo("refine_keep", 2, "batched optimizer: best points refined per round"),
     SettingInfo("num_restarts", 1, "L-BFGS-B starts from the best raw samples"),
     SettingInfo("maxiter", 5, "L-BFGS-B iterations per decision"),

@@ -4,7 +4,7 @@ Optimisation follows the stimulus space:
 - all-discrete spaces up to `exhaustive_limit` combinations: every candidate scored in one
   vectorised pass (`optimize_acqf_discrete`);
 - continuous spaces, one stimulus per decision: a batched search (the default `optimizer: batched`):
-  `raw_samples` scrambled-Sobol points scored in one table, then `refine_rounds` pattern-search
+  `raw_samples` scrambled-Sobol points scored in one table, then `refine_rounds` (2) pattern-search
   rounds around the best `refine_keep` points (the step halved each round), each one table; the
   cost is a few large tables instead of one autograd pass per L-BFGS-B evaluation;
 - other continuous spaces (or `optimizer: lbfgs`): `optimize_acqf` (L-BFGS-B) from the best of
@@ -52,7 +52,7 @@ class InformationDesign(BaseStrategy):
         self.optimizer = str(s.get("optimizer", "batched"))
         if self.optimizer not in ("batched", "lbfgs"):
             raise ValueError(f"design.settings.optimizer: must be batched or lbfgs, not {self.optimizer!r}")
-        self.refine_rounds = int(s.get("refine_rounds", 3))
+        self.refine_rounds = int(s.get("refine_rounds", 2))
         self.refine_keep = int(s.get("refine_keep", 2))
         batched = (self.optimizer == "batched" and self.batch_size == 1
                    and all(d.kind == "continuous" for d in self.space.dims))
