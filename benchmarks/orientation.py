@@ -2,14 +2,20 @@
 
     python benchmarks/orientation.py --subjects 20 --timing-trials 500
 
-Part 1: trials until P(true) >= 0.95 for the mutual-information design and random, per simulated
-neuron (truth drawn from the von Mises model's prior, seeded). Part 2: decision time (perf_counter
-around `propose`) p50/p95 at trials 10, 100 and 500 of a long session, from repeated proposals
-at that exact posterior state. Prints one JSON object.
+Part 1 (`trials`): trials until P(true) >= 0.95 for the mutual-information design and random, per
+simulated neuron (truth drawn from the von Mises model's prior, seeded). Part 2 (`timing`): decision
+time (perf_counter and thread CPU time around `propose`) p50/p95 at trials 10, 100 and 500 of a long
+session, from repeated proposals at that exact posterior state, for the protocol's design and for
+the 3-model discriminating decision at the same state. Part 3 (`calibration`): MI sessions against
+truths drawn from each model's prior (von Mises, Gaussian, and functions drawn from the GP prior),
+for each GP hyperparameter treatment (`--hyper`): how often the first model to reach P >= .95 / .99
+is not the truth. Part 4 (`regret`): the design regret (nats) and CPU time of design settings at the
+3-model states of MI sessions, against the exact best over a dense stimulus grid. Prints one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -22,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retention_common import censored_median, dump, environment, percentile  # noqa: E402
 
 from orchestrator.design import make_design  # noqa: E402
+from orchestrator.design.acquisition import ModelDiscriminationMI  # noqa: E402
 from orchestrator.inference import ModelComparison  # noqa: E402
 from orchestrator.models import build_truth  # noqa: E402
 from orchestrator.protocol import parse_protocol_text  # noqa: E402
@@ -79,6 +86,151 @@ def truth_for(protocol, seed: int) -> str:
             return "von_mises:" + ",".join(f"{k}={v:.6g}" for k, v in th.items())
 
 
+def gaussian_truth_for(seed: int) -> str:
+    """A Gaussian x linear-threshold neuron drawn from that model's prior (peak rate >= 5)."""
+    rng = np.random.default_rng([seed, 78])
+    while True:
+        th = {"b": rng.gamma(2, 1), "g": rng.gamma(4, 5), "w": rng.lognormal(3.0, 0.4),
+              "pref": rng.uniform(0, 180), "c0": rng.uniform(0, 0.3)}
+        if th["g"] * (1 - th["c0"]) >= 5:
+            return "gaussian:" + ",".join(f"{k}={v:.6g}" for k, v in th.items())
+
+
+class GPTruth:
+    """A neuron whose log rate is one function drawn from the GP candidate's prior: a hyperparameter
+    point of its grid (uniform), mean log(8) spikes; values at new stimuli are drawn conditionally on
+    the values already drawn, so the responses follow one exact sample path."""
+
+    model_name = "gp"
+
+    def __init__(self, comparison: ModelComparison, seed: int) -> None:
+        rng = np.random.default_rng([seed, 79])
+        gp = comparison.posterior("gp")
+        self.fit = gp.fits[int(rng.integers(len(gp.fits)))]
+        self.space = comparison.space
+        self.m = math.log(8.0)
+        self.U = torch.empty((0, self.space.d), dtype=torch.float64)
+        self.f = torch.empty(0, dtype=torch.float64)
+
+    def spec(self) -> str:
+        return f"gp:lengthscale={self.fit.lengthscale:g},outputscale={self.fit.outputscale:g}"
+
+    def sample(self, stimulus: dict, rng: np.random.Generator) -> float:
+        u = self.space.raw_to_unit(self.space.stimulus_to_raw(stimulus).reshape(1, -1))
+        kss = self.fit.outputscale
+        if self.f.numel():
+            K = self.fit.kernel(self.U, self.U) + 1e-8 * torch.eye(self.f.numel(), dtype=torch.float64)
+            k = self.fit.kernel(self.U, u)[:, 0]
+            sol = torch.linalg.solve(K, torch.stack([self.f - self.m, k], -1))
+            mu, var = self.m + float(k @ sol[:, 0]), max(kss - float(k @ sol[:, 1]), 1e-10)
+        else:
+            mu, var = self.m, kss
+        f = mu + math.sqrt(var) * rng.standard_normal()
+        self.U = torch.cat([self.U, u])
+        self.f = torch.cat([self.f, torch.tensor([f], dtype=torch.float64)])
+        return float(rng.poisson(math.exp(min(f, 7.0))))
+
+
+def calibration(text: str, hyper: str, sessions: int, seed0: int, cap: int) -> dict:
+    """First crossings of .95 and .99 in MI sessions against truths from each model's prior."""
+    text = text.replace("settings: {link: exp}", f"settings: {{link: exp, hyper: {hyper}}}")
+    protocol = parse_protocol_text(text, "<orientation benchmark>").protocol
+    out: dict = {}
+    for kind in ("von_mises", "gaussian", "gp"):
+        rows = []
+        for s in range(sessions):
+            seed = seed0 + 1000 * ("von_mises", "gaussian", "gp").index(kind) + s
+            comparison = ModelComparison.from_protocol(protocol, seed)
+            if kind == "gp":
+                truth = GPTruth(comparison, seed)
+            else:
+                truth = build_truth(protocol, truth_for(protocol, seed) if kind == "von_mises" else gaussian_truth_for(seed))
+            strategy = make_design(protocol, seed)
+            first: dict[str, tuple[str, int] | None] = {"0.95": None, "0.99": None}
+            for i in range(cap):
+                d = strategy.propose(comparison, i)
+                comparison.update(d.stimulus, truth.sample(d.stimulus, np.random.default_rng([seed, i])))
+                name, p = comparison.leader()
+                for crit in first:
+                    if first[crit] is None and p >= float(crit):
+                        first[crit] = (name, i + 1)
+                if first["0.99"] is not None:
+                    break
+            rows.append(first)
+            print(f"# calibration {hyper} {kind} {s}: {first} ({truth.spec()})", file=sys.stderr, flush=True)
+        res = {"sessions": sessions}
+        for crit in ("0.95", "0.99"):
+            stopped = [r[crit] for r in rows if r[crit] is not None]
+            res[f"reached_{crit}"] = len(stopped)
+            res[f"wrong_at_{crit}"] = sum(name != kind for name, _ in stopped)
+            res[f"median_trials_{crit}"] = censored_median([n for _, n in stopped], cap) if stopped else None
+        out[kind] = res
+    kinds = list(out)
+    for crit in ("0.95", "0.99"):
+        stopped = sum(out[k][f"reached_{crit}"] for k in kinds)
+        wrong = sum(out[k][f"wrong_at_{crit}"] for k in kinds)
+        out[f"fraction_correct_at_{crit}"] = round(1 - wrong / stopped, 4) if stopped else None
+    return out
+
+
+def regret(text: str, configs: list[str], subjects: int, seed0: int) -> dict:
+    """Design regret of design settings at the 3-model states of MI sessions (trials 0-9 while no
+    model has P >= .99): exact-best MI over a 60 x 30 stimulus grid, every particle, minus that MI
+    at the chosen stimulus, and the decision's CPU time."""
+    def with_settings(c: str):
+        t = text if not c else text.replace("  characterize_threshold: 0.99",
+                                            f"  characterize_threshold: 0.99\n  settings: {c}")
+        return parse_protocol_text(t, "<orientation benchmark>").protocol
+
+    base = with_settings("")
+    protocols = {c: with_settings(c) for c in configs}
+    rows: dict[str, list[tuple[float, float]]] = {c: [] for c in configs}
+    info: list[tuple[float, float]] = []
+    u = torch.cartesian_prod(torch.linspace(0, 1, 60, dtype=torch.float64), torch.linspace(0, 1, 30, dtype=torch.float64))
+    for s in range(subjects):
+        seed = seed0 + s
+        truth = build_truth(base, truth_for(base, seed))
+        comparison = ModelComparison.from_protocol(base, seed)
+        strategy = make_design(base, seed)
+        for i in range(10):
+            logp = comparison.log_probabilities()
+            if float(logp.exp().max()) >= 0.99:
+                break
+            alive = [j for j in range(len(logp)) if float(logp[j].exp()) >= 1e-6]
+            exact = ModelDiscriminationMI([comparison.posteriors[j].predictive(None) for j in alive], logp[alive],
+                                          comparison.space, comparison.candidates[0].likelihood)
+            exact.compute_dtype = torch.float32
+            with torch.no_grad():
+                grid_mi = torch.cat([exact(u[k:k + 48].unsqueeze(1)) for k in range(0, u.shape[0], 48)])
+            best = float(grid_mi.max())
+            info.append((best, float(grid_mi.mean())))  # a random stimulus gets the grid's mean MI
+            for c in configs:
+                design = make_design(protocols[c], seed)
+                design.mode = "discriminate"
+                c0 = time.thread_time()
+                d = design.propose(comparison, i)
+                ms = (time.thread_time() - c0) * 1000
+                x = comparison.space.raw_to_unit(comparison.space.stimulus_to_raw(d.stimulus).reshape(1, -1))
+                with torch.no_grad():
+                    rows[c].append((best - float(exact(x.unsqueeze(1))[0]), ms))
+            d = strategy.propose(comparison, i)
+            comparison.update(d.stimulus, truth.sample(d.stimulus, np.random.default_rng([seed, i])))
+        print(f"# regret subject {s}: {len(rows[configs[0]])} states", file=sys.stderr, flush=True)
+    ratios = [b / m for b, m in info if m > 0]
+    out: dict = {"information_per_trial": {
+        "states": len(info), "best_mi_mean": round(float(np.mean([b for b, _ in info])), 4),
+        "random_stimulus_mi_mean": round(float(np.mean([m for _, m in info])), 4),
+        "best_over_random_ratio_of_means": round(float(np.mean([b for b, _ in info]) / np.mean([m for _, m in info])), 2),
+        "best_over_random_ratio_median": round(percentile(ratios, 50), 2)}}
+    for c in configs:
+        r = [a for a, _ in rows[c]]
+        ms = [b for _, b in rows[c]]
+        out[c or "(default)"] = {"states": len(r), "regret_nats_p50": round(percentile(r, 50), 5),
+                                 "regret_nats_p95": round(percentile(r, 95), 5),
+                                 "cpu_ms_p50": round(percentile(ms, 50), 1), "cpu_ms_p95": round(percentile(ms, 95), 1)}
+    return out
+
+
 def trials_to(protocol, truth_spec: str, design: str, seed: int, crit: float, cap: int) -> tuple[int | None, list[float]]:
     truth = build_truth(protocol, truth_spec)
     comparison = ModelComparison.from_protocol(protocol, seed)
@@ -99,6 +251,8 @@ def timing_session(protocol, truth_spec: str, seed: int, checkpoints: list[int],
     truth = build_truth(protocol, truth_spec)
     comparison = ModelComparison.from_protocol(protocol, seed)
     strategy = make_design(protocol, seed)
+    discriminate = make_design(protocol, seed)  # the protocol's settings, always discriminating
+    discriminate.mode = "discriminate"
     out: dict[str, dict] = {}
     update_ms: list[float] = []
     for i in range(max(checkpoints)):
@@ -115,10 +269,20 @@ def timing_session(protocol, truth_spec: str, seed: int, checkpoints: list[int],
                 dd = strategy.propose(comparison, n + r * 7919)
                 ts.append((time.perf_counter() - t0) * 1000)
                 cs.append((time.thread_time() - c0) * 1000)
+            dts, dcs = [], []
+            for r in range(repeats):
+                t0, c0 = time.perf_counter(), time.thread_time()
+                discriminate.propose(comparison, n + r * 7919)
+                dts.append((time.perf_counter() - t0) * 1000)
+                dcs.append((time.thread_time() - c0) * 1000)
             out[str(n)] = {"decision_ms_p50": round(percentile(ts, 50), 2), "decision_ms_p95": round(percentile(ts, 95), 2),
                            "decision_cpu_ms_p50": round(percentile(cs, 50), 2),
                            "decision_cpu_ms_p95": round(percentile(cs, 95), 2),
-                           "strategy": dd.strategy, "update_ms_last10_p50": round(percentile(update_ms[-10:], 50), 2),
+                           "strategy": dd.strategy,
+                           "discriminate_ms_p50": round(percentile(dts, 50), 2), "discriminate_ms_p95": round(percentile(dts, 95), 2),
+                           "discriminate_cpu_ms_p50": round(percentile(dcs, 50), 2),
+                           "discriminate_cpu_ms_p95": round(percentile(dcs, 95), 2),
+                           "update_ms_last10_p50": round(percentile(update_ms[-10:], 50), 2),
                            "probabilities": {k: round(v, 4) for k, v in comparison.probabilities().items()}}
             print(f"# timing at {n}: {out[str(n)]}", file=sys.stderr, flush=True)
     return out
@@ -133,7 +297,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing,regret,calibration")
+    ap.add_argument("--calibration-sessions", type=int, default=12, help="sessions per truth model and treatment")
+    ap.add_argument("--calibration-cap", type=int, default=60)
+    ap.add_argument("--hyper", default="marginal,type2", help="GP hyperparameter treatments to calibrate")
+    ap.add_argument("--regret-subjects", type=int, default=8)
+    ap.add_argument("--regret-configs", default="|{refine_rounds: 3}|{optimizer: lbfgs, max_components: 512}",
+                    help="'|'-separated design.settings flow mappings compared in the regret part (empty = defaults)")
     ap.add_argument("--design-settings", default="", help="YAML flow mapping merged into design.settings")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -172,6 +342,11 @@ def main() -> None:
     if "timing" not in skip:
         cps = [c for c in (10, 100, 500) if c <= args.timing_trials]
         out["decision_time"] = timing_session(protocol, truth_for(protocol, args.seed), args.seed, cps, args.repeats)
+    if "regret" not in skip:
+        out["regret"] = regret(ORIENTATION_YAML, args.regret_configs.split("|"), args.regret_subjects, args.seed)
+    if "calibration" not in skip:
+        out["calibration"] = {h: calibration(text, h, args.calibration_sessions, args.seed, args.calibration_cap)
+                              for h in filter(None, args.hyper.split(","))}
     out["environment"] = environment()
     print(dump(out))
 

@@ -31,8 +31,12 @@ GP_DOC = ("nonparametric: response mean = link(f(x)), f ~ GP with a scaled RBF k
           " stimulus space (log scale for `log: true` parameters)")
 GP_SETTINGS = {
     "link": "exp (poisson default) | logit (bernoulli/binomial default) | identity (gaussian default)",
-    "lengthscale": "RBF lengthscale on the unit-scaled space (default 0.25; or a prior: its median)",
-    "outputscale": "kernel variance (default 2.0, 1.0 for identity; or a prior: its median)",
+    "hyper": "marginal (default: lengthscale x outputscale marginalised on a grid in the evidence) | fixed"
+             " (one value each) | type2 (max over the grid: an over-confident evidence, for comparison)",
+    "lengthscale": "RBF lengthscale on the unit-scaled space (a number fixes it; a prior: 4 equal-mass points;"
+                   " default grid 0.1 / 0.2 / 0.4 / 0.8, 0.25 with hyper: fixed)",
+    "outputscale": "kernel variance (a number fixes it; a prior: 3 equal-mass points; default grid 0.5 / 2 / 8,"
+                   " 0.25 / 1 / 4 for identity; 2.0 or 1.0 with hyper: fixed)",
     "mean": "constant mean on the link scale (default: link of the running mean response; or a prior)",
     "noise_sd": "gaussian responses: noise SD (default 1.0; or a prior: its median)",
     "quadrature": "Gauss-Hermite nodes for the evidence (default 32)",

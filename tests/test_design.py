@@ -14,7 +14,7 @@ from orchestrator.design.acquisition import ModelDiscriminationMI, ParameterInfo
 from orchestrator.design.base import BaseStrategy
 from orchestrator.inference import ModelComparison, generator
 from orchestrator.models import build_truth
-from orchestrator.protocol import SafetyViolation, parse_protocol_text
+from orchestrator.protocol import ProtocolError, SafetyViolation, parse_protocol_text
 from orchestrator.protocol_checks import parse_checked
 
 RETENTION = retention_minimal_text({"design": {"strategy": "STRATEGY", "settings": "SETTINGS"}}) + "BATCH\nSAFETY\n"
@@ -418,3 +418,40 @@ def test_simulate_runs_the_exact_grid_design_by_name_and_replays_identically() -
     again = [(r["stimulus"], r["response"], r["model_probabilities"]) for r in simulate(p, config)]
     assert len(first) == 6 and first == again
     assert first[-1][2]["exponential"] > first[0][2]["exponential"]
+
+
+CONTINUOUS = MIXED.replace("    shape: {kind: categorical, choices: [circle, square, star]}\n", "").replace(
+    "    reps: {kind: integer, low: 1, high: 3}\n", "").replace("  shape: {allowed: [circle, square]}\n", "").replace(
+    "  settings: {raw_samples: 16, maxiter: 4, max_components: 64}\n", "  settings: SETTINGS\n")
+
+
+def continuous(settings: str = "{}"):
+    return parse_checked(CONTINUOUS.replace("STRATEGY", "discriminate").replace("BATCH", "1")
+                         .replace("SETTINGS", settings)).protocol
+
+
+def test_the_batched_search_finds_the_best_stimulus_of_a_dense_grid_deterministically() -> None:
+    protocol = continuous()
+    comparison = ModelComparison.from_protocol(protocol, 5)
+    for stim, y in [({"orientation": 40.0, "contrast": 0.3}, 9.0), ({"orientation": 130.0, "contrast": 0.1}, 2.0)]:
+        comparison.update(stim, y)
+    design = make_design(protocol, 5)
+    assert design.optimizer == "batched" and design.max_components == 128
+    acq, _, _ = design._acquisition(comparison, 2)
+    x, score = design._optimize(acq, 2)
+    assert design._optimize(acq, 2)[0].tolist() == x.tolist()  # deterministic given seed and trial
+    with torch.no_grad():
+        assert float(acq(x.unsqueeze(0))[0]) == pytest.approx(score)
+        u = torch.linspace(0, 1, 61, dtype=torch.float64)
+        grid = torch.cartesian_prod(u, u)
+        best = float(acq(grid.unsqueeze(1)).max())
+    assert score >= best - 0.01 * best  # within 1% of the best of 3721 grid stimuli
+    d1, d2 = make_design(protocol, 5).propose(comparison, 2), make_design(protocol, 5).propose(comparison, 2)
+    assert d1.stimulus == d2.stimulus
+    _assert_within_limits(protocol, d1.stimulus)
+
+
+def test_the_optimizer_setting_is_checked() -> None:
+    assert make_design(continuous("{optimizer: lbfgs}"), 0).max_components == 512
+    with pytest.raises(ProtocolError, match=r":\d+: design.settings.optimizer: must be batched or lbfgs, not 'newton'"):
+        continuous("{optimizer: newton}")

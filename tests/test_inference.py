@@ -277,3 +277,33 @@ models:
     params = comparison.summary()["logistic"]["params"]
     assert params["guess"] == {"mean": pytest.approx(0.5), "sd": pytest.approx(0.0, abs=1e-9)}
     assert 10 < params["threshold"]["mean"] < 30
+
+
+GP_MARGINAL = GP_PROTOCOL.replace("    settings: {lengthscale: 0.15, outputscale: 2.0}\n", "") + """design:
+  strategy: mutual_information
+"""
+
+
+def test_a_replayed_history_rebuilds_the_gp_hyperparameter_posterior_and_the_next_stimulus() -> None:
+    """Resume rebuilds the models by replaying the trials: the refit hyperparameters, the evidence
+    and the design's next stimulus are those of the uninterrupted session."""
+    from orchestrator.design import make_design
+
+    protocol = parse_checked(GP_MARGINAL).protocol
+    truth = build_truth(protocol, "bump:b=1,g=12,m=0.4")
+    live = ModelComparison.from_protocol(protocol, 7)
+    design = make_design(protocol, 7)
+    history = []
+    for i in range(12):
+        d = design.propose(live, i)
+        y = truth.sample(d.stimulus, np.random.default_rng([7, i]))
+        live.update(d.stimulus, y)
+        history.append((d.stimulus, y))
+    gp = live.posterior("gp")
+    assert len(gp.fits) == 12 and gp.hyper_moments()["lengthscale"]["sd"] >= 0.0
+    replayed = ModelComparison.from_protocol(protocol, 7)
+    for stim, y in history:
+        replayed.update(stim, y)
+    assert replayed.summary() == live.summary()
+    assert [f.log_evidence for f in replayed.posterior("gp").fits] == [f.log_evidence for f in gp.fits]
+    assert make_design(protocol, 7).propose(replayed, 12).stimulus == design.propose(live, 12).stimulus

@@ -5,6 +5,7 @@ import math
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -280,3 +281,113 @@ def test_design_catalogue_lists_every_strategy_make_design_accepts() -> None:
     assert names == set(STRATEGIES)
     exact = next(d for d in catalogue() if d.name == "exact_grid")
     assert {s.name for s in exact.settings} >= {"mode", "points"}
+
+
+@pytest.mark.parametrize("kind, mean, n", [("bernoulli", 0.3, 1), ("binomial", 0.7, 10), ("poisson", 3.0, 1),
+                                           ("poisson", 25.0, 1), ("poisson", 200.0, 1)])
+def test_outcome_probabilities_are_distributions_close_to_the_exact_ones(kind: str, mean: float, n: int) -> None:
+    lik = Likelihood(kind, n)
+    means = torch.tensor([[mean, mean / 2]], dtype=D)
+    grid = lik.outcome_grid(means)
+    for dtype in (torch.float64, torch.float32):
+        p = lik.outcome_probs(means, grid, compute_dtype=dtype)
+        assert p.dtype == dtype and bool((p >= 0).all())
+        assert p.sum(-1).reshape(-1).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    p = lik.outcome_probs(means, grid)
+    head = grid.values.shape[0]
+    # exact outcomes: the same numbers as outcome_log_probs
+    assert p[..., : head - 1].numpy() == pytest.approx(lik.outcome_log_probs(means, grid)[..., : head - 1].exp().numpy(),
+                                                       abs=1e-12)
+    if grid.tail_edges is not None:  # the binned tail approximates the exact bin masses
+        ref = stats.poisson(mean)
+        edges = grid.tail_edges.numpy()
+        exact = ref.cdf(np.append(edges[1:], np.inf) - 1) - ref.cdf(edges - 1)
+        assert np.abs(p[0, 0, head:].numpy() - exact).sum() < 0.1  # midpoint rule in bins ~1 SD wide
+        assert float(p[0, 0, head:].sum()) == pytest.approx(float(exact.sum()), abs=1e-9)
+
+
+def test_outcome_probabilities_of_a_gaussian_match_the_log_table() -> None:
+    lik = Likelihood("gaussian", 1)
+    means = torch.tensor([[0.0, 3.0]], dtype=D)
+    noise = torch.tensor([[1.0, 0.5]], dtype=D)
+    grid = lik.outcome_grid(means, noise=noise)
+    p = lik.outcome_probs(means, grid, noise)
+    assert p.numpy() == pytest.approx(lik.outcome_log_probs(means, grid, noise).exp().numpy(), abs=1e-12)
+
+
+def test_outcome_probabilities_have_finite_gradients_where_the_poisson_tail_is_empty() -> None:
+    lik = Likelihood("poisson", 1)
+    rates = torch.tensor([[0.5, 60.0]], dtype=D, requires_grad=True)
+    grid = lik.outcome_grid(rates)  # binned tail: the 0.5 rate has no mass there
+    assert grid.tail_edges is not None
+    p = lik.outcome_probs(rates, grid, compute_dtype=torch.float32)
+    (p * torch.arange(p.shape[-1], dtype=torch.float32)).sum().backward()
+    assert bool(torch.isfinite(rates.grad).all())
+
+
+GP_1D = """
+name: g
+version: "1"
+stimulus:
+  parameters:
+    x: {kind: continuous, low: 0, high: 1}
+response: {kind: poisson}
+models:
+  - name: flat
+    formula: "b"
+    priors:
+      b: {dist: gamma, shape: 2, rate: 0.2}
+  - name: gp
+    builtin: gaussian_process
+    settings: SETTINGS
+"""
+
+
+def _gp_after(settings: str, rate: Any, n: int = 60) -> Any:
+    from orchestrator.inference import ModelComparison
+    from orchestrator.protocol_checks import parse_checked
+
+    comparison = ModelComparison.from_protocol(parse_checked(GP_1D.replace("SETTINGS", settings)).protocol, 0)
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        x = float(rng.random())
+        comparison.update({"x": x}, float(rng.poisson(rate(x))))
+    return comparison.posterior("gp")
+
+
+def test_the_gp_hyperparameter_posterior_recovers_the_lengthscale() -> None:
+    wiggly = _gp_after("{}", lambda x: math.exp(1.5 + 1.2 * math.sin(2 * math.pi * x / 0.35)))
+    smooth = _gp_after("{}", lambda x: math.exp(1.5 + 1.2 * math.sin(2 * math.pi * x / 3.0)))
+    short = wiggly.hyper_moments()["lengthscale"]["mean"]
+    long = smooth.hyper_moments()["lengthscale"]["mean"]
+    assert short < 0.15 < 0.3 < long  # a 0.35 period vs a slow trend (grid 0.1 / 0.2 / 0.4 / 0.8)
+    best = max(wiggly.hyper_log_weights(), key=lambda t: t[1])[0]
+    assert best.lengthscale == 0.1
+
+
+def test_gp_evidence_marginalises_the_grid_and_is_deterministic() -> None:
+    rate = lambda x: 2.0 + 10.0 * math.exp(-0.5 * ((x - 0.3) / 0.1) ** 2)  # noqa: E731
+    marginal, again = _gp_after("{}", rate, 30), _gp_after("{}", rate, 30)
+    type2 = _gp_after("{hyper: type2}", rate, 30)
+    fixed = _gp_after("{hyper: fixed}", rate, 30)
+    assert marginal.log_evidence == again.log_evidence and math.isfinite(marginal.log_evidence)
+    live = [f for f in marginal.fits if f.alive]
+    assert len(marginal.fits) == 12 and 1 <= len(live) <= 12
+    logs = torch.tensor([f.log_prior + f.log_evidence for f in live], dtype=D)
+    assert marginal.log_evidence == pytest.approx(float(torch.logsumexp(logs, 0)))
+    # the type-II maximum is the best point's evidence: above the average by at most log(points)
+    best = max(f.log_evidence for f in live)
+    assert type2.log_evidence == pytest.approx(best)
+    assert best - math.log(12) <= marginal.log_evidence <= best
+    assert len(fixed.fits) == 1 and (fixed.fits[0].lengthscale, fixed.fits[0].outputscale) == (0.25, 2.0)
+    assert _gp_after("{lengthscale: 0.2}", rate, 5).fits[0].lengthscale == 0.2
+    assert len(_gp_after("{lengthscale: 0.2}", rate, 5).fits) == 3  # outputscale still on its grid
+
+
+def test_gp_hyper_setting_is_checked() -> None:
+    from orchestrator.inference import ModelComparison
+    from orchestrator.protocol_checks import parse_checked
+
+    protocol = parse_checked(GP_1D.replace("SETTINGS", "{hyper: typo}")).protocol
+    with pytest.raises(ValueError, match=r"models.1.settings.hyper: must be one of marginal, type2, fixed"):
+        ModelComparison.from_protocol(protocol, 0)

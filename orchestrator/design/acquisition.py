@@ -6,7 +6,8 @@ outcomes (Poisson truncated with the tail folded in; Gaussian responses discreti
 - discrimination  I(M; Y_x) = sum_m pi_m KL(p_m(y|x) || p(y|x)),  p_m = sum_i w_mi p(y | theta_mi, x)
 - characterization  I(theta; Y_x | m) = sum_i w_i KL(p(y|theta_i,x) || p_m(y|x))
 
-The acquisitions read the model's `posterior(X)`, a ParticleMixturePosterior (BoTorch Posterior)
+The tables are outcome probabilities (`Likelihood.outcome_probs`, one exp per entry). The
+acquisitions read the model's `posterior(X)`, a ParticleMixturePosterior (BoTorch Posterior)
 holding each model's weighted particle means at X.
 
 For q > 1 (several stimuli per block) the joint outcome of the q responses is enumerated when
@@ -94,9 +95,9 @@ class ParticleMixtureModel(Model):
         return ParticleMixturePosterior([v(X) for v in self._views], self.model_log_probs)
 
 
-def _log_outcome_probs(posterior: ParticleMixturePosterior, lik: Likelihood,
-                       compute_dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per model: log weights (N,) and log P(outcome k | component i, x_j) (N, S, K) on a shared grid."""
+def _outcome_tables(posterior: ParticleMixturePosterior, lik: Likelihood,
+                    compute_dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per model: normalised weights (N,) and P(outcome k | component i, x_j) (N, S, K) on a shared grid."""
     comps = posterior.components
     lpm = posterior.model_log_probs
     means = torch.cat([m.reshape(-1) for _, m, _ in comps])
@@ -106,20 +107,20 @@ def _log_outcome_probs(posterior: ParticleMixturePosterior, lik: Likelihood,
     if lik.kind == "gaussian":
         noise_all = torch.cat([n.unsqueeze(-1).expand_as(m).reshape(-1) for _, m, n in comps])  # type: ignore[union-attr]
     grid = lik.outcome_grid(means, weights, noise_all)
-    out_w, out_lp = [], []
+    out_w, out_p = [], []
     for logw, m, n in comps:
         nn = None if n is None else n.unsqueeze(-1).expand_as(m)
-        out_lp.append(lik.outcome_log_probs(m, grid, nn, compute_dtype))
-        out_w.append(logw.to(compute_dtype))
-    return out_w, out_lp
+        out_p.append(lik.outcome_probs(m, grid, nn, compute_dtype))
+        out_w.append((logw - torch.logsumexp(logw, 0)).exp().to(compute_dtype))
+    return out_w, out_p
 
 
-def _joint(lp: torch.Tensor, q: int) -> torch.Tensor:
-    """(N, b, q, K) per-point outcome log probs -> (N, b, K^q) joint outcome log probs."""
-    N, b, _, K = lp.shape
-    joint = lp[:, :, 0, :]
+def _joint(p: torch.Tensor, q: int) -> torch.Tensor:
+    """(N, b, q, K) per-point outcome probs -> (N, b, K^q) joint outcome probs (independent given i)."""
+    N, b, _, K = p.shape
+    joint = p[:, :, 0, :]
     for j in range(1, q):
-        joint = (joint.unsqueeze(-1) + lp[:, :, j, :].unsqueeze(-2)).reshape(N, b, -1)
+        joint = (joint.unsqueeze(-1) * p[:, :, j, :].unsqueeze(-2)).reshape(N, b, -1)
     return joint
 
 
@@ -128,11 +129,14 @@ def _kl(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
-def _mixture(logw: torch.Tensor, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Component probs p_i(y) (N, b, K) and the weighted mixture log p(y) (b, K) via one matmul."""
-    p = lp.exp()
-    mix = (logw.exp() @ p.reshape(p.shape[0], -1)).reshape(p.shape[1:])
-    return p, torch.log(mix.clamp_min(torch.finfo(p.dtype).tiny))
+def _plogp(p: torch.Tensor) -> torch.Tensor:
+    """p log p with 0 log 0 = 0 and a finite gradient at p = 0 (an empty Poisson tail)."""
+    return p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+
+
+def _mix(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The weighted mixture sum_i w_i p_i(y) (b, K) of component probs (N, b, K): one matmul."""
+    return (w @ p.reshape(p.shape[0], -1)).reshape(p.shape[1:])
 
 
 class _OutcomeMI(AcquisitionFunction):
@@ -152,19 +156,19 @@ class _OutcomeMI(AcquisitionFunction):
         self.compute_dtype = torch.float64
 
     def _per_point(self, X: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int]:
-        """Outcome log-probs per model reshaped to (N, b, q, K)."""
+        """Normalised weights and outcome probabilities per model, the latter reshaped to (N, b, q, K)."""
         b, q, d = X.shape
         raw = self.space.design_to_raw(X.reshape(b * q, d))
-        ws, lps = _log_outcome_probs(self.model.posterior(raw), self.likelihood, self.compute_dtype)
-        return ws, [lp.reshape(lp.shape[0], b, q, lp.shape[-1]) for lp in lps], b, q
+        ws, ps = _outcome_tables(self.model.posterior(raw), self.likelihood, self.compute_dtype)
+        return ws, [p.reshape(p.shape[0], b, q, p.shape[-1]) for p in ps], b, q
 
-    def _stack_q(self, lps: list[torch.Tensor], q: int) -> tuple[list[torch.Tensor], bool]:
-        K = lps[0].shape[-1]
+    def _stack_q(self, ps: list[torch.Tensor], q: int) -> tuple[list[torch.Tensor], bool]:
+        K = ps[0].shape[-1]
         if q == 1:
-            return [lp[:, :, 0, :] for lp in lps], True
+            return [p[:, :, 0, :] for p in ps], True
         if K ** q <= MAX_JOINT_OUTCOMES:
-            return [_joint(lp, q) for lp in lps], True
-        return lps, False
+            return [_joint(p, q) for p in ps], True
+        return ps, False
 
 
 class ModelDiscriminationMI(_OutcomeMI):
@@ -179,15 +183,15 @@ class ModelDiscriminationMI(_OutcomeMI):
     @concatenate_pending_points
     @t_batch_mode_transform()
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        ws, lps, b, q = self._per_point(X)
-        stacked, exact = self._stack_q(lps, q)
+        ws, ps, b, q = self._per_point(X)
+        stacked, exact = self._stack_q(ps, q)
         if exact:
             return self._mi(ws, stacked)
-        return sum(self._mi(ws, [lp[:, :, j, :] for lp in stacked]) for j in range(q))  # type: ignore[return-value]
+        return sum(self._mi(ws, [p[:, :, j, :] for p in stacked]) for j in range(q))  # type: ignore[return-value]
 
-    def _mi(self, ws: list[torch.Tensor], lps: list[torch.Tensor]) -> torch.Tensor:
-        stack = torch.stack([_mixture(w, lp)[1] for w, lp in zip(ws, lps)])  # (M, b, K) log p_m(y)
-        pm = stack.exp()
+    def _mi(self, ws: list[torch.Tensor], ps: list[torch.Tensor]) -> torch.Tensor:
+        pm = torch.stack([_mix(w, p) for w, p in zip(ws, ps)])  # (M, b, K) p_m(y)
+        stack = torch.log(pm.clamp_min(torch.finfo(pm.dtype).tiny))
         pi = self.log_probs.exp().to(pm.dtype)
         log_total = torch.log(torch.einsum("m,mbk->bk", pi, pm).clamp_min(torch.finfo(pm.dtype).tiny))
         kl = _kl(pm, stack, log_total.unsqueeze(0))  # (M, b)
@@ -203,17 +207,18 @@ class ParameterInformation(_OutcomeMI):
     @concatenate_pending_points
     @t_batch_mode_transform()
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        ws, lps, b, q = self._per_point(X)
-        stacked, exact = self._stack_q(lps, q)
+        ws, ps, b, q = self._per_point(X)
+        stacked, exact = self._stack_q(ps, q)
         if exact:
             return self._info(ws[0], stacked[0])
         return sum(self._info(ws[0], stacked[0][:, :, j, :]) for j in range(q))  # type: ignore[return-value]
 
     @staticmethod
-    def _info(logw: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
-        p, log_mix = _mixture(logw, lp)
-        kl = _kl(p, lp, log_mix.unsqueeze(0))  # (N, b)
-        return (logw.exp().unsqueeze(-1) * kl).sum(0).clamp_min(0.0).to(torch.float64)
+    def _info(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """H(mixture) - sum_i w_i H(p_i), the same sum as sum_i w_i KL(p_i || mixture)."""
+        neg_h = _plogp(p).sum(-1)  # (N, b)
+        mix = _mix(w, p)
+        return (w @ neg_h - _plogp(mix).sum(-1)).clamp_min(0.0).to(torch.float64)
 
 
 __all__ = ["ModelDiscriminationMI", "ParameterInformation", "ParticleMixtureModel", "ParticleMixturePosterior",

@@ -40,8 +40,13 @@ _INFORMATION = (
     SettingInfo("exhaustive_limit", 5000, "score every stimulus of a discrete space up to this many points "
                                           "(beyond: a seeded sample of this many)"),
     SettingInfo("mixed_limit", 32, "optimise continuous dimensions per discrete combination up to this many"),
-    SettingInfo("max_components", "256 (discrete) / 512 (continuous)", "particles per model in the design's mixture"),
-    SettingInfo("raw_samples", 128, "seeded candidate points scored before L-BFGS-B (32 when characterizing)"),
+    SettingInfo("max_components", "256 (discrete) / 128 (continuous, batched) / 512 (continuous, lbfgs)",
+                "particles per model in the design's mixture"),
+    SettingInfo("optimizer", "batched", "continuous spaces, one stimulus per decision: batched (Sobol points, "
+                                        "then pattern-search rounds, no gradients) or lbfgs (BoTorch optimize_acqf)"),
+    SettingInfo("raw_samples", 128, "seeded candidate points scored first (32 when characterizing)"),
+    SettingInfo("refine_rounds", 2, "batched optimizer: pattern-search rounds after the Sobol points"),
+    SettingInfo("refine_keep", 2, "batched optimizer: best points refined per round"),
     SettingInfo("num_restarts", 1, "L-BFGS-B starts from the best raw samples"),
     SettingInfo("maxiter", 5, "L-BFGS-B iterations per decision"),
     SettingInfo("float32", True, "float32 outcome tables (ranking only; evidence stays float64)"),

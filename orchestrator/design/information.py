@@ -3,7 +3,12 @@
 Optimisation follows the stimulus space:
 - all-discrete spaces up to `exhaustive_limit` combinations: every candidate scored in one
   vectorised pass (`optimize_acqf_discrete`);
-- continuous spaces: `optimize_acqf` (L-BFGS-B) from the best of `raw_samples` seeded draws;
+- continuous spaces, one stimulus per decision: a batched search (the default `optimizer: batched`):
+  `raw_samples` scrambled-Sobol points scored in one table, then `refine_rounds` (2) pattern-search
+  rounds around the best `refine_keep` points (the step halved each round), each one table; the
+  cost is a few large tables instead of one autograd pass per L-BFGS-B evaluation;
+- other continuous spaces (or `optimizer: lbfgs`): `optimize_acqf` (L-BFGS-B) from the best of
+  `raw_samples` seeded draws;
 - all-discrete spaces beyond `exhaustive_limit`: a seeded sample of `exhaustive_limit` points;
 - mixed spaces: `optimize_acqf_mixed` over the discrete combinations when there are at most
   `mixed_limit`, else a continuous relaxation rounded to the grid.
@@ -44,10 +49,18 @@ class InformationDesign(BaseStrategy):
         self.exhaustive_limit = int(s.get("exhaustive_limit", 5000))
         self.mixed_limit = int(s.get("mixed_limit", 32))
         discrete_only = not any(d.kind == "continuous" for d in self.space.dims)
-        # Defaults by phase, from the benchmarks: discrimination in continuous spaces needs a richer
-        # picture of each model's predictive (512 particles, 128 seeded raw samples); characterizing
-        # one model stays cheap (128 / 32) so late-session decisions are fast. Settings override both.
-        self.max_components = int(s.get("max_components", 256 if discrete_only else 512))
+        self.optimizer = str(s.get("optimizer", "batched"))
+        if self.optimizer not in ("batched", "lbfgs"):
+            raise ValueError(f"design.settings.optimizer: must be batched or lbfgs, not {self.optimizer!r}")
+        self.refine_rounds = int(s.get("refine_rounds", 2))
+        self.refine_keep = int(s.get("refine_keep", 2))
+        batched = (self.optimizer == "batched" and self.batch_size == 1
+                   and all(d.kind == "continuous" for d in self.space.dims))
+        # Defaults by phase, from the benchmarks (benchmarks/README.md, section 3): discrimination in
+        # continuous spaces scores 128 seeded points; with the batched search 128 particles per model
+        # cost no more regret than 512 (the L-BFGS-B path keeps 512). Characterizing one model stays
+        # cheap (128 particles, 32 points) so late-session decisions are fast. Settings override both.
+        self.max_components = int(s.get("max_components", 256 if discrete_only else 128 if batched else 512))
         self.char_components = int(s.get("max_components", 256 if discrete_only else 128))
         self.char_raw_samples = int(s.get("raw_samples", 32))
         self.num_restarts = int(s.get("num_restarts", 1))
@@ -104,6 +117,8 @@ class InformationDesign(BaseStrategy):
                 x, val = optimize_acqf_discrete(acq, q=q, choices=choices, max_batch_size=4096,
                                                 unique=q <= choices.shape[0])
             return x, float(acq(x.unsqueeze(0)).reshape(-1)[0]) if q > 1 else float(val.reshape(-1)[0])
+        if not disc and q == 1 and self.optimizer == "batched":
+            return self._batched_search(acq, n_raw, rng)
         # seeded raw samples -> best num_restarts as initial conditions (deterministic)
         raw = self.space.random_design(rng, n_raw * q).reshape(n_raw, q, self.space.d)
         with torch.no_grad():
@@ -142,6 +157,26 @@ class InformationDesign(BaseStrategy):
             x, v = raw[int(torch.argmax(vals))], best_raw
         return x.reshape(q, self.space.d), v
 
+    def _batched_search(self, acq: Any, n_raw: int, rng: Any) -> tuple[torch.Tensor, float]:
+        """Best of a scrambled Sobol set, refined by pattern search (continuous space, q = 1).
+
+        Every stage is one no-gradient table over many candidates; deterministic given `rng`.
+        """
+        d = self.space.d
+        sobol = torch.quasirandom.SobolEngine(d, scramble=True, seed=int(rng.integers(2 ** 31)))
+        X = sobol.draw(n_raw, dtype=torch.float64)
+        with torch.no_grad():
+            vals = acq(X.unsqueeze(1))
+            offsets = _pattern(d)
+            step = 0.5 * n_raw ** (-1.0 / d)
+            for _ in range(self.refine_rounds):
+                top = X[torch.argsort(vals, descending=True)[: self.refine_keep]]
+                cand = (top.unsqueeze(1) + step * offsets.unsqueeze(0)).reshape(-1, d).clamp(0.0, 1.0)
+                X, vals = torch.cat([X, cand]), torch.cat([vals, acq(cand.unsqueeze(1))])
+                step /= 2
+        best = int(torch.argmax(vals))
+        return X[best].reshape(1, d), float(vals[best])
+
     def propose(self, comparison: Any, trial_index: int) -> Decision:
         t0 = time.perf_counter()
         acq, why, strategy = self._acquisition(comparison, trial_index)
@@ -151,6 +186,15 @@ class InformationDesign(BaseStrategy):
             torch.manual_seed(derive_seed(self.seed, trial_index, 0x0B7))
             x, score = self._optimize(acq, trial_index)
         return self.finish(x, f"{why} = {score:.4f} nats", score, t0, strategy=strategy)
+
+
+def _pattern(d: int) -> torch.Tensor:
+    """Pattern-search moves in d dimensions: the 2d axis steps, plus the 2^d corners up to d = 3."""
+    eye = torch.eye(d, dtype=torch.float64)
+    moves = [eye, -eye]
+    if d <= 3:
+        moves.append(torch.cartesian_prod(*[torch.tensor([-1.0, 1.0], dtype=torch.float64)] * d).reshape(-1, d))
+    return torch.cat(moves)
 
 
 class ParameterEstimationDesign(InformationDesign):

@@ -1,32 +1,53 @@
 """The nonparametric candidate ("none of the above"): a Gaussian-process encoding model.
 
 A latent function f over the stimulus space (inputs scaled to [0, 1], log scale where the protocol
-says so) has a GPyTorch ScaleKernel(RBF) prior with a constant mean; the response mean is link(f)
-(exp for Poisson, logistic for bernoulli/binomial, identity for Gaussian). The posterior over f at
-the observed stimuli is a Laplace approximation (Newton iterations, warm-started), and the
-evidence is prequential: log Z_T = sum_t log p(y_t | y_<t), each term integrating the likelihood
-over the Gaussian predictive of f(x_t) by Gauss-Hermite quadrature. That is the same quantity
-the SMC posteriors estimate, so the model probabilities are comparable.
+says so) has a squared-exponential (RBF) kernel prior, outputscale * exp(-|u - u'|^2 / 2 lengthscale^2),
+with a constant mean; the response mean is link(f) (exp for Poisson, logistic for bernoulli/binomial,
+identity for Gaussian). The posterior over f at the observed stimuli is a Laplace approximation
+(Newton iterations, warm-started), and the evidence is prequential: log Z_T = sum_t log p(y_t | y_<t),
+each term integrating the likelihood over the Gaussian predictive of f(x_t) by Gauss-Hermite
+quadrature. That is the same quantity the SMC posteriors estimate, so the model probabilities are
+comparable.
 
-For the design, the predictive at any stimuli is a mixture over quadrature nodes, i.e. the same
-"weighted components" interface the particle posteriors expose; it is differentiable in x.
+Hyperparameters are learnt online by marginalising them over a small grid (`hyper: marginal`, the
+default): lengthscale x outputscale points (a given prior's equal-mass quantiles, else a fixed
+log-spaced grid), each with its own Laplace posterior and prequential evidence log Z_h. The
+candidate's evidence is log sum_h prior_h Z_h: by the chain rule that is the prequential score of
+the hyperparameter-averaged predictive, so it stays a calibrated Bayesian evidence (a type-II
+maximum-likelihood plug-in, max_h log Z_h, is over-confident for the GP; `hyper: type2` computes it
+for comparison). A point whose posterior weight falls below PRUNE stops being updated and leaves
+the sum (the work then follows the few points the data support). `hyper: fixed`, or a number
+under `settings.lengthscale` / `settings.outputscale`, holds that hyperparameter at one value
+(its prior median without a number). The constant mean defaults to the link of the running mean
+of past responses (past data only, so the prequential evidence stays a valid sequential score).
 
-Hyperparameters (priors `lengthscale`, `outputscale`, `mean` optional) sit at their prior medians or at
-settings values; the constant mean defaults to the link of the running mean of past responses
-(past data only, so the prequential evidence stays a valid sequential predictive score).
+For the design, the predictive at any stimuli is a mixture over quadrature nodes of the best-
+supported hyperparameter points, i.e. the same "weighted components" interface the particle
+posteriors expose; it is differentiable in x.
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
-import gpytorch
 import numpy as np
 import torch
 
 GP_HYPERPARAMETERS = ("lengthscale", "outputscale", "mean")
 DTYPE = torch.float64
 LINKS = {"exp", "logit", "identity"}
+HYPER_MODES = ("marginal", "type2", "fixed")
+#: the hyperparameter grid without priors: lengthscales on the unit-scaled inputs, outputscales
+#: (latent variance) for the exp/logit links and for the identity link
+LENGTHSCALES = (0.1, 0.2, 0.4, 0.8)
+OUTPUTSCALES = {"link": (0.5, 2.0, 8.0), "identity": (0.25, 1.0, 4.0)}
+#: equal-prior-mass points per hyperparameter that has a prior
+PRIOR_POINTS = {"lengthscale": 4, "outputscale": 3}
+#: a hyperparameter point whose posterior weight falls below this is no longer updated
+PRUNE = 1e-6
+#: the design's predictive mixes at most this many hyperparameter points, each of weight >= DESIGN_MIN_WEIGHT
+DESIGN_POINTS = 3
+DESIGN_MIN_WEIGHT = 0.01
 
 
 def _default_link(kind: str) -> str:
@@ -34,25 +55,51 @@ def _default_link(kind: str) -> str:
 
 
 class GPView:
-    """Quadrature-node components of the GP predictive (weights fixed, means depend on X)."""
+    """Quadrature-node components of the GP predictive (weights fixed, means depend on X): nodes of
+    each of the best-supported hyperparameter points, weighted by their posterior weights."""
 
     def __init__(self, post: "GPPosterior", nodes: int) -> None:
         self.post = post
         t, w = np.polynomial.hermite.hermgauss(nodes)
         self.t = torch.tensor(t * math.sqrt(2.0), dtype=DTYPE)
-        self.logw = torch.tensor(np.log(w / math.sqrt(math.pi)), dtype=DTYPE)
+        gh_logw = torch.tensor(np.log(w / math.sqrt(math.pi)), dtype=DTYPE)
+        self.fits = post.design_fits()
+        self.logw = torch.cat([lw + gh_logw for _, lw in self.fits])
         self.noise = None
         if post.candidate.likelihood.kind == "gaussian":
-            self.noise = torch.full((nodes,), post.noise_sd, dtype=DTYPE)
+            self.noise = torch.full((self.logw.shape[0],), post.noise_sd, dtype=DTYPE)
 
     def __call__(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        mu, var = self.post.latent_predictive(X)
-        f = mu.unsqueeze(0) + var.clamp_min(1e-12).sqrt().unsqueeze(0) * self.t.unsqueeze(-1)
-        return self.logw, self.post.link(f), self.noise
+        U = self.post.space.raw_to_unit(X)
+        fs = []
+        for fit, _ in self.fits:
+            mu, var = self.post.fit_predictive(fit, U)
+            fs.append(mu.unsqueeze(0) + var.clamp_min(1e-12).sqrt().unsqueeze(0) * self.t.unsqueeze(-1))
+        return self.logw, self.post.link(torch.cat(fs)), self.noise
+
+
+class LaplaceFit:
+    """One hyperparameter point: its kernel, Laplace posterior over f and prequential log evidence."""
+
+    def __init__(self, lengthscale: float, outputscale: float, log_prior: float) -> None:
+        self.lengthscale = float(lengthscale)
+        self.outputscale = float(outputscale)
+        self.log_prior = float(log_prior)
+        self.log_evidence = 0.0
+        self.alive = True
+        self.K = torch.empty((0, 0), dtype=DTYPE)
+        self.f_hat = torch.empty(0, dtype=DTYPE)
+        self.L: torch.Tensor | None = None
+        self.sw = self.grad = torch.empty(0, dtype=DTYPE)
+
+    def kernel(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """outputscale * exp(-|a - b|^2 / (2 lengthscale^2)), (n, m); differentiable in A."""
+        d2 = ((A.unsqueeze(-2) - B.unsqueeze(-3)) ** 2).sum(-1)
+        return self.outputscale * torch.exp(-0.5 * d2 / self.lengthscale ** 2)
 
 
 class GPPosterior:
-    """Laplace-approximate GP posterior with prequential evidence."""
+    """Laplace-approximate GP posterior with prequential evidence, hyperparameters marginalised on a grid."""
 
     def __init__(self, candidate: Any, space: Any, seed: int) -> None:
         self.candidate = candidate
@@ -63,16 +110,9 @@ class GPPosterior:
         self.link_name = str(s.get("link", _default_link(kind)))
         if self.link_name not in LINKS:
             raise ValueError(f"models.{candidate.index}.settings.link: must be one of {sorted(LINKS)}")
-
-        def hyper(name: str, default: float) -> float:
-            if name in s:
-                return float(s[name])
-            if name in candidate.priors:
-                return candidate.priors[name].median()
-            return default
-
-        self.lengthscale = hyper("lengthscale", 0.25)
-        self.outputscale = hyper("outputscale", 2.0 if self.link_name != "identity" else 1.0)
+        self.hyper = str(s.get("hyper", "marginal"))
+        if self.hyper not in HYPER_MODES:
+            raise ValueError(f"models.{candidate.index}.settings.hyper: must be one of {', '.join(HYPER_MODES)}")
         self.fixed_mean = float(s["mean"]) if "mean" in s else (
             candidate.priors["mean"].median() if "mean" in candidate.priors else None)
         self.noise_sd = float(s.get("noise_sd", candidate.fixed.get("noise_sd", 1.0)))
@@ -80,19 +120,32 @@ class GPPosterior:
             self.noise_sd = candidate.priors["noise_sd"].median()
         self.quadrature = int(s.get("quadrature", 32))
         self.design_nodes = int(s.get("design_nodes", 12))
-        self.kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).to(DTYPE)
-        self.kernel.base_kernel.lengthscale = torch.tensor(self.lengthscale, dtype=DTYPE)
-        self.kernel.outputscale = torch.tensor(self.outputscale, dtype=DTYPE)
-        self.kernel.requires_grad_(False)
+        identity = self.link_name == "identity"
+        ls_pts = self._points("lengthscale", 0.25, LENGTHSCALES)
+        os_pts = self._points("outputscale", 1.0 if identity else 2.0,
+                              OUTPUTSCALES["identity" if identity else "link"])
+        log_prior = -math.log(len(ls_pts) * len(os_pts))
+        self.fits = [LaplaceFit(ls, os, log_prior) for ls in ls_pts for os in os_pts]
         self.U = torch.empty((0, space.d), dtype=DTYPE)  # unit-scaled inputs
         self.y = torch.empty(0, dtype=DTYPE)
-        self.f_hat = torch.empty(0, dtype=DTYPE)
-        self.log_evidence = 0.0
         self.m = self._mean_value()
-        self._factor()
         gh_t, gh_w = np.polynomial.hermite.hermgauss(self.quadrature)
         self._gh_t = torch.tensor(gh_t * math.sqrt(2.0), dtype=DTYPE)
         self._gh_logw = torch.tensor(np.log(gh_w / math.sqrt(math.pi)), dtype=DTYPE)
+
+    def _points(self, name: str, default: float, grid: tuple[float, ...]) -> list[float]:
+        """The values hyperparameter `name` takes: a settings number, else its prior's equal-mass
+        quantiles (its median with `hyper: fixed`), else the default grid (the default value when fixed)."""
+        s, priors = self.candidate.settings, self.candidate.priors
+        if name in s:
+            return [float(s[name])]
+        if name in priors:
+            if self.hyper == "fixed":
+                return [priors[name].median()]
+            n = PRIOR_POINTS[name]
+            u = (torch.arange(n, dtype=DTYPE) + 0.5) / n
+            return [float(v) for v in priors[name].icdf(u)]
+        return [default] if self.hyper == "fixed" else list(grid)
 
     # -- link and likelihood -----------------------------------------------------------------
     def link(self, f: torch.Tensor) -> torch.Tensor:
@@ -139,15 +192,43 @@ class GPPosterior:
             return math.log(p / (1 - p))
         return float(self.y.mean()) if n else 0.0
 
+    # -- hyperparameter posterior -------------------------------------------------------------
+    def _live(self) -> list[LaplaceFit]:
+        return [f for f in self.fits if f.alive]
+
+    def hyper_log_weights(self) -> list[tuple[LaplaceFit, float]]:
+        """Normalised log posterior weights of the live hyperparameter points."""
+        live = self._live()
+        lw = torch.tensor([f.log_prior + f.log_evidence for f in live], dtype=DTYPE)
+        lw = lw - torch.logsumexp(lw, 0)
+        return list(zip(live, [float(v) for v in lw]))
+
+    @property
+    def log_evidence(self) -> float:
+        """log sum_h prior_h Z_h over the live points (`hyper: type2`: max_h log Z_h)."""
+        live = self._live()
+        if self.hyper == "type2":
+            return max(f.log_evidence for f in live)
+        return float(torch.logsumexp(torch.tensor([f.log_prior + f.log_evidence for f in live], dtype=DTYPE), 0))
+
+    def design_fits(self) -> list[tuple[LaplaceFit, float]]:
+        """The hyperparameter points the design's predictive mixes, with renormalised log weights."""
+        ranked = sorted(self.hyper_log_weights(), key=lambda t: -t[1])
+        keep = [t for t in ranked[:DESIGN_POINTS] if t[1] >= math.log(DESIGN_MIN_WEIGHT)] or ranked[:1]
+        total = math.log(sum(math.exp(lw) for _, lw in keep))
+        return [(f, lw - total) for f, lw in keep]
+
+    def _prune(self) -> None:
+        for fit, lw in self.hyper_log_weights():
+            if lw < math.log(PRUNE):
+                fit.alive = False
+
     # -- posterior ---------------------------------------------------------------------------
-    def _factor(self) -> None:
+    def _factor(self, fit: LaplaceFit) -> None:
         """Laplace mode f_hat and the Cholesky factor of B = I + W^1/2 K W^1/2 (R&W alg. 3.1)."""
         T = self.y.shape[0]
-        if T == 0:
-            self.L = None
-            return
-        K = self.kernel(self.U).to_dense() + 1e-8 * torch.eye(T, dtype=DTYPE)
-        f = self.f_hat if self.f_hat.shape[0] == T else torch.full((T,), self.m, dtype=DTYPE)
+        K = fit.K + 1e-8 * torch.eye(T, dtype=DTYPE)
+        f = fit.f_hat if fit.f_hat.shape[0] == T else torch.full((T,), self.m, dtype=DTYPE)
         eye = torch.eye(T, dtype=DTYPE)
         for _ in range(50):
             g, W = self._grad_hess(f)
@@ -164,38 +245,67 @@ class GPPosterior:
             f = f_new
         g, W = self._grad_hess(f)
         sw = W.sqrt()
-        self.L = torch.linalg.cholesky(eye + sw.unsqueeze(1) * K * sw.unsqueeze(0))
-        self.sw, self.grad, self.f_hat = sw, g, f
+        fit.L = torch.linalg.cholesky(eye + sw.unsqueeze(1) * K * sw.unsqueeze(0))
+        fit.sw, fit.grad, fit.f_hat = sw, g, f
+
+    def fit_predictive(self, fit: LaplaceFit, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of f at unit-scaled inputs U (S, d) under one hyperparameter point."""
+        kss = torch.full((U.shape[0],), fit.outputscale, dtype=DTYPE)
+        if fit.L is None:
+            return torch.full((U.shape[0],), self.m, dtype=DTYPE) + 0 * U.sum(-1), kss
+        ks = fit.kernel(U, self.U)  # (S, T)
+        mu = self.m + ks @ fit.grad
+        v = torch.linalg.solve_triangular(fit.L, (fit.sw.unsqueeze(-1) * ks.T), upper=False)
+        return mu, (kss - (v * v).sum(0)).clamp_min(1e-10)
 
     def latent_predictive(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of f at raw stimuli X (S, d); differentiable in X."""
+        """Mean and variance of f at raw stimuli X (S, d), moments of the hyperparameter mixture;
+        differentiable in X."""
         U = self.space.raw_to_unit(X)
-        kss = self.kernel.outputscale.expand(U.shape[0])
-        if self.L is None:
-            return torch.full((U.shape[0],), self.m, dtype=DTYPE) + 0 * U.sum(-1), kss.clone()
-        ks = self.kernel(U, self.U).to_dense()  # (S, T)
-        mu = self.m + ks @ self.grad
-        v = torch.linalg.solve_triangular(self.L, (self.sw.unsqueeze(-1) * ks.T), upper=False)
-        var = kss - (v * v).sum(0)
-        return mu, var.clamp_min(1e-10)
+        parts = [(self.fit_predictive(f, U), math.exp(lw)) for f, lw in self.hyper_log_weights()]
+        mu = sum(w * m for (m, _), w in parts)
+        second = sum(w * (v + m * m) for (m, v), w in parts)
+        return mu, (second - mu * mu).clamp_min(1e-10)  # type: ignore[operator]
 
     def update(self, x: torch.Tensor, y: float) -> None:
-        """Prequential evidence term for y at x, then absorb (x, y) and refit the Laplace mode."""
+        """Prequential evidence term for y at x under every live point, then absorb (x, y)."""
         X = x.reshape(1, -1).to(DTYPE)
-        mu, var = self.latent_predictive(X)
-        f = mu + var.sqrt() * self._gh_t  # (G,)
+        u = self.space.raw_to_unit(X)
         yy = torch.tensor([float(y)], dtype=DTYPE)
-        lp = self._loglik(yy.expand_as(f), f)
-        self.log_evidence += float(torch.logsumexp(self._gh_logw + lp, 0))
-        self.U = torch.cat([self.U, self.space.raw_to_unit(X)], 0)
-        self.y = torch.cat([self.y, yy])
+        live = self._live()
+        mus = []
+        for fit in live:
+            mu, var = self.fit_predictive(fit, u)
+            f = mu + var.sqrt() * self._gh_t  # (G,)
+            fit.log_evidence += float(torch.logsumexp(self._gh_logw + self._loglik(yy.expand_as(f), f), 0))
+            mus.append(mu.detach().reshape(1))
         old_m = self.m
+        self.y = torch.cat([self.y, yy])
         self.m = self._mean_value()
-        self.f_hat = torch.cat([self.f_hat + (self.m - old_m), mu.detach().reshape(1) + (self.m - old_m)])
-        self._factor()
+        for fit, mu in zip(live, mus):
+            k = fit.kernel(u, self.U)  # (1, T) against the previous inputs
+            kss = torch.full((1, 1), fit.outputscale, dtype=DTYPE)
+            fit.K = torch.cat([torch.cat([fit.K, k.T], 1), torch.cat([k, kss], 1)], 0)
+            fit.f_hat = torch.cat([fit.f_hat + (self.m - old_m), mu + (self.m - old_m)])
+        self.U = torch.cat([self.U, u], 0)
+        for fit in live:
+            self._factor(fit)
+        self._prune()
 
     def predictive(self, max_components: int | None = None, gen: torch.Generator | None = None) -> GPView:
         return GPView(self, self.design_nodes)
+
+    def hyper_moments(self) -> dict[str, dict[str, float]]:
+        """Posterior mean and SD of each hyperparameter over the grid (the mean is a plug-in: SD 0)."""
+        w = self.hyper_log_weights()
+        out = {}
+        for name in ("lengthscale", "outputscale"):
+            vals = torch.tensor([getattr(f, name) for f, _ in w], dtype=DTYPE)
+            p = torch.tensor([math.exp(lw) for _, lw in w], dtype=DTYPE)
+            m = float((p * vals).sum())
+            out[name] = {"mean": m, "sd": float((p * (vals - m) ** 2).sum().clamp_min(0).sqrt())}
+        out["mean"] = {"mean": self.m, "sd": 0.0}
+        return out
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -203,7 +313,6 @@ class GPPosterior:
             "log_evidence": float(self.log_evidence),
             "ess": None,
             "observations": int(self.y.shape[0]),
-            "params": {"lengthscale": {"mean": self.lengthscale, "sd": 0.0},
-                       "outputscale": {"mean": self.outputscale, "sd": 0.0},
-                       "mean": {"mean": self.m, "sd": 0.0}},
+            "hyperparameter_points": len(self._live()),
+            "params": self.hyper_moments(),
         }
