@@ -114,8 +114,13 @@ def run_session(
     design_override: str | None = None,
     control: SessionControl | None = None,
     on_trial: Callable[[TrialReport], None] | None = None,
+    artifacts_dir: str | None = None,
 ) -> SessionResult:
-    """Run (or continue after a crash) a session until a stopping rule fires; return its summary."""
+    """Run (or continue after a crash) a session until a stopping rule fires; return its summary.
+
+    `artifacts_dir` is where a population session's images go (default: $CLOOP_ARTIFACTS, else beside
+    a SQLite database).
+    """
     protocol = loaded.protocol
     control = control or _AlwaysRun()
     limit = max_trials if max_trials is not None else protocol.stopping.max_trials
@@ -123,7 +128,7 @@ def run_session(
     if protocol.is_population:  # image stimuli: pixels beside the database, feature models with readouts
         from orchestrator.neural.session import keep_image, open_population, wire_stimulus
 
-        comparison, artifacts = open_population(protocol, seed, store, session_id)
+        comparison, artifacts = open_population(protocol, seed, store, session_id, artifacts_dir)
     else:
         comparison = ModelComparison.from_protocol(protocol, seed)
     design = make_design(protocol, seed, design_override)
@@ -196,6 +201,7 @@ def run_session(
 
     if queue:  # planned trials of a batch the session no longer needs: never sent, so nothing is lost
         store.abandon_open_trials(session_id, f"not presented: the session ended ({result.stop_reason})")
+    getattr(design, "close", lambda: None)()  # e.g. a background synthesis of an image never to be shown
     result.probabilities = comparison.probabilities()
     result.status = "stopped" if result.stop_reason == STOPPED_BY_EXPERIMENTER else "completed"
     store.set_session_status(session_id, result.status, stopped=True)
