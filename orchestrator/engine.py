@@ -114,8 +114,13 @@ def run_session(
     design_override: str | None = None,
     control: SessionControl | None = None,
     on_trial: Callable[[TrialReport], None] | None = None,
+    artifacts_dir: str | None = None,
 ) -> SessionResult:
-    """Run (or continue after a crash) a session until a stopping rule fires; return its summary."""
+    """Run (or continue after a crash) a session until a stopping rule fires; return its summary.
+
+    `artifacts_dir` is where a population session's images go (default: $CLOOP_ARTIFACTS, else beside
+    a SQLite database).
+    """
     protocol = loaded.protocol
     control = control or _AlwaysRun()
     limit = max_trials if max_trials is not None else protocol.stopping.max_trials
@@ -123,7 +128,7 @@ def run_session(
     if protocol.is_population:  # image stimuli: pixels beside the database, feature models with readouts
         from orchestrator.neural.session import keep_image, open_population, wire_stimulus
 
-        comparison, artifacts = open_population(protocol, seed, store, session_id)
+        comparison, artifacts = open_population(protocol, seed, store, session_id, artifacts_dir)
     else:
         comparison = ModelComparison.from_protocol(protocol, seed)
     design = make_design(protocol, seed, design_override)
@@ -136,9 +141,10 @@ def run_session(
     store.transition_status(session_id, ("created", "waiting_for_rig", "interrupted", "no_rig", "failed"), "running")
     result = SessionResult(session_id, "running", counts.get("completed", 0), counts.get("failed", 0),
                            counts.get("invalid", 0), comparison.probabilities(), "")
+    stopping = _StoppingRule(protocol, limit)
 
     while True:
-        reason = _stop_reason(protocol, comparison, result.trials_completed, index, limit)
+        reason = stopping.reason(comparison, result.trials_completed, index)
         # A trial dispatched before a crash is reconciled first: the rig may have presented it.
         reconcile = bool(queue) and queue[0][0].status != "planned"
         if reason is None and not reconcile and control.checkpoint(session_id) == "stop":
@@ -195,6 +201,7 @@ def run_session(
 
     if queue:  # planned trials of a batch the session no longer needs: never sent, so nothing is lost
         store.abandon_open_trials(session_id, f"not presented: the session ended ({result.stop_reason})")
+    getattr(design, "close", lambda: None)()  # e.g. a background synthesis of an image never to be shown
     result.probabilities = comparison.probabilities()
     result.status = "stopped" if result.stop_reason == STOPPED_BY_EXPERIMENTER else "completed"
     store.set_session_status(session_id, result.status, stopped=True)
@@ -228,16 +235,36 @@ def _plan_batch(store: TrialStore, session_id: str, index: int, decision: Decisi
     return planned
 
 
-def _stop_reason(protocol: Any, comparison: ModelComparison, completed: int, index: int, limit: int) -> str | None:
-    """The first stopping rule that fires, in words, or None to go on."""
-    if index >= limit:
-        return f"reached max_trials={limit}"
-    threshold = protocol.stopping.model_probability
-    if threshold is not None and completed >= protocol.stopping.min_trials:
+class _StoppingRule:
+    """The protocol's stopping rules; a leader at P >= threshold is declared only when its comparison allows it.
+
+    A comparison may hold a declaration back (``declaration_blocker(name)`` gives the reason, e.g. a
+    held-out predictive check the leader fails); the session then goes on, the reason is logged once
+    per change, and it is named in the stop reason if the session then ends at max_trials.
+    """
+
+    def __init__(self, protocol: Any, limit: int) -> None:
+        self.stopping, self.limit = protocol.stopping, limit
+        self.blocked: str | None = None  # why the current leader at the threshold is not declared
+        self._logged: tuple[str, str] | None = None
+
+    def reason(self, comparison: Any, completed: int, index: int) -> str | None:
+        """The first stopping rule that fires, in words, or None to go on."""
+        if index >= self.limit:
+            return f"reached max_trials={self.limit}" + (f"; {self.blocked}" if self.blocked else "")
+        threshold = self.stopping.model_probability
+        if threshold is None or completed < self.stopping.min_trials:
+            return None
         name, p = max(comparison.probabilities().items(), key=lambda kv: kv[1])
-        if p >= threshold:
+        check = getattr(comparison, "declaration_blocker", None)  # comparisons without the check declare on P
+        why = check(name) if p >= threshold and check is not None else None
+        if p >= threshold and why is None:
             return f"model {name!r} reached P={p:.4f} >= {threshold}"
-    return None
+        self.blocked = None if why is None else f"model {name!r} reached P={p:.4f} >= {threshold}, not declared: {why}"
+        if why is not None and self._logged != (name, why):
+            log.info("trial %d: %s; the session goes on", index, self.blocked)
+            self._logged = (name, why)
+        return None
 
 
 def _dispatch(

@@ -330,6 +330,10 @@ class ModelComparison:
     def posterior(self, name: str) -> Any:
         return self.posteriors[self.model_names.index(name)]
 
+    def declaration_blocker(self, name: str) -> str | None:
+        """Why model `name` may not be declared now (None: the posterior probability alone decides)."""
+        return None
+
     def summary(self) -> dict[str, Any]:
         """JSON-safe per-model state: probability, log evidence, ESS, parameter mean/sd."""
         probs = self.probabilities()

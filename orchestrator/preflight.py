@@ -95,7 +95,10 @@ def check_design(protocol: Any, design: str | None, flag: str = "--design") -> N
 
     if design not in STRATEGIES:
         raise OptionError(f"{flag}: unknown strategy {design!r}; known: {', '.join(sorted(STRATEGIES))}")
-    from orchestrator.design import make_design
+    from orchestrator.design import kind_mismatch, make_design
+
+    if (mismatch := kind_mismatch(protocol, design)) is not None:
+        raise OptionError(f"{flag}: {mismatch}")
 
     try:
         make_design(protocol, 0, design)

@@ -1,15 +1,19 @@
 """`cloop simulate`: the real closed loop (orchestrator.engine) against an in-process simulated subject.
 
 A pilot must behave as the live session will, batches (`design.batch_size`) included, so this runs
-`engine.run_session` itself: a throw-away database in memory-backed storage, and an in-process rig
-pool that answers like the simulated rig worker. Replicate r uses seed `seed + r` for models and
-design and answers trial i with numpy.random.default_rng([seed + r, i]), like `cloop rig --adapter
-simulated --seed`.
+`engine.run_session` itself, for scalar and population protocols alike: a throw-away database (and,
+for image stimuli, artifact store) in memory-backed storage, and an in-process rig pool that answers
+like the simulated rig worker. Replicate r uses seed `seed + r` for models and design and answers
+trial i with numpy.random.default_rng([seed + r, i]), like `cloop rig --adapter simulated --seed`.
+A population record's response is the list of N unit responses (null = masked) and it adds the
+design's `image` information (e.g. the image's distance from the pool).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import queue
 import tempfile
 import threading
@@ -63,12 +67,7 @@ def _memory_dir() -> str | None:
 def simulate(protocol: Protocol | LoadedProtocol, config: SimulationConfig) -> Iterator[dict[str, Any]]:
     """Yield one JSON-safe record per trial (all replicates, in order), as the engine runs them."""
     loaded = protocol if isinstance(protocol, LoadedProtocol) else _as_loaded(protocol)
-    if loaded.protocol.is_population:  # image stimuli and population responses
-        from orchestrator.neural.simulate import simulate_population
-
-        yield from simulate_population(loaded.protocol, config)
-        return
-    truth = build_truth(loaded.protocol, config.truth)  # validates the truth spec up front
+    truth = _subject(loaded.protocol, config.truth)  # validates the truth spec up front
     max_trials = int(config.max_trials if config.max_trials is not None else loaded.protocol.stopping.max_trials)
     if max_trials < 1:
         raise ValueError("max_trials must be >= 1")
@@ -82,12 +81,21 @@ def simulate(protocol: Protocol | LoadedProtocol, config: SimulationConfig) -> I
                 seed = int(config.seed) + r
                 session_id = store.create_session(protocol_id=protocol_id, subject_id=None, seed=seed,
                                                   design=config.design or loaded.protocol.design.strategy)
-                for report in _run(loaded, store, session_id, seed, max_trials, config.design, truth):
-                    yield _record(r, report, truth.model_name)
+                for report in _run(loaded, store, session_id, seed, max_trials, config.design, truth, folder):
+                    yield _record(r, report, truth.model_name, loaded.protocol.is_population)
+
+
+def _subject(protocol: Protocol, spec: str) -> Any:
+    """The simulated subject: a scalar model's truth, or a population answering wire images."""
+    if protocol.is_population:
+        from orchestrator.neural.simulate import SimulatedPopulation
+
+        return SimulatedPopulation(protocol, spec)
+    return build_truth(protocol, spec)
 
 
 def _run(loaded: LoadedProtocol, store: TrialStore, session_id: str, seed: int, max_trials: int,
-         design: str | None, truth: Any) -> Iterator[TrialReport]:
+         design: str | None, truth: Any, folder: str) -> Iterator[TrialReport]:
     """Run one session in a thread and hand its trial reports out as they happen."""
     reports: queue.Queue = queue.Queue(maxsize=64)
     done = object()
@@ -96,8 +104,9 @@ def _run(loaded: LoadedProtocol, store: TrialStore, session_id: str, seed: int, 
 
     def work() -> None:
         try:
-            run_session(loaded, store=store, rigs=pool, session_id=session_id, seed=seed, max_trials=max_trials,
-                        design_override=design, on_trial=reports.put)
+            with _numerics(loaded.protocol):
+                run_session(loaded, store=store, rigs=pool, session_id=session_id, seed=seed, max_trials=max_trials,
+                            design_override=design, on_trial=reports.put, artifacts_dir=f"{folder}/artifacts")
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             failure.append(exc)
         finally:
@@ -112,14 +121,26 @@ def _run(loaded: LoadedProtocol, store: TrialStore, session_id: str, seed: int, 
         raise failure[0]
 
 
-def _record(replicate: int, report: TrialReport, truth_model: str) -> dict[str, Any]:
+def _numerics(protocol: Protocol) -> contextlib.AbstractContextManager:
+    """Population models run with denormals flushed (on the session's thread: the flag is per thread)."""
+    if not protocol.is_population:
+        return contextlib.nullcontext()
+    from orchestrator.neural.numerics import flushed_denormals
+
+    return flushed_denormals()
+
+
+def _record(replicate: int, report: TrialReport, truth_model: str, population: bool) -> dict[str, Any]:
     probabilities = report.probabilities
     leader, _ = max(probabilities.items(), key=lambda kv: kv[1])
-    return {
+    response = report.response
+    if response is not None and not isinstance(response, (int, float)):  # a population vector, NaN = masked
+        response = [None if math.isnan(v) else v for v in response.tolist()]
+    record = {
         "replicate": replicate,
         "trial": report.index,
         "stimulus": report.stimulus,
-        "response": report.response,
+        "response": response,
         "model_probabilities": probabilities,
         "decision_ms": round(report.decision.compute_ms, 3),
         "update_ms": round(report.update_ms, 3),
@@ -129,6 +150,9 @@ def _record(replicate: int, report: TrialReport, truth_model: str) -> dict[str, 
         "leader": leader,
         "p_truth": probabilities[truth_model],
     }
+    if population:  # what the design says of its image (source, pool distance...)
+        record["image"] = getattr(report.decision, "info", None)
+    return record
 
 
 def _as_loaded(protocol: Protocol) -> LoadedProtocol:

@@ -134,3 +134,27 @@ def test_resume_with_a_malformed_bind_changes_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: --bind: "), result.output
     with TrialStore(db) as store:
         assert store.session(session_id)["status"] == "created"
+
+
+
+@pytest.mark.parametrize("design, kind", [("mutual_information", "population"), ("staircase", "population"),
+                                          ("population_pool", "scalar")])
+@pytest.mark.parametrize("command", ["run", "simulate"])
+def test_a_design_of_the_other_protocol_kind(tmp_path: Path, design: str, kind: str, command: str) -> None:
+    from orchestrator.design import POPULATION_STRATEGIES
+    from test_neural_helpers import population_protocol
+
+    protocol = str(population_protocol(tmp_path)) if kind == "population" else RETENTION
+    other = "scalar" if kind == "population" else "population"
+    fragment = f"{design!r} is a {other} design and this is a {kind} protocol; designs that fit: "
+    if command == "run":
+        _refused(tmp_path, ["run", protocol, "--design", design, "--no-prefect"], "--design", fragment)
+        return
+    result = runner.invoke(app, ["simulate", protocol, "--design", design,
+                                 "--truth", "cnn_a" if kind == "population" else "power"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: --design: "), result.output
+    assert fragment in lines[0]
+    fitting = lines[0].split("designs that fit: ")[1].split(", ")
+    assert len(fitting) >= 4 and design not in fitting
+    assert all((name in POPULATION_STRATEGIES) == (kind == "population") for name in fitting)

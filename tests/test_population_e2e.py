@@ -1,12 +1,15 @@
 """A population session end to end: `cloop run` and a simulated `cloop rig` as real processes over ZMQ.
 
-Every trial's population vector is in the database (analysis.population_responses), every image the
-rig was sent is retrievable by its sha256 (analysis.stimulus_images) and equals, pixel for pixel, what
-the rig journaled as received; after a SIGKILL of the orchestrator, `cloop resume` proposes the same
-next image as an uninterrupted session (the design is deterministic given seed + history).
+On SQLite (images beside the database file) and on PostgreSQL (images where $CLOOP_ARTIFACTS says):
+every trial's population vector is in the database (analysis.population_responses), every image the
+rig was sent is retrievable by its sha256 from the artifact store (analysis.stimulus_images) and
+equals, pixel for pixel, what the rig journaled as received; after a SIGKILL of the orchestrator,
+`cloop resume` proposes the same next image as an uninterrupted session (the design is
+deterministic given seed + history). The PostgreSQL run skips without a server, and fails under CI=true.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,18 +18,36 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
-from conftest import free_port, wait_process
+from conftest import free_port, postgres_database, wait_process
 
 from orchestrator import analysis
+from orchestrator.artifacts import ArtifactStore
 from orchestrator.store import TrialStore
 from test_neural_helpers import population_protocol
 
 UNITS = 6
 TRIALS = 4
 TRUTH = "cnn_a:ev=0.5,seed=3"
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@contextlib.contextmanager
+def _database(backend: str, folder: Path, name: str) -> Iterator[tuple[str, str | None]]:
+    """(database URL, artifact directory or None for the default beside a SQLite file)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{folder / name}.db", None
+        return
+    with postgres_database() as url:  # cloop run migrates it; images need a directory of their own
+        yield url, str(folder / f"{name}.artifacts")
+
+
+def _with_artifacts(env: dict[str, str], artifacts: str | None) -> dict[str, str]:
+    env = {k: v for k, v in env.items() if k != "CLOOP_ARTIFACTS"}
+    return {**env, "CLOOP_ARTIFACTS": artifacts} if artifacts else env
 
 
 def _protocol(tmp_path: Path) -> Path:
@@ -66,34 +87,38 @@ class Finished:
 
     workdir: Path
     protocol: Path
+    backend: str
     db: str
+    artifacts: str | None
     session_id: str
     output: str
 
 
-@pytest.fixture(scope="module")
-def finished(cloop_cmd: list[str], tmp_path_factory: pytest.TempPathFactory) -> Finished:
+@pytest.fixture(scope="module", params=BACKENDS)
+def finished(request: pytest.FixtureRequest, cloop_cmd: list[str],
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Finished]:
     """One session of TRIALS trials run to the end (shared: the resume test replays against it)."""
-    workdir = tmp_path_factory.mktemp("population")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_HOME": str(workdir / "prefect-home")}
-    env.pop("CLOOP_DB", None)
-    db = f"sqlite:///{workdir / 'pop.db'}"
-    port = free_port()
-    protocol = _protocol(workdir)
-    orchestrator = _run(cloop_cmd, env, protocol, db, port, "--max-trials", str(TRIALS))
-    rig = _rig(cloop_cmd, env, port, workdir / "rig-state")
-    try:
-        out, err = wait_process(orchestrator, 120)
-    finally:
-        _stop(rig)
-    assert orchestrator.returncode == 0, err
-    return Finished(workdir, protocol, db, out.splitlines()[0].strip(), out + err)
+    workdir = tmp_path_factory.mktemp(f"population-{request.param}")
+    with _database(request.param, workdir, "pop") as (db, artifacts):
+        env = _with_artifacts({**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                               "PREFECT_HOME": str(workdir / "prefect-home")}, artifacts)
+        env.pop("CLOOP_DB", None)
+        port = free_port()
+        protocol = _protocol(workdir)
+        orchestrator = _run(cloop_cmd, env, protocol, db, port, "--max-trials", str(TRIALS))
+        rig = _rig(cloop_cmd, env, port, workdir / "rig-state")
+        try:
+            out, err = wait_process(orchestrator, 120)
+        finally:
+            _stop(rig)
+        assert orchestrator.returncode == 0, err
+        yield Finished(workdir, protocol, request.param, db, artifacts, out.splitlines()[0].strip(), out + err)
 
 
 def test_population_session_over_loopback_stores_every_vector_and_image(finished: Finished, cloop_cmd, run_env,
                                                                          tmp_path) -> None:
     db, session_id = finished.db, finished.session_id
+    run_env = _with_artifacts(run_env, finished.artifacts)
     assert f"response=[{UNITS} units]" in finished.output  # one short progress line per trial, not the vector
 
     with TrialStore(db) as store:
@@ -116,10 +141,14 @@ def test_population_session_over_loopback_stores_every_vector_and_image(finished
 
     # Every image is retrievable by its hash, and the pixels hash to it: the bytes the rig verified.
     hashes = [t["stimulus"]["image"] for t in trials]
-    images = analysis.stimulus_images(db, session_id)
+    images = analysis.stimulus_images(db, session_id, artifacts=finished.artifacts)
     assert set(hashes) <= set(images)
+    store = ArtifactStore.for_database(db, finished.artifacts)
+    if finished.artifacts is None:
+        assert store.root == Path(db[len("sqlite:///"):] + ".artifacts")  # beside the SQLite file
     for sha in hashes:
         pixels = images[sha]
+        np.testing.assert_array_equal(store.get(sha), pixels)  # get() verifies the content hash
         assert pixels.dtype == np.uint8 and pixels.shape == (12, 12)
         assert hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest() == sha
     assert len(set(hashes)) > 1  # the design moved on from its first image
@@ -142,8 +171,14 @@ def test_resume_after_sigkill_replays_to_the_same_next_image(finished: Finished,
     protocol, trials = finished.protocol, TRIALS
     reference = _stimulus_hashes(finished.db, finished.session_id)
     assert len(reference) == trials
+    with _database(finished.backend, tmp_path, "kill") as (db, artifacts):
+        _kill_and_resume(cloop_cmd, _with_artifacts(run_env, artifacts), protocol, db, artifacts, tmp_path, reference)
 
-    db = f"sqlite:///{tmp_path / 'kill.db'}"
+
+def _kill_and_resume(cloop_cmd: list[str], run_env: dict[str, str], protocol: Path, db: str, artifacts: str | None,
+                     tmp_path: Path, reference: list[str]) -> None:
+    """Run to two completed trials, SIGKILL the orchestrator, resume: the same images as `reference`."""
+    trials = len(reference)
     port = free_port()
     orchestrator = _run(cloop_cmd, run_env, protocol, db, port, "--max-trials", str(trials))
     rig = _rig(cloop_cmd, run_env, port, tmp_path / "kill-state", "--option", "trial_seconds=0.3")
@@ -172,7 +207,7 @@ def test_resume_after_sigkill_replays_to_the_same_next_image(finished: Finished,
         statuses = [t["status"] for t in store.trials(session_id)]
     assert statuses == ["completed"] * trials
     assert _stimulus_hashes(db, session_id) == reference
-    images = analysis.stimulus_images(db, session_id)
+    images = analysis.stimulus_images(db, session_id, artifacts=artifacts)
     assert set(reference) <= set(images)
 
 

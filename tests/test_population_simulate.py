@@ -91,3 +91,19 @@ def test_poisson_truth_explainable_variance_is_on_the_anscombe_scale(tmp_path: P
     y = TRANSFORMS["anscombe"](counts)
     noise_var = np.mean([y[i::4].var(0).mean() for i in range(4)])
     assert 0.85 < noise_var < 1.1  # counts around 20: the transform makes the noise variance ~1
+
+
+def test_population_replicates_are_engine_sessions_seeded_seed_plus_r(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.simulate import SimulationConfig, simulate
+
+    monkeypatch.setenv("CLOOP_ARTIFACTS", str(tmp_path / "user-artifacts"))  # a pilot's images stay out of it
+    protocol = load_checked(population_protocol(tmp_path, strategy="population_random_pool", settings={})).protocol
+    both = list(simulate(protocol, SimulationConfig(truth="gabor:ev=0.5", seed=4, replicates=2, max_trials=4)))
+    alone = list(simulate(protocol, SimulationConfig(truth="gabor:ev=0.5", seed=5, max_trials=4)))
+    timing = {"decision_ms", "update_ms", "replicate"}
+    second = [{k: v for k, v in r.items() if k not in timing} for r in both if r["replicate"] == 1]
+    assert second == [{k: v for k, v in r.items() if k not in timing} for r in alone]
+    first = [r for r in both if r["replicate"] == 0]
+    assert [r["stimulus"] for r in first] != [r["stimulus"] for r in second]
+    assert all(r["image"]["source"] == "pool" and r["strategy"] == "population_random_pool" for r in both)
+    assert not (tmp_path / "user-artifacts").exists()

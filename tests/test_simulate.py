@@ -119,3 +119,53 @@ def test_cloop_console_script_has_simulate(protocol_file: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 2
+
+
+def _blocking(monkeypatch: pytest.MonkeyPatch, until: int | None) -> None:
+    """Give ModelComparison a declaration check that refuses while fewer than `until` trials are in."""
+    from orchestrator.inference import ModelComparison
+
+    def blocker(self: ModelComparison, name: str) -> str | None:
+        if until is None:
+            return "the held-out check fails"
+        if self.n_observations < until:
+            return f"the held-out check needs {until} trials"
+        return None
+
+    monkeypatch.setattr(ModelComparison, "declaration_blocker", blocker)
+
+
+def test_a_blocked_leader_is_not_declared_and_the_session_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    p = parse_checked(PROTOCOL).protocol
+    cfg = SimulationConfig(truth="exponential", seed=0, max_trials=15, design="sweep", stop_at=0.7)
+    free = list(simulate(p, cfg))
+    assert len(free) < 12 and free[-1]["p_truth"] >= 0.7  # declared on P alone
+    _blocking(monkeypatch, until=len(free) + 3)
+    held = list(simulate(p, cfg))
+    assert held[: len(free)] == [{**r, "decision_ms": h["decision_ms"], "update_ms": h["update_ms"]}
+                                 for r, h in zip(free, held)]  # the same session, only longer
+    assert len(held) == len(free) + 3 and max(held[-1]["model_probabilities"].values()) >= 0.7
+
+
+def test_a_leader_blocked_to_the_end_is_named_in_the_stop_reason(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from orchestrator.engine import run_session
+    from orchestrator.models import build_truth
+    from orchestrator.simulate import SimulatedRigPool
+    from orchestrator.store import TrialStore, upgrade
+
+    loaded = parse_checked(PROTOCOL.replace("model_probability: 0.99", "model_probability: 0.6"))
+    _blocking(monkeypatch, until=None)
+    url = f"sqlite:///{tmp_path}/s.db"
+    upgrade(url)
+    with TrialStore(url) as store, caplog.at_level("INFO", logger="cloop.engine"):
+        session_id = store.create_session(protocol_id=store.add_protocol(loaded), subject_id=None, seed=0,
+                                          design="sweep")
+        truth = build_truth(loaded.protocol, "exponential")
+        result = run_session(loaded, store=store, rigs=SimulatedRigPool(truth, 0), session_id=session_id, seed=0,
+                             max_trials=10, design_override="sweep")
+    assert result.trials_completed == 10 and result.status == "completed"
+    assert result.stop_reason.startswith("reached max_trials=10; model 'exponential' reached P=")
+    assert result.stop_reason.endswith("not declared: the held-out check fails")
+    held = [r for r in caplog.messages if "not declared" in r]
+    assert len(held) == 1 and "the session goes on" in held[0]  # logged once while the reason stays the same

@@ -44,6 +44,22 @@ POPULATION_STRATEGIES = ("population_synthesis", "population_pool", "population_
 STRATEGIES.update({name: _population(name) for name in POPULATION_STRATEGIES})
 
 
+def fitting_strategies(protocol: Any) -> list[str]:
+    """The design strategies that can run `protocol`: population designs for image protocols, the others for scalar ones."""
+    population = bool(getattr(protocol, "is_population", False))
+    return sorted(name for name in STRATEGIES if (name in POPULATION_STRATEGIES) == population)
+
+
+def kind_mismatch(protocol: Any, name: str) -> str | None:
+    """Why strategy `name` is of the other protocol kind (scalar vs population), or None when it fits."""
+    population = bool(getattr(protocol, "is_population", False))
+    if name not in STRATEGIES or (name in POPULATION_STRATEGIES) == population:
+        return None
+    design_kind, protocol_kind = ("scalar", "a population") if population else ("population", "a scalar")
+    return (f"{name!r} is a {design_kind} design and this is {protocol_kind} protocol; "
+            f"designs that fit: {', '.join(fitting_strategies(protocol))}")
+
+
 def make_design(protocol: Any, seed: int, override: str | None = None) -> BaseStrategy:
     """The protocol's design strategy (or `override`, e.g. from `--design`), seeded with `seed`.
 
@@ -94,5 +110,6 @@ def check_protocol(protocol: Any) -> list[tuple[str, str]]:
 
 
 __all__ = ["Decision", "DesignStrategy", "BaseStrategy", "make_design", "check_protocol", "catalogue", "STRATEGIES",
+           "POPULATION_STRATEGIES", "fitting_strategies", "kind_mismatch",
            "RandomDesign", "SweepDesign", "StaircaseDesign", "InformationDesign", "ParameterEstimationDesign",
            "ExactGridDesign"]
