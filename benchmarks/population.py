@@ -9,7 +9,9 @@ the truth rotates over the candidates, seeds are fixed. Cells:
   8-feature readouts; counts linear on the rate scale instead of the square-root scale).
 
 Designs: population_synthesis (trust region), population_pool (best of the 1,000-image pool),
-population_random_pool, population_random_noise. The design costs are benchmarks/population_costs.py.
+population_random_pool, population_random_noise. A session declares the leader at P >= .99 only
+when its held-out predictive check passes (PopulationComparison.declaration_blocker). The design
+costs are benchmarks/population_costs.py.
 
     python benchmarks/population.py [--sessions 4] [--max-trials 80] [--quick] > population.json
 """
@@ -65,11 +67,12 @@ def run_session(protocol: Any, base: PopulationComparison, truth_spec: str, desi
         probs = comparison.probabilities()
         leader, p = max(probs.items(), key=lambda kv: kv[1])
         trace.append((leader, p))
-        if p >= 0.99 and i + 1 >= 3:
+        if p >= 0.99 and i + 1 >= 3 and comparison.declaration_blocker(leader) is None:
             break
     leader, p = trace[-1]
-    return {"truth": truth.model_name, "trials": len(trace), "decided": p >= 0.99,
-            "wrong": p >= 0.99 and leader != truth.model_name, "trace": trace,
+    decided = p >= 0.99 and comparison.declaration_blocker(leader) is None
+    return {"truth": truth.model_name, "trials": len(trace), "decided": decided,
+            "wrong": decided and leader != truth.model_name, "trace": trace,
             "decision_ms_median": float(np.median(decision_ms)), "pool_distance_mean": float(np.mean(distance))}
 
 

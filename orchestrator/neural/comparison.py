@@ -7,6 +7,11 @@ responses, so a transform's Jacobian cancels between them. Poisson counts are tr
 Anscombe's 2 sqrt(y + 3/8), whose variance is close to 1 for rates above a few counts per window
 (benchmarks/population.py measures the calibration of the resulting P(model)).
 
+The first trial is not compared: it sets each candidate's centre (the mean transformed response
+over units), which the readouts' offsets are relative to, so the offset prior means "spread
+around the population's level" whatever the units' overall rate. A model is declared only when
+its own held-out predictions pass orchestrator.neural.check (``declaration_blocker``).
+
 The object quacks like orchestrator.inference.ModelComparison (update / probabilities / summary),
 so the engine, the simulator and the designs treat both alike.
 """
@@ -19,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from orchestrator.neural.check import PredictiveCheck, normal_scores, pit
 from orchestrator.neural.features import FeatureModel, FeatureSpecError, fit_feature_model, pool_tensor
 from orchestrator.neural.pool import load_pool
 from orchestrator.neural.hyper import ReadoutGrid
@@ -41,16 +47,31 @@ def response_transform(protocol: Any, spec: Any) -> str:
     return "anscombe" if protocol.response.noise == "poisson" else "none"
 
 
+BIAS_SDS = (1.0, 2.0, 4.0)  # population offset spread around the centre, in noise SDs (a grid)
+
+
 def readout_priors(spec: Any, d_raw: int) -> list[NIGPrior]:
-    """Weights ~ N(0, s^2 weight_sd^2 / d_raw) per standardised feature: prior SNR ~ weight_sd^2 (a grid)."""
+    """The readout's prior grid, weight scale x offset spread, every component exact.
+
+    Weights ~ N(0, s^2 weight_sd^2 / d_raw) per standardised feature (prior SNR ~ weight_sd^2);
+    each unit's offset from the session's centre (the first trial's mean response) ~
+    N(0, s^2 bias_sd^2), s^2 ~ InvGamma(noise_shape, noise_scale). A single broad offset prior
+    (bias_sd = 10 noise SDs) against a population whose offsets spread by ~1 noise SD gave the
+    evidence a spurious high-SNR, low-noise mode in which the model whose features look most like
+    white noise (the most diffuse feature space) wins, 100 units multiplying the error
+    (benchmarks/population_calibration.py measures it), so by default the offset spread is a grid
+    (BIAS_SDS) marginalised like weight_sd. An entry that sets ``bias_sd`` gets exactly that.
+    """
     from orchestrator.protocol import ReadoutPrior
 
     prior = spec.readout.prior if spec.readout is not None else ReadoutPrior()
+    biases = [float(prior.bias_sd)] if "bias_sd" in prior.model_fields_set else list(BIAS_SDS)
     out = []
     for sd in (prior.weight_sd if isinstance(prior.weight_sd, list) else [prior.weight_sd]):
-        precision = np.full(d_raw + 1, d_raw / float(sd) ** 2)
-        precision[-1] = 1.0 / prior.bias_sd ** 2
-        out.append(NIGPrior(precision, float(prior.noise_shape), float(prior.noise_scale)))
+        for bias_sd in biases:
+            precision = np.full(d_raw + 1, d_raw / float(sd) ** 2)
+            precision[-1] = 1.0 / bias_sd ** 2
+            out.append(NIGPrior(precision, float(prior.noise_shape), float(prior.noise_scale)))
     return out
 
 
@@ -77,6 +98,8 @@ class PopulationComparison:
         self.n_masked = 0
         self.previous: list[tuple[ReadoutState, float]] | None = None  # (state, log prob) before the latest trial
         self._cache: dict[str, list[np.ndarray]] = {}
+        self.checks = [PredictiveCheck() for _ in candidates]
+        self.centres: list[float] | None = None  # each candidate's centre: the first trial's mean response
 
     @classmethod
     def from_protocol(cls, protocol: Any, seed: int, images: ImageResolver | None = None,
@@ -141,11 +164,33 @@ class PopulationComparison:
             if ref is not None:
                 self._cache[ref] = feats
         self.previous = self.design_states(copy=True)
-        for cand, x in zip(self.candidates, feats):
-            with np.errstate(invalid="ignore"):
-                cand.readout.update(x, TRANSFORMS[cand.transform](y))
+        transformed = [TRANSFORMS[c.transform](y) for c in self.candidates]
+        if self.centres is None:  # the first trial sets the centre and is not compared
+            if np.isnan(y).all():
+                raise ValueError("the first response has every unit masked: it cannot set the centre")
+            self.centres = [float(np.nanmean(ty)) for ty in transformed]
+        else:
+            for cand, check, x, ty, c in zip(self.candidates, self.checks, feats, transformed, self.centres):
+                with np.errstate(invalid="ignore"):
+                    check.add(self._scores(cand.readout, x, ty - c))
+                    cand.readout.update(x, ty - c)
         self.n_observations += 1
         self.n_masked += int(np.isnan(y).sum())
+
+    @staticmethod
+    def _scores(grid: ReadoutGrid, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Normal scores of y under the grid's one-step-ahead predictive (the mixture over components)."""
+        u = np.zeros_like(y)
+        weights = grid.weights()
+        for w, comp in zip(weights, grid.components):
+            if w > 1e-6 * weights.max():
+                df, loc, scale2 = comp.predictive(x[None])
+                u += w * pit(y, df, loc[0], scale2[0])
+        return normal_scores(u / weights[weights > 1e-6 * weights.max()].sum())
+
+    def declaration_blocker(self, name: str) -> str | None:
+        """Why `name` may not be declared now: its held-out predictions misfit (orchestrator.neural.check)."""
+        return self.checks[self.model_names.index(name)].blocker()
 
     # -- model probabilities ------------------------------------------------------------------------
 

@@ -49,20 +49,28 @@ class PopulationTruth:
         arr = np.asarray(pixels)
         arr = arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr
         with torch.no_grad():
-            f = self.features(pool_tensor(arr[None]))[0, :-1].numpy()
-        raw = (self.weights @ f) / self.pool_sd
+            f = self.features(pool_tensor(arr[None]))[0].numpy()
+        return self.signal_of_features(f)
+
+    def signal_of_features(self, features: np.ndarray) -> np.ndarray:
+        """Noise-free responses (N,) given the true model's standardised features (d + 1,) of an image."""
+        raw = (self.weights @ features[:-1]) / self.pool_sd
         sat = self.params["saturation"]
         if sat > 0:
             raw = sat * np.tanh(raw / sat)
         return raw * self.gain + self.offset
 
-    def sample(self, stimulus: dict[str, Any], rng: np.random.Generator, pixels: np.ndarray | None = None) -> list[float]:
-        """One population response (list of N numbers) to a stimulus {"image": sha} or its pixels."""
-        if pixels is None:
-            if self.resolve is None:
-                raise RuntimeError("this simulated population cannot resolve image references")
-            pixels = self.resolve(stimulus["image"])
-        mu = self.signal(pixels)
+    def sample(self, stimulus: dict[str, Any], rng: np.random.Generator, pixels: np.ndarray | None = None,
+               features: np.ndarray | None = None) -> list[float]:
+        """One population response (list of N numbers) to a stimulus {"image": sha}, its pixels or its features."""
+        if features is not None:
+            mu = self.signal_of_features(features)
+        else:
+            if pixels is None:
+                if self.resolve is None:
+                    raise RuntimeError("this simulated population cannot resolve image references")
+                pixels = self.resolve(stimulus["image"])
+            mu = self.signal(pixels)
         if self.noise == "poisson":
             if self.params["softplus"]:
                 rate = np.log1p(np.exp(np.clip(mu, -30, 30)))
