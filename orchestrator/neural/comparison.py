@@ -47,9 +47,6 @@ def response_transform(protocol: Any, spec: Any) -> str:
     return "anscombe" if protocol.response.noise == "poisson" else "none"
 
 
-BIAS_SDS = (1.0, 2.0, 4.0)  # population offset spread around the centre, in noise SDs (a grid)
-
-
 def readout_priors(spec: Any, d_raw: int) -> list[NIGPrior]:
     """The readout's prior grid, weight scale x offset spread, every component exact.
 
@@ -60,17 +57,17 @@ def readout_priors(spec: Any, d_raw: int) -> list[NIGPrior]:
     evidence a spurious high-SNR, low-noise mode in which the model whose features look most like
     white noise (the most diffuse feature space) wins, 100 units multiplying the error
     (benchmarks/population_calibration.py measures it), so by default the offset spread is a grid
-    (BIAS_SDS) marginalised like weight_sd. An entry that sets ``bias_sd`` gets exactly that.
+    (1, 2, 4 noise SDs) marginalised like weight_sd.
     """
     from orchestrator.protocol import ReadoutPrior
 
     prior = spec.readout.prior if spec.readout is not None else ReadoutPrior()
-    biases = [float(prior.bias_sd)] if "bias_sd" in prior.model_fields_set else list(BIAS_SDS)
+    biases = prior.bias_sd if isinstance(prior.bias_sd, list) else [prior.bias_sd]
     out = []
     for sd in (prior.weight_sd if isinstance(prior.weight_sd, list) else [prior.weight_sd]):
         for bias_sd in biases:
             precision = np.full(d_raw + 1, d_raw / float(sd) ** 2)
-            precision[-1] = 1.0 / bias_sd ** 2
+            precision[-1] = 1.0 / float(bias_sd) ** 2
             out.append(NIGPrior(precision, float(prior.noise_shape), float(prior.noise_scale)))
     return out
 

@@ -106,14 +106,18 @@ class ReadoutPrior(Strict):
     weight_sd: Union[float, list[float]] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
     """Prior SD of the explained signal (sqrt of the prior SNR); a list is a grid marginalised over."""
 
-    @field_validator("weight_sd")
+    bias_sd: Union[float, list[float]] = Field(default_factory=lambda: [1.0, 2.0, 4.0])
+    """Prior SD of each unit's offset from the session's centre (the first trial's mean response);
+    a list is a grid marginalised over, like weight_sd."""
+
+    @field_validator("weight_sd", "bias_sd")
     @classmethod
-    def _positive(cls, value: Any) -> Any:
+    def _positive(cls, value: Any, info: Any) -> Any:
         values = value if isinstance(value, list) else [value]
         if not values or any(v <= 0 for v in values):
-            raise ValueError("weight_sd must be > 0 (or a non-empty list of values > 0)")
+            raise ValueError(f"{info.field_name} must be > 0 (or a non-empty list of values > 0)")
         return value
-    bias_sd: float = Field(default=10.0, gt=0)
+
     noise_shape: float = Field(default=2.0, gt=0)
     """Inverse-gamma prior of each unit's noise variance: shape and scale."""
     noise_scale: float = Field(default=1.0, gt=0)
