@@ -26,29 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from orchestrator.design import make_design
 from orchestrator.neural.comparison import PopulationComparison
 from orchestrator.neural.truth import build_population_truth
-from orchestrator.protocol import parse_protocol_text
+from population_common import CNN_A, CNN_B, GABOR, NEAR, SYNTH, protocol_for
 
-GABOR = {"name": "gabor", "builtin": "gabor_energy", "settings": {"orientations": 8, "frequencies": [0.1, 0.2], "grid": 4}}
-CNN_A = {"name": "cnn_a", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 1, "width": 16, "grid": 4}}
-CNN_B = {"name": "cnn_b", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 2, "width": 16, "grid": 4}}
-NEAR = {"name": "cnn_a_near", "module": "orchestrator.neural.zoo:mixed_cnn",
-        "settings": {"seed": 1, "mix_seed": 7, "mix": 0.95, "width": 16, "grid": 4}}
 DESIGNS = ["population_synthesis", "population_pool", "population_random_pool", "population_random_noise"]
-SYNTH = {"starts": 2, "random_starts": 1, "steps": 15}
-
-
-def protocol_for(models: list[dict], units: int, size: int = 32) -> Any:
-    doc = {"name": "bench", "version": "1",
-           "stimulus": {"type": "image", "size": [size, size], "pool_size": 1000},
-           "response": {"kind": "population", "units": units, "noise": "poisson", "window_s": 0.5},
-           "models": models, "design": {"strategy": "population_synthesis", "settings": SYNTH},
-           "safety": {"mean_luminance": {"min": 0.4, "max": 0.6}, "rms_contrast": {"max": 0.35}}}
-    return parse_protocol_text(yaml.safe_dump(doc)).protocol
 
 
 def run_session(protocol: Any, base: PopulationComparison, truth_spec: str, design_name: str, seed: int,

@@ -28,25 +28,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from orchestrator.neural.comparison import PopulationComparison
 from orchestrator.neural.truth import build_population_truth
-from orchestrator.protocol import parse_protocol_text
+from population_common import CNN_A, CNN_B, GABOR
+from population_common import protocol_for as common_protocol
 
-GABOR = {"name": "gabor", "builtin": "gabor_energy", "settings": {"orientations": 8, "frequencies": [0.1, 0.2], "grid": 4}}
-CNN_A = {"name": "cnn_a", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 1, "width": 16, "grid": 4}}
-CNN_B = {"name": "cnn_b", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 2, "width": 16, "grid": 4}}
-
-
-def protocol_for(units: int, noise: str, readout: dict[str, Any] | None = None, size: int = 32) -> Any:
-    models = [dict(m, **({"readout": json.loads(json.dumps(readout))} if readout else {})) for m in (GABOR, CNN_A, CNN_B)]
-    doc = {"name": "calibration", "version": "1",
-           "stimulus": {"type": "image", "size": [size, size], "pool_size": 1000},
-           "response": {"kind": "population", "units": units, "noise": noise, "window_s": 0.5},
-           "models": models, "design": {"strategy": "population_random_pool"},
-           "safety": {"mean_luminance": {"min": 0.4, "max": 0.6}, "rms_contrast": {"max": 0.35}}}
-    return parse_protocol_text(yaml.safe_dump(doc)).protocol
+def protocol_for(units: int, noise: str, readout: dict[str, Any] | None = None) -> Any:
+    """The three candidates under the random-pool design (no synthesis needed to test calibration)."""
+    return common_protocol([GABOR, CNN_A, CNN_B], units, noise=noise, strategy="population_random_pool",
+                           readout=readout)
 
 
 class PriorTruth:

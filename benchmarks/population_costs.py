@@ -24,11 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from population_common import CNN_A, CNN_B, GABOR, SYNTH, protocol_for
 
-GABOR = {"name": "gabor", "builtin": "gabor_energy", "settings": {"orientations": 8, "frequencies": [0.1, 0.2], "grid": 4}}
-CNN_A = {"name": "cnn_a", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 1, "width": 16, "grid": 4}}
-CNN_B = {"name": "cnn_b", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 2, "width": 16, "grid": 4}}
-SYNTH = {"starts": 2, "random_starts": 1, "steps": 15}
 SYNTHESIS_CELLS = (("32x32_2models", [GABOR, CNN_A], 32), ("32x32_3models", [GABOR, CNN_A, CNN_B], 32),
                    ("64x64_2models", [GABOR, CNN_A], 64))
 
@@ -53,19 +50,6 @@ def timed(fn: Callable[[], Any], repeats: int, scale: float = 1000.0) -> tuple[l
         wall.append((time.perf_counter() - t0) * scale)
         cpu.append((time.thread_time() - c0) * scale)
     return wall, cpu
-
-
-def protocol_for(models: list[dict], units: int, size: int) -> Any:
-    import yaml
-
-    from orchestrator.protocol import parse_protocol_text
-
-    doc = {"name": "bench", "version": "1",
-           "stimulus": {"type": "image", "size": [size, size], "pool_size": 1000},
-           "response": {"kind": "population", "units": units, "noise": "poisson", "window_s": 0.5},
-           "models": models, "design": {"strategy": "population_synthesis", "settings": SYNTH},
-           "safety": {"mean_luminance": {"min": 0.4, "max": 0.6}, "rms_contrast": {"max": 0.35}}}
-    return parse_protocol_text(yaml.safe_dump(doc)).protocol
 
 
 def readout_costs() -> dict[str, Any]:
