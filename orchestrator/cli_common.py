@@ -58,13 +58,27 @@ class _SessionLinesOnly(logging.Filter):
 _FILTER = _SessionLinesOnly()
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a record is emitted, not when it was made:
+    a caller that swaps stderr (a progress display, an embedding program) and closes the old
+    stream must not turn every later log line into a logging error."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(verbose: bool) -> None:
     """One logging setup for every command: cloop's own lines and others' warnings; everything with -v."""
     global _verbose
     _verbose = verbose
     root = logging.getLogger()
     if not any(getattr(h, "_cloop", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler._cloop = True  # type: ignore[attr-defined]
         root.addHandler(handler)

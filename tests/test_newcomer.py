@@ -158,3 +158,22 @@ def test_a_design_of_the_other_protocol_kind(tmp_path: Path, design: str, kind: 
     fitting = lines[0].split("designs that fit: ")[1].split(", ")
     assert len(fitting) >= 4 and design not in fitting
     assert all((name in POPULATION_STRATEGIES) == (kind == "population") for name in fitting)
+
+
+def test_log_lines_follow_stderr_after_the_stream_they_started_on_is_closed(capsys) -> None:
+    import io
+    import sys
+    import logging
+
+    from orchestrator.cli_common import setup_logging
+
+    original, swapped = sys.stderr, io.StringIO()
+    sys.stderr = swapped
+    try:
+        setup_logging(False)
+    finally:
+        sys.stderr = original
+        swapped.close()
+    logging.getLogger("cloop.newcomer").warning("written after the swap")
+    err = capsys.readouterr().err
+    assert "written after the swap" in err and "Logging error" not in err

@@ -317,7 +317,8 @@ class RigNetwork:
                 with self._cond:
                     rig.start_error = msg.message
                     self._cond.notify_all()
-            log.warning("rig %s reported: [%s] %s", rig.info.rig_id, msg.code, msg.message)
+            text = msg.message if len(msg.message) <= 300 else msg.message[:300] + f"... ({len(msg.message)} characters)"
+            log.warning("rig %s reported: [%s] %s", rig.info.rig_id, msg.code, text)
 
     # ------------------------------------------------------------------ liveness and dispatch
     def _drop(self, rig: RigEntry, reason: str) -> None:
