@@ -256,8 +256,7 @@ class _StoppingRule:
         if threshold is None or completed < self.stopping.min_trials:
             return None
         name, p = max(comparison.probabilities().items(), key=lambda kv: kv[1])
-        check = getattr(comparison, "declaration_blocker", None)  # comparisons without the check declare on P
-        why = check(name) if p >= threshold and check is not None else None
+        why = comparison.declaration_blocker(name) if p >= threshold else None
         if p >= threshold and why is None:
             return f"model {name!r} reached P={p:.4f} >= {threshold}"
         self.blocked = None if why is None else f"model {name!r} reached P={p:.4f} >= {threshold}, not declared: {why}"

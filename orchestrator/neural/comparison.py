@@ -179,11 +179,12 @@ class PopulationComparison:
         """Normal scores of y under the grid's one-step-ahead predictive (the mixture over components)."""
         u = np.zeros_like(y)
         weights = grid.weights()
-        for w, comp in zip(weights, grid.components):
-            if w > 1e-6 * weights.max():
+        live = weights > 1e-6 * weights.max()
+        for w, comp, keep in zip(weights, grid.components, live):
+            if keep:
                 df, loc, scale2 = comp.predictive(x[None])
                 u += w * pit(y, df, loc[0], scale2[0])
-        return normal_scores(u / weights[weights > 1e-6 * weights.max()].sum())
+        return normal_scores(u / weights[live].sum())
 
     def declaration_blocker(self, name: str) -> str | None:
         """Why `name` may not be declared now: its held-out predictions misfit (orchestrator.neural.check)."""
