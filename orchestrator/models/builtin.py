@@ -15,6 +15,18 @@ from orchestrator.models.base import EncodingModel, ParameterInfo as P, Variable
 T = Mapping[str, torch.Tensor]
 DEG = math.pi / 180.0
 
+# declarations that several models share (the catalogue shows the same text for each)
+_INTERVAL = V("t", "retention interval", "s")
+_THETA = V("theta", "grating orientation (period 180)", "deg")
+_CONTRAST = V("c", "Michelson contrast", "contrast (0-1)")
+_RECALL_AT_ZERO = P("a", "recall probability at t = 0", "", "linear")
+_NULL_BASELINE = P("baseline", "response to the null orientation", "response units", "linear")
+_AMPLITUDE = P("amplitude", "peak response above baseline", "response units", "linear")
+_PREF = P("pref", "preferred orientation", "deg", "linear")
+_SPONTANEOUS = P("baseline", "spontaneous response", "response units", "linear")
+_RMAX = P("rmax", "peak response above baseline", "response units", "linear")
+_KAPPA = P("kappa", "orientation tuning concentration", "", "log")
+
 
 def _von_mises(theta: torch.Tensor, pref: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     """Orientation tuning in (0, 1], peak 1 at `pref` (period 180 deg)."""
@@ -38,11 +50,11 @@ class RetentionPower(EncodingModel):
     parameters = ("a", "b")
     variables = ("t",)
     parameter_info = (
-        P("a", "recall probability at t = 0", "", "linear"),
+        _RECALL_AT_ZERO,
         P("b", "power-law decay exponent", "", "log"),
     )
     variable_info = (
-        V("t", "retention interval", "s"),
+        _INTERVAL,
     )
     doc = "p = a (t+1)^-b  (Wickelgren-style power forgetting)"
 
@@ -55,11 +67,11 @@ class RetentionExponential(EncodingModel):
     parameters = ("a", "b")
     variables = ("t",)
     parameter_info = (
-        P("a", "recall probability at t = 0", "", "linear"),
+        _RECALL_AT_ZERO,
         P("b", "exponential decay rate", "1/s", "log"),
     )
     variable_info = (
-        V("t", "retention interval", "s"),
+        _INTERVAL,
     )
     doc = "p = a exp(-b t)"
 
@@ -73,13 +85,13 @@ class OrientationVonMises(EncodingModel):
     parameters = ("baseline", "amplitude", "kappa", "pref")
     variables = ("theta",)
     parameter_info = (
-        P("baseline", "response to the null orientation", "response units", "linear"),
-        P("amplitude", "peak response above baseline", "response units", "linear"),
+        _NULL_BASELINE,
+        _AMPLITUDE,
         P("kappa", "tuning concentration (larger = narrower)", "", "log"),
-        P("pref", "preferred orientation", "deg", "linear"),
+        _PREF,
     )
     variable_info = (
-        V("theta", "grating orientation (period 180)", "deg"),
+        _THETA,
     )
     doc = "r = baseline + amplitude exp(kappa (cos 2(theta-pref) - 1))"
 
@@ -92,13 +104,13 @@ class OrientationGaussian(EncodingModel):
     parameters = ("baseline", "amplitude", "width", "pref")
     variables = ("theta",)
     parameter_info = (
-        P("baseline", "response to the null orientation", "response units", "linear"),
-        P("amplitude", "peak response above baseline", "response units", "linear"),
+        _NULL_BASELINE,
+        _AMPLITUDE,
         P("width", "tuning width (SD)", "deg", "log"),
-        P("pref", "preferred orientation", "deg", "linear"),
+        _PREF,
     )
     variable_info = (
-        V("theta", "grating orientation (period 180)", "deg"),
+        _THETA,
     )
     doc = "r = baseline + amplitude exp(-d^2 / (2 width^2)), d circular orientation difference"
 
@@ -119,7 +131,7 @@ class ContrastNakaRushton(EncodingModel):
         P("n", "exponent (steepness)", "", "log"),
     )
     variable_info = (
-        V("c", "Michelson contrast", "contrast (0-1)"),
+        _CONTRAST,
     )
     doc = "r = baseline + rmax c^n / (c^n + c50^n)"
 
@@ -137,7 +149,7 @@ class ContrastLinearThreshold(EncodingModel):
         P("threshold", "contrast threshold", "contrast (0-1)", "linear"),
     )
     variable_info = (
-        V("c", "Michelson contrast", "contrast (0-1)"),
+        _CONTRAST,
     )
     doc = "r = baseline + slope max(c - threshold, 0) (softplus-smoothed for gradients)"
 
@@ -152,16 +164,16 @@ class OrientationContrast(EncodingModel):
     parameters = ("baseline", "rmax", "kappa", "pref", "c50", "n")
     variables = ("theta", "c")
     parameter_info = (
-        P("baseline", "spontaneous response", "response units", "linear"),
-        P("rmax", "peak response above baseline", "response units", "linear"),
-        P("kappa", "orientation tuning concentration", "", "log"),
-        P("pref", "preferred orientation", "deg", "linear"),
+        _SPONTANEOUS,
+        _RMAX,
+        _KAPPA,
+        _PREF,
         P("c50", "semi-saturation contrast", "contrast (0-1)", "log"),
         P("n", "contrast exponent", "", "log"),
     )
     variable_info = (
-        V("theta", "grating orientation (period 180)", "deg"),
-        V("c", "Michelson contrast", "contrast (0-1)"),
+        _THETA,
+        _CONTRAST,
     )
     doc = "r = baseline + rmax vonMises(theta; pref, kappa) c^n/(c^n + c50^n)  (separable tuning x contrast)"
 
@@ -175,16 +187,16 @@ class DivisiveNormalization(EncodingModel):
     parameters = ("baseline", "rmax", "kappa", "pref", "sigma", "n")
     variables = ("theta", "c")
     parameter_info = (
-        P("baseline", "spontaneous response", "response units", "linear"),
-        P("rmax", "peak response above baseline", "response units", "linear"),
-        P("kappa", "orientation tuning concentration", "", "log"),
-        P("pref", "preferred orientation", "deg", "linear"),
+        _SPONTANEOUS,
+        _RMAX,
+        _KAPPA,
+        _PREF,
         P("sigma", "semi-saturation constant of the normalization pool", "contrast (0-1)", "log"),
         P("n", "exponent", "", "log"),
     )
     variable_info = (
-        V("theta", "grating orientation (period 180)", "deg"),
-        V("c", "Michelson contrast", "contrast (0-1)"),
+        _THETA,
+        _CONTRAST,
     )
     doc = "r = baseline + rmax (c vonMises)^n / (sigma^n + c^n): tuned drive over an untuned pool"
 
