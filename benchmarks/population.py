@@ -13,7 +13,12 @@ population_random_pool, population_random_noise. A session declares the leader a
 when its held-out predictive check passes (PopulationComparison.declaration_blocker). The design
 costs are benchmarks/population_costs.py.
 
-    python benchmarks/population.py [--sessions 4] [--max-trials 80] [--quick] > population.json
+    python benchmarks/population.py [--sessions 4] [--max-trials 80] [--quick] [--cells near_miss,standard:100]
+                                    [--jobs 2] > population.json
+
+Per design, ``median_trials_to_99`` is over the sessions that decided correctly;
+``median_trials_censored`` counts an undecided or wrong session as ``--max-trials`` (a lower bound
+on the median trials to a correct decision, comparable across designs when some never decide).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -60,14 +66,42 @@ def run_session(protocol: Any, base: PopulationComparison, truth_spec: str, desi
             "decision_ms_median": float(np.median(decision_ms)), "pool_distance_mean": float(np.mean(distance))}
 
 
-def cells(quick: bool) -> list[dict[str, Any]]:
+def _cell_key(cell: dict[str, Any]) -> str:
+    return f"{cell['cell']}:{cell['units']}"
+
+
+def cells(quick: bool, only: str = "") -> list[dict[str, Any]]:
     out = [{"cell": "standard", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ""},
            {"cell": "near_miss", "units": 20, "ev": 0.1, "models": [CNN_A, NEAR], "truth_extra": ""},
            {"cell": "standard", "units": 100, "ev": 0.1, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ""},
            {"cell": "saturating", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ",saturation=1"},
            {"cell": "sparse", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ",sparse=8"},
            {"cell": "softplus_link", "units": 20, "ev": 0.3, "models": [GABOR, CNN_A, CNN_B], "truth_extra": ",softplus=1"}]
+    if only:
+        wanted = only.split(",")
+        unknown = [w for w in wanted if not any(w in (c["cell"], _cell_key(c)) for c in out)]
+        if unknown:
+            raise SystemExit(f"--cells: unknown cell {unknown[0]!r}; cells: {', '.join(_cell_key(c) for c in out)}")
+        return [c for c in out if c["cell"] in wanted or _cell_key(c) in wanted]
     return out[:2] if quick else out
+
+
+_CELL_CACHE: dict[str, tuple[Any, PopulationComparison]] = {}
+
+
+def _cell_session(job: tuple[dict[str, Any], str, int, int]) -> dict[str, Any]:
+    """One session of one cell and design (a process-pool job: builds its own protocol and comparison)."""
+    cell, design, s, max_trials = job
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    key = _cell_key(cell)
+    if key not in _CELL_CACHE:  # the pool's features are computed once per cell and process
+        protocol = protocol_for(cell["models"], cell["units"])
+        _CELL_CACHE[key] = (protocol, PopulationComparison.from_protocol(protocol, 0))
+    protocol, base = _CELL_CACHE[key]
+    names = [m["name"] for m in cell["models"]]
+    truth = f"{names[s % len(names)]}:ev={cell['ev']},seed={100 + s}{cell['truth_extra']}"
+    return run_session(protocol, base, truth, design, s, max_trials)
 
 
 def calibration(sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,28 +122,36 @@ def main() -> None:
     parser.add_argument("--max-trials", type=int, default=80)
     parser.add_argument("--quick", action="store_true", help="two cells only")
     parser.add_argument("--designs", default=",".join(DESIGNS))
+    parser.add_argument("--cells", default="", help="comma-separated cells (name or name:units); default all")
+    parser.add_argument("--jobs", type=int, default=1, help="sessions run in this many processes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0]},
                               "settings": {"sessions_per_cell": args.sessions, "max_trials": args.max_trials,
+                                           "jobs": args.jobs,
                                            "synthesis": SYNTH, "pool_images": 1000, "image": [32, 32]},
                               "cells": []}
     all_sessions = []
-    for cell in cells(args.quick):
-        protocol = protocol_for(cell["models"], cell["units"])
-        base = PopulationComparison.from_protocol(protocol, 0)
-        names = [m["name"] for m in cell["models"]]
+    selected = cells(args.quick, args.cells)
+    designs = args.designs.split(",")
+    jobs = [(cell, design, s, args.max_trials) for cell in selected for design in designs for s in range(args.sessions)]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(_cell_session, jobs))
+    else:
+        done = [_cell_session(job) for job in jobs]
+    by_job = {(_cell_key(cell), design, s): out for (cell, design, s, _), out in zip(jobs, done)}
+    for cell in selected:
         row: dict[str, Any] = {k: cell[k] for k in ("cell", "units", "ev")}
-        row["models"] = names
-        for design in args.designs.split(","):
-            sessions = []
-            for s in range(args.sessions):
-                truth = f"{names[s % len(names)]}:ev={cell['ev']},seed={100 + s}{cell['truth_extra']}"
-                sessions.append(run_session(protocol, base, truth, design, s, args.max_trials))
+        row["models"] = [m["name"] for m in cell["models"]]
+        for design in designs:
+            sessions = [by_job[(_cell_key(cell), design, s)] for s in range(args.sessions)]
             all_sessions.extend(sessions)
             decided = [x["trials"] for x in sessions if x["decided"] and not x["wrong"]]
+            censored = [x["trials"] if x["decided"] and not x["wrong"] else args.max_trials for x in sessions]
             row[design] = {"sessions": len(sessions), "median_trials_to_99": float(np.median(decided)) if decided else None,
+                           "median_trials_censored": float(np.median(censored)),
                            "undecided": sum(not x["decided"] for x in sessions),
                            "wrong": sum(x["wrong"] for x in sessions),
                            "decision_ms_median": round(float(np.median([x["decision_ms_median"] for x in sessions])), 1),
