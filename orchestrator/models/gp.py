@@ -273,8 +273,8 @@ class GPPosterior:
         (R&W alg. 3.1: Newton steps f <- K a + m, a = b - W^1/2 B^-1 W^1/2 K b, b = W (f - m) + grad).
 
         Absorbing one trial, f0 is the previous mode with the new input's predictive mean appended.
-        The first step uses the previous factor's W for the previous inputs, so its B is the
-        previous B bordered by one row and its factor costs O(n^2). While the steps are large, the
+        From DENSE_BELOW observations on, the first step uses the previous factor's W for the
+        previous inputs, so its B is the previous B bordered by one row and its factor costs O(n^2). While the steps are large, the
         next ones solve with the current B by conjugate gradients preconditioned with that factor
         (W has moved little: a few O(n^2) iterations). Once a step is below SWITCH_TOL the mode is
         within ~1e-8 of converged: one Cholesky at the current f gives the factor the predictive
@@ -283,8 +283,12 @@ class GPPosterior:
         cold-started dense fit)."""
         K, n, m = fit.K, fit.n, self.m
         g, W = self._grad_hess(f0)
-        sw_P = W.sqrt() if fit.L is None else torch.cat([fit.sw, W[-1:].sqrt()])
-        P = self._bordered_factor(fit, sw_P)
+        if fit.L is None or n < DENSE_BELOW:  # small: a Cholesky costs less than bordering one in Python
+            sw_P = W.sqrt()
+            P = torch.linalg.cholesky(_b_matrix(K, sw_P))
+        else:
+            sw_P = torch.cat([fit.sw, W[-1:].sqrt()])
+            P = self._bordered_factor(fit, sw_P)
         b = sw_P ** 2 * (f0 - m) + g
         a = b - sw_P * _cho_solve(P, sw_P * (K @ b))  # f = K a + m from here on
         f = K @ a + m
