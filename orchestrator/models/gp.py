@@ -21,6 +21,14 @@ under `settings.lengthscale` / `settings.outputscale`, holds that hyperparameter
 (its prior median without a number). The constant mean defaults to the link of the running mean
 of past responses (past data only, so the prequential evidence stays a valid sequential score).
 
+Absorbing a trial refits every live point's Laplace posterior, warm-started at its previous mode
+(`GPPosterior._factor`). From DENSE_BELOW (256) observations on, that costs one n x n Cholesky per
+point, typically, and O(n^2) work besides: a first Newton step whose factor is the previous one
+bordered by the new row, conjugate-gradient steps preconditioned with it while the steps are
+large, then one exact step with a fresh factor at the new mode to confirm convergence (below 256
+every Newton step factors its own, cheap, matrix). The evidence is that of cold-started dense fits
+(to < 1e-9 nats over 50 trials in tests/test_models.py).
+
 For the design, the predictive at any stimuli is a mixture over quadrature nodes of the best-
 supported hyperparameter points, i.e. the same "weighted components" interface the particle
 posteriors expose; it is differentiable in x.
