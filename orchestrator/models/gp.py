@@ -282,13 +282,14 @@ class GPPosterior:
 
         Absorbing one trial, f0 is the previous mode with the new input's predictive mean appended.
         From DENSE_BELOW observations on, the first step uses the previous factor's W for the
-        previous inputs, so its B is the previous B bordered by one row and its factor costs O(n^2). While the steps are large, the
-        next ones solve with the current B by conjugate gradients preconditioned with that factor
-        (W has moved little: a few O(n^2) iterations). Once a step is below SWITCH_TOL the mode is
-        within ~1e-8 of converged: one Cholesky at the current f gives the factor the predictive
-        keeps, and a last exact step with it must move f by less than FACTOR_TOL (else it repeats),
-        so L is the factor at the mode to within that (a test compares the evidence with a
-        cold-started dense fit)."""
+        previous inputs, so its B is the previous B bordered by one row and its factor costs
+        O(n^2). While the steps are large, the next ones solve with the current B by conjugate
+        gradients preconditioned with that factor (W has moved little: a few O(n^2) iterations).
+        Once a step is below SWITCH_TOL the mode is within ~1e-8 of converged: one Cholesky at the
+        current f gives the factor the predictive keeps, and a last exact step with it must move f
+        by less than FACTOR_TOL (else it repeats), so L is the factor at the mode to within that.
+        Below DENSE_BELOW every step factors its own B. A test compares the evidence with
+        cold-started dense fits."""
         K, n, m = fit.K, fit.n, self.m
         g, W = self._grad_hess(f0)
         if fit.L is None or n < DENSE_BELOW:  # small: a Cholesky costs less than bordering one in Python
