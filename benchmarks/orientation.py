@@ -346,7 +346,8 @@ def gp_update_cost(protocol, truth_spec: str, seed: int, checkpoints: list[int],
         if i + 1 in checkpoints:
             out[str(i + 1)] = {"update_cpu_ms_p50": round(percentile(cpu[-window:], 50), 2),
                                "update_cpu_ms_max": round(max(cpu[-window:]), 2),
-                               "live_points": len(gp._live()), "log_evidence": round(float(gp.log_evidence), 6)}
+                               "live_points": gp.summary()["hyperparameter_points"],
+                               "log_evidence": round(float(gp.log_evidence), 6)}
             print(f"# gp update at {i + 1}: {out[str(i + 1)]}", file=sys.stderr, flush=True)
     return out
 
