@@ -5,21 +5,34 @@
 Part 1 (`trials`): trials until P(true) >= 0.95 for the mutual-information design and random, per
 simulated neuron (truth drawn from the von Mises model's prior, seeded). Part 2 (`timing`): decision
 time (perf_counter and thread CPU time around `propose`) p50/p95 at trials 10, 100 and 500 of a long
-session, from repeated proposals at that exact posterior state, for the protocol's design and for
-the 3-model discriminating decision at the same state. Part 3 (`calibration`): MI sessions against
+session, from repeated proposals at that exact posterior state, for the protocol's design, for the
+discriminating decision at the same state (the models with P >= 1e-6) and for the discriminating
+decision with all three models in the mixture. Part 3 (`calibration`): MI sessions against
 truths drawn from each model's prior (von Mises, Gaussian, and functions drawn from the GP prior),
 for each GP hyperparameter treatment (`--hyper`): how often the first model to reach P >= .95 / .99
 is not the truth. Part 4 (`regret`): the design regret (nats) and CPU time of design settings at the
-3-model states of MI sessions, against the exact best over a dense stimulus grid. Prints one JSON object.
+3-model states of MI sessions, against the exact best over a dense stimulus grid. Part 5
+(`gp_update`): CPU time of the GP candidate's own update (all its live hyperparameter points) at
+trials 10 / 100 / 300 / 500 of a session with random stimuli.
+
+`--baseline-tree DIR` runs the timing and gp_update parts a second time in a subprocess that imports
+`orchestrator` from another checkout (e.g. the main branch), alternating with this tree part by
+part, so both are measured under the same load; the output gains `baseline` and CPU ratios.
+Prints one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -27,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retention_common import censored_median, dump, environment, percentile  # noqa: E402
 
-from orchestrator.design import make_design  # noqa: E402
+from orchestrator.design import information, make_design  # noqa: E402
 from orchestrator.design.acquisition import ModelDiscriminationMI  # noqa: E402
 from orchestrator.inference import ModelComparison  # noqa: E402
 from orchestrator.models import build_truth  # noqa: E402
@@ -246,6 +259,18 @@ def trials_to(protocol, truth_spec: str, design: str, seed: int, crit: float, ca
     return None, times
 
 
+@contextlib.contextmanager
+def all_models_in_mixture() -> Iterator[None]:
+    """The discriminating design with every model in its mixture (its NEGLIGIBLE floor at 0): the
+    cost of a 3-model decision at states where one model has all but won."""
+    floor = information.NEGLIGIBLE
+    information.NEGLIGIBLE = 0.0
+    try:
+        yield
+    finally:
+        information.NEGLIGIBLE = floor
+
+
 def timing_session(protocol, truth_spec: str, seed: int, checkpoints: list[int], repeats: int) -> dict[str, dict]:
     """Run one long MI session; at each checkpoint time `repeats` proposals at that posterior state."""
     truth = build_truth(protocol, truth_spec)
@@ -275,6 +300,15 @@ def timing_session(protocol, truth_spec: str, seed: int, checkpoints: list[int],
                 discriminate.propose(comparison, n + r * 7919)
                 dts.append((time.perf_counter() - t0) * 1000)
                 dcs.append((time.thread_time() - c0) * 1000)
+            # every model in the mixture, however improbable (the design leaves out P < NEGLIGIBLE)
+            ats, acs = [], []
+            with all_models_in_mixture():
+                for r in range(repeats):
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    discriminate.propose(comparison, n + r * 7919)
+                    ats.append((time.perf_counter() - t0) * 1000)
+                    acs.append((time.thread_time() - c0) * 1000)
+            probs = comparison.probabilities()
             out[str(n)] = {"decision_ms_p50": round(percentile(ts, 50), 2), "decision_ms_p95": round(percentile(ts, 95), 2),
                            "decision_cpu_ms_p50": round(percentile(cs, 50), 2),
                            "decision_cpu_ms_p95": round(percentile(cs, 95), 2),
@@ -282,10 +316,60 @@ def timing_session(protocol, truth_spec: str, seed: int, checkpoints: list[int],
                            "discriminate_ms_p50": round(percentile(dts, 50), 2), "discriminate_ms_p95": round(percentile(dts, 95), 2),
                            "discriminate_cpu_ms_p50": round(percentile(dcs, 50), 2),
                            "discriminate_cpu_ms_p95": round(percentile(dcs, 95), 2),
+                           "discriminate_models": [k for k, v in probs.items() if v >= information.NEGLIGIBLE],
+                           "all_models_ms_p50": round(percentile(ats, 50), 2), "all_models_ms_p95": round(percentile(ats, 95), 2),
+                           "all_models_cpu_ms_p50": round(percentile(acs, 50), 2),
+                           "all_models_cpu_ms_p95": round(percentile(acs, 95), 2),
                            "update_ms_last10_p50": round(percentile(update_ms[-10:], 50), 2),
-                           "probabilities": {k: round(v, 4) for k, v in comparison.probabilities().items()}}
+                           "probabilities": {k: float(f"{v:.4g}") for k, v in probs.items()}}
             print(f"# timing at {n}: {out[str(n)]}", file=sys.stderr, flush=True)
     return out
+
+
+def gp_update_cost(protocol, truth_spec: str, seed: int, checkpoints: list[int], window: int = 10) -> dict[str, dict]:
+    """CPU time (process) of the GP posterior's update alone, median of the `window` updates ending at
+    each checkpoint, in a session with random stimuli (log-uniform contrast), with the live
+    hyperparameter points and the GP's log evidence (it must not depend on the code version)."""
+    truth = build_truth(protocol, truth_spec)
+    comparison = ModelComparison.from_protocol(protocol, seed)
+    gp = comparison.posterior("gp")
+    rng = np.random.default_rng([seed, 5])
+    cpu: list[float] = []
+    out: dict[str, dict] = {}
+    for i in range(max(checkpoints)):
+        stim = {"orientation": float(rng.uniform(0, 180)), "contrast": float(math.exp(rng.uniform(math.log(0.02), 0)))}
+        y = truth.sample(stim, np.random.default_rng([seed, i]))
+        x = comparison.space.stimulus_to_raw(stim)
+        c0 = time.process_time()
+        gp.update(x, y)
+        cpu.append((time.process_time() - c0) * 1000)
+        if i + 1 in checkpoints:
+            out[str(i + 1)] = {"update_cpu_ms_p50": round(percentile(cpu[-window:], 50), 2),
+                               "update_cpu_ms_max": round(max(cpu[-window:]), 2),
+                               "live_points": gp.summary()["hyperparameter_points"],
+                               "log_evidence": round(float(gp.log_evidence), 6)}
+            print(f"# gp update at {i + 1}: {out[str(i + 1)]}", file=sys.stderr, flush=True)
+    return out
+
+
+def run_baseline(tree: str, part: str, args: argparse.Namespace) -> dict:
+    """One part of this benchmark run with `orchestrator` imported from another checkout."""
+    parts = {"timing", "gp_update", "trials", "regret", "calibration"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--skip", ",".join(sorted(parts - {part})),
+           "--timing-trials", str(args.timing_trials), "--repeats", str(args.repeats), "--seed", str(args.seed),
+           "--threads", str(args.threads), "--gp-trials", str(args.gp_trials)]
+    if args.design_settings:
+        cmd += ["--design-settings", args.design_settings]
+    env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+    print(f"# baseline {part} from {tree}", file=sys.stderr, flush=True)
+    res = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(res.stdout)
+
+
+def cpu_ratios(new: dict, base: dict, keys: tuple[str, ...]) -> dict:
+    """baseline / this tree, per checkpoint and CPU statistic (> 1: this tree is faster)."""
+    return {n: {k: round(base[n][k] / new[n][k], 2) for k in keys if new[n].get(k) and base.get(n, {}).get(k)}
+            for n in new}
 
 
 def main() -> None:
@@ -297,7 +381,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing,regret,calibration")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing,regret,calibration,gp_update")
     ap.add_argument("--calibration-sessions", type=int, default=12, help="sessions per truth model and treatment")
     ap.add_argument("--calibration-cap", type=int, default=60)
     ap.add_argument("--hyper", default="marginal,type2", help="GP hyperparameter treatments to calibrate")
@@ -305,6 +389,9 @@ def main() -> None:
     ap.add_argument("--regret-configs", default="|{refine_rounds: 3}|{optimizer: lbfgs, max_components: 512}",
                     help="'|'-separated design.settings flow mappings compared in the regret part (empty = defaults)")
     ap.add_argument("--design-settings", default="", help="YAML flow mapping merged into design.settings")
+    ap.add_argument("--gp-trials", type=int, default=500, help="length of the gp_update part's session")
+    ap.add_argument("--baseline-tree", default="", help="checkout whose orchestrator the timing and gp_update parts "
+                                                        "are also run with, in the same run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     text = ORIENTATION_YAML
@@ -339,9 +426,25 @@ def main() -> None:
         res["random_over_mi_median_ratio"] = round(ratio, 2)
         res["random_over_mi_paired_median_ratio"] = round(statistics.median(paired), 2)
         out["trials_to_0.95"] = res
+    baseline: dict = {}
     if "timing" not in skip:
         cps = [c for c in (10, 100, 500) if c <= args.timing_trials]
         out["decision_time"] = timing_session(protocol, truth_for(protocol, args.seed), args.seed, cps, args.repeats)
+        if args.baseline_tree:
+            baseline["decision_time"] = run_baseline(args.baseline_tree, "timing", args)["decision_time"]
+            out["decision_time_baseline_over_this"] = cpu_ratios(
+                out["decision_time"], baseline["decision_time"],
+                ("decision_cpu_ms_p50", "decision_cpu_ms_p95", "discriminate_cpu_ms_p50", "discriminate_cpu_ms_p95",
+                 "all_models_cpu_ms_p50", "all_models_cpu_ms_p95"))
+    if "gp_update" not in skip:
+        cps = [c for c in (10, 100, 300, 500) if c <= args.gp_trials]
+        out["gp_update"] = gp_update_cost(protocol, truth_for(protocol, args.seed), args.seed, cps)
+        if args.baseline_tree:
+            baseline["gp_update"] = run_baseline(args.baseline_tree, "gp_update", args)["gp_update"]
+            out["gp_update_baseline_over_this"] = cpu_ratios(out["gp_update"], baseline["gp_update"],
+                                                             ("update_cpu_ms_p50",))
+    if baseline:
+        out["baseline"] = {"tree": args.baseline_tree, **baseline}
     if "regret" not in skip:
         out["regret"] = regret(ORIENTATION_YAML, args.regret_configs.split("|"), args.regret_subjects, args.seed)
     if "calibration" not in skip:
