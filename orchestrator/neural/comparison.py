@@ -56,7 +56,8 @@ def readout_grid(spec: Any, n_units: int, d_raw: int) -> ReadoutGrid:
     whose offsets spread by ~1 noise SD gave the evidence a spurious high-SNR, low-noise mode in
     which the model whose features look most like white noise (the most diffuse feature space)
     wins, 100 units multiplying the error (benchmarks/population_calibration.py measures it), so
-    by default the offset spread is a grid (1, 2, 4 noise SDs) marginalised like weight_sd.
+    by default the offset spread is a grid marginalised like weight_sd, from 1/8 noise SD (units
+    whose rates barely differ, e.g. the Anscombe-transformed counts of similar units) to 8.
     The noise variance s^2 is, by default, a population level learned across units
     (``noise_levels``, relative to the session's scale; orchestrator.neural.hyper), or with
     ``noise_levels: null`` the fixed per-unit InvGamma(noise_shape, noise_scale).

@@ -187,24 +187,13 @@ class ReadoutStack:
 class PopulationReadout:
     """The NIG readout of N units on d features; `update` absorbs one trial and returns its log evidence.
 
-    A readout is one component of a ReadoutStack (its own stack of one, or one of a ReadoutGrid's);
-    a grid's components are updated through the grid.
+    A stack of one ReadoutStack component; orchestrator.neural.hyper stacks several weight scales.
     """
 
     def __init__(self, n_units: int, prior: NIGPrior) -> None:
-        self._bind(ReadoutStack(n_units, [prior]), 0)
-
-    @classmethod
-    def component(cls, stack: ReadoutStack, k: int) -> "PopulationReadout":
-        """Component k of `stack`, sharing its arrays."""
-        readout = cls.__new__(cls)
-        readout._bind(stack, k)
-        return readout
-
-    def _bind(self, stack: ReadoutStack, k: int) -> None:
-        self.stack, self.index = stack, int(k)
-        self.n_units, self.d, self.prior = stack.n_units, stack.d, stack.priors[k]
-        self.state = stack.states[k]
+        self.stack = ReadoutStack(n_units, [prior])
+        self.n_units, self.d, self.prior = self.stack.n_units, self.stack.d, prior
+        self.state = self.stack.states[0]
 
     # -- prediction ------------------------------------------------------------------------------
 
@@ -224,8 +213,6 @@ class PopulationReadout:
 
     def update(self, x: np.ndarray, y: np.ndarray) -> float:
         """Absorb one trial (features x (d,), responses y (N,), NaN = masked); return its log evidence."""
-        if self.stack.K != 1:
-            raise RuntimeError("a grid's component is updated through its ReadoutGrid")
         return float(self.stack.update(x, y)[0])
 
     def noise_variance(self) -> np.ndarray:

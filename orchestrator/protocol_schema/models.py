@@ -106,9 +106,10 @@ class ReadoutPrior(Strict):
     weight_sd: Union[float, list[float]] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
     """Prior SD of the explained signal (sqrt of the prior SNR); a list is a grid marginalised over."""
 
-    bias_sd: Union[float, list[float]] = Field(default_factory=lambda: [1.0, 2.0, 4.0])
-    """Prior SD of each unit's offset from the session's centre (the first trial's mean response);
-    a list is a grid marginalised over, like weight_sd."""
+    bias_sd: Union[float, list[float]] = Field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    """Prior SD of each unit's offset from the session's centre (the first trial's mean response),
+    in noise SDs; a list is a grid marginalised over, like weight_sd (each extra value costs O(N)
+    per trial, not a readout)."""
 
     @field_validator("weight_sd", "bias_sd")
     @classmethod
