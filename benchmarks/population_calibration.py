@@ -160,6 +160,7 @@ def main() -> None:
            "blocked_trials": sum(x["blocked_trials"] for x in sessions),
            "wrong_by_truth": {n: sum(x["wrong"] for x in sessions if x["truth"] == n) for n in names},
            "wrong_leaders": [x["trace"][-1][0] + "<-" + x["truth"] for x in sessions if x["wrong"]],
+           "wrong_sessions": [i for i, x in enumerate(sessions) if x["wrong"]],
            "calibration": calibration(sessions)}
     json.dump(out, sys.stdout)
     print()

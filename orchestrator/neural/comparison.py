@@ -190,12 +190,15 @@ class PopulationComparison:
     @staticmethod
     def _scores(grid: ReadoutGrid, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Normal scores of y under the grid's one-step-ahead predictive (the mixture over components)."""
-        u = np.zeros_like(y)
         weights = grid.weights()
         live = weights > 1e-6 * weights.max()
-        for index, (df, loc, scale2) in grid.component_predictives(x[None], live):
-            u += weights[index] * pit(y, df, loc[0], scale2[0])
-        return normal_scores(u / weights[live].sum())
+        parts = grid.component_predictives(x[None], live)
+        w = np.array([weights[index] for index, _ in parts])
+        df = np.stack([p[0] for _, p in parts])
+        loc = np.stack([p[1][0] for _, p in parts])
+        scale2 = np.stack([p[2][0] for _, p in parts])
+        u = w @ pit(y[None, :], df, loc, scale2)  # one vectorised CDF over every live component
+        return normal_scores(u / w.sum())
 
     def declaration_blocker(self, name: str) -> str | None:
         """Why `name` may not be declared now: its held-out predictions misfit (orchestrator.neural.check)."""

@@ -119,12 +119,13 @@ class ReadoutPrior(Strict):
             raise ValueError(f"{info.field_name} must be > 0 (or a non-empty list of values > 0)")
         return value
 
-    noise_levels: list[float] | None = Field(default_factory=lambda: [2.0 ** k for k in range(-10, 5)])
+    noise_levels: list[float] | None = Field(default_factory=lambda: [2.0 ** (k / 2) for k in range(-20, 9)])
     """Population noise levels marginalised over (the default): each unit's noise variance is
     InvGamma(noise_level_shape, (noise_level_shape - 1) v c), mean v c, with the level v shared by
     the units and learned from them on this grid, c the session's scale (the first trial's mean
-    squared deviation of the units from their centre), so no response unit is assumed. The default
-    2^-10 .. 2^4 spans noise 1/1000 of the units' spread to 16 times it. null: every unit's noise
+    squared deviation of the units from their centre), so no response unit is assumed. The default,
+    2^-10 .. 2^4 in steps of sqrt(2), spans noise 1/1000 of the units' spread to 16 times it (a
+    step of 2 left the level between grid points and cost calibration: benchmarks/README.md). null: every unit's noise
     variance InvGamma(noise_shape, noise_scale) in response units, independently (the prior before
     noise levels existed; a protocol that sets noise_shape or noise_scale without noise_levels
     keeps it)."""
