@@ -100,6 +100,34 @@ def readout_costs() -> dict[str, Any]:
     return out
 
 
+def comparison_costs() -> dict[str, Any]:
+    """One trial of a session's model comparison (3 models, N = 100, Poisson, features cached):
+    every model's readout update, its evidence and its predictive-check scores."""
+    from orchestrator.neural.comparison import PopulationComparison
+    from orchestrator.neural.truth import build_population_truth
+
+    protocol = protocol_for([GABOR, CNN_A, CNN_B], 100, noise="poisson", strategy="population_random_pool")
+    base = PopulationComparison.from_protocol(protocol, 0)
+    truth = build_population_truth(protocol, "cnn_a:ev=0.1,seed=1", base)
+    comparison = base.fresh(0)
+    rng = np.random.default_rng(1)
+    images = iter(rng.integers(len(base.pool), size=400))
+
+    def trial() -> None:
+        image = int(next(images))
+        ref = f"{image:064x}"
+        comparison._cache.setdefault(ref, [c.features.pool_features[image].numpy() for c in comparison.candidates])
+        y = truth.sample({}, rng, features=truth.features.pool_features[image].numpy())
+        comparison.update({"image": ref}, y)
+        comparison.leader()
+
+    trial()  # the first trial sets the centre
+    early = timed(trial, 10)  # the grid's posterior still broad: many components checked
+    late = timed(trial, 100)
+    return {"comparison_trial_ms_3models_N100_trials2to11": percentiles(early),
+            "comparison_trial_ms_3models_N100_trials12to111": percentiles(late)}
+
+
 def design_costs(repeats: int) -> dict[str, Any]:
     from orchestrator.design import make_design
     from orchestrator.neural.comparison import PopulationComparison
@@ -144,7 +172,7 @@ def measure(repeats: int, readout_only: bool = False) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     start = load()
-    costs = {**readout_costs(), **({} if readout_only else design_costs(repeats))}
+    costs = {**readout_costs(), **comparison_costs(), **({} if readout_only else design_costs(repeats))}
     import orchestrator
 
     return {"load_start": start, "load_end": load(), "source": str(Path(orchestrator.__file__).parent.parent),
@@ -163,7 +191,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=12, help="pool scorings and syntheses per cell")
     parser.add_argument("--baseline", type=Path, help="a source tree to measure first, for ratios")
-    parser.add_argument("--readout-only", action="store_true", help="only the readout rows (seconds, not minutes)")
+    parser.add_argument("--readout-only", action="store_true",
+                        help="only the readout and comparison rows (a minute, not ten)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "torch_threads": 1},

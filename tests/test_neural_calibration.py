@@ -105,6 +105,6 @@ def test_probabilities_do_not_depend_on_the_response_units(tmp_path: Path) -> No
     for name in base.model_names:
         assert small[name] == pytest.approx(unit[name], rel=1e-6, abs=1e-9)
     summary = runs[1].summary()["cnn_b"]
-    assert len(summary["weight_sd_posterior"]) == 4 and len(summary["bias_sd_posterior"]) == 3
+    assert len(summary["weight_sd_posterior"]) == 4 and len(summary["bias_sd_posterior"]) == 7
     assert sum(summary["noise_level_posterior"]) == pytest.approx(1.0, abs=1e-3)
     assert summary["noise_sd_median"] == pytest.approx(0.01 * runs[0].summary()["cnn_b"]["noise_sd_median"], rel=1e-6)

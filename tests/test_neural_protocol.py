@@ -146,9 +146,9 @@ def test_readout_noise_prior_defaults_to_learned_levels_and_old_protocols_keep_t
         assert ReadoutPrior.model_validate(prior.model_dump(mode="json")) == prior
     spec = type("Spec", (), {"readout": ReadoutSpec(prior=legacy)})()
     grid = readout_grid(spec, 4, 8)
-    assert grid.shape == (1, 3, 1) and not grid.noise.relative and grid.prior(0).a0 == 2.0
+    assert grid.shape == (1, len(legacy.bias_sd), 1) and not grid.noise.relative and grid.prior(0).a0 == 2.0
     learned = readout_grid(type("Spec", (), {"readout": None})(), 4, 8)
-    assert learned.shape == (4, 3, len(default.noise_levels)) and learned.noise.relative
+    assert learned.shape == (4, len(default.bias_sd), len(default.noise_levels)) and learned.noise.relative
 
 
 @pytest.mark.parametrize("levels", [[], [0.5, -1.0]])
