@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from orchestrator.neural.check import PredictiveCheck, normal_scores, pit
+from orchestrator.neural.check import PredictiveCheck, normal_scores
 from orchestrator.neural.features import FeatureModel, FeatureSpecError, fit_feature_model, pool_tensor
 from orchestrator.neural.pool import load_pool
 from orchestrator.neural.hyper import NoiseGrid, ReadoutGrid
@@ -190,15 +190,7 @@ class PopulationComparison:
     @staticmethod
     def _scores(grid: ReadoutGrid, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Normal scores of y under the grid's one-step-ahead predictive (the mixture over components)."""
-        weights = grid.weights()
-        live = weights > 1e-6 * weights.max()
-        parts = grid.component_predictives(x[None], live)
-        w = np.array([weights[index] for index, _ in parts])
-        df = np.stack([p[0] for _, p in parts])
-        loc = np.stack([p[1][0] for _, p in parts])
-        scale2 = np.stack([p[2][0] for _, p in parts])
-        u = w @ pit(y[None, :], df, loc, scale2)  # one vectorised CDF over every live component
-        return normal_scores(u / w.sum())
+        return normal_scores(grid.predictive_cdf(x, y))
 
     def declaration_blocker(self, name: str) -> str | None:
         """Why `name` may not be declared now: its held-out predictions misfit (orchestrator.neural.check)."""

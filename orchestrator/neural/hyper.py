@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
-from scipy.special import gammaln
+from scipy.special import gammaln, stdtr
 
 from orchestrator.neural.readout import NIGPrior, ReadoutStack, ReadoutState, _Private
 
@@ -226,16 +227,15 @@ class ReadoutGrid:
         ev = float(self._evidence[k, j, l])
         return ReadoutState(base.S, base.means, a0 + base.a, b0 + 0.5 * base.b, ev, base.n_trials, base.private)
 
-    def component_predictives(self, features: np.ndarray, live: np.ndarray) -> list[tuple[int, tuple[np.ndarray, ...]]]:
-        """Student-t predictives (df (N,), loc (B, N), scale2 (B, N)) of the components marked in
-        `live` (K,) at `features` (B, d): one d x d product per weight scale, O(B N) per component."""
+    def _predictive_blocks(self, features: np.ndarray, live: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, tuple[np.ndarray, ...]]]:
+        """Per (k, j) with a live component: (k, j, its live noise priors ls (L,), Student-t df (L, N),
+        loc (B, N), scale2 (L, B, N)) at `features` (B, d); one d x d product per weight scale."""
         F = np.atleast_2d(features)
         st = self.stack
         live3 = np.asarray(live, dtype=bool).reshape(self.shape)
         n = 2.0 * st.a[0]
         b0 = self.b0()
         s_bb, m_b = self._unit_offsets()
-        out = []
         for k in range(self.shape[0]):
             if not live3[k].any():
                 continue
@@ -249,17 +249,41 @@ class ReadoutGrid:
                 loc[:, u] = F @ p.mean[k]
                 xse[:, u] = pSF[:, -1]
             for j in range(self.shape[1]):
-                if not live3[k, j].any():
+                ls = np.flatnonzero(live3[k, j])
+                if not ls.size:
                     continue
                 g = self.delta[j] / (1.0 + self.delta[j] * s_bb[k])  # (N,)
                 qj = q - g[None, :] * xse ** 2
                 locj = loc - g[None, :] * xse * m_b[k][None, :]
                 Rj = 2.0 * st.b[k] + g * m_b[k] ** 2
-                for l in np.flatnonzero(live3[k, j]):
-                    a = self._a0[l] + 0.5 * n
-                    scale2 = ((b0[l] + 0.5 * Rj) / a)[None, :] * (1.0 + qj)
-                    out.append((self.index(k, j, int(l)), (2 * a, locj, scale2)))
-        return out
+                a = self._a0[ls, None] + 0.5 * n[None, :]  # (L, N)
+                scale2 = ((b0[ls, None] + 0.5 * Rj[None, :]) / a)[:, None, :] * (1.0 + qj)[None, :, :]
+                yield k, j, ls, (2.0 * a, locj, scale2)
+
+    def component_predictives(self, features: np.ndarray, live: np.ndarray) -> list[tuple[int, tuple[np.ndarray, ...]]]:
+        """Student-t predictives (df (N,), loc (B, N), scale2 (B, N)) of the components marked in
+        `live` (K,) at `features` (B, d), O(B N) per component beyond one product per weight scale."""
+        return [(self.index(k, j, int(l)), (df[i], loc, scale2[i]))
+                for k, j, ls, (df, loc, scale2) in self._predictive_blocks(features, live)
+                for i, l in enumerate(ls)]
+
+    def predictive_cdf(self, x: np.ndarray, y: np.ndarray, dropped: float = 1e-6) -> np.ndarray:
+        """P(Y_u <= y_u) under the grid's one-step-ahead predictive at features x (the mixture over
+        components), leaving out the least probable components of total weight <= `dropped`
+        (so each value is within 2 `dropped` of the full mixture's). NaN where y is NaN."""
+        w = self.weights()
+        order = np.argsort(w)[::-1]
+        keep = int(np.searchsorted(np.cumsum(w[order]), 1.0 - dropped)) + 1
+        live = np.zeros(self.K, dtype=bool)
+        live[order[:keep]] = True
+        w3 = w.reshape(self.shape)
+        u = np.zeros(self.n_units)
+        total = 0.0
+        for k, j, ls, (df, loc, scale2) in self._predictive_blocks(x[None], live):
+            weights = w3[k, j, ls]
+            u += weights @ stdtr(df, (y[None, :] - loc) / np.sqrt(scale2[:, 0, :]))
+            total += float(weights.sum())
+        return u / total
 
     def noise_variance(self) -> np.ndarray:
         """Posterior mean of each unit's noise variance under the most probable component."""
