@@ -5,11 +5,13 @@ log evidence is the exact sum of its one-step-ahead log predictive densities, so
 P(model) = prior x exp(log evidence), normalised. All candidates see the same transformed
 responses, so a transform's Jacobian cancels between them. Poisson counts are transformed with
 Anscombe's 2 sqrt(y + 3/8), whose variance is close to 1 for rates above a few counts per window
-(benchmarks/population.py measures the calibration of the resulting P(model)).
+(benchmarks/population_calibration.py measures the calibration of the resulting P(model)).
 
 The first trial is not compared: it sets each candidate's centre (the mean transformed response
 over units), which the readouts' offsets are relative to, so the offset prior means "spread
-around the population's level" whatever the units' overall rate. A model is declared only when
+around the population's level" whatever the units' overall rate, and its scale (the units' mean
+squared deviation from the centre), which the learned noise levels are relative to
+(orchestrator.neural.hyper), so P(model) does not depend on the units responses come in. A model is declared only when
 its own held-out predictions pass orchestrator.neural.check (``declaration_blocker``).
 
 The object quacks like orchestrator.inference.ModelComparison (update / probabilities / summary),
