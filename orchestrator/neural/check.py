@@ -18,7 +18,8 @@ errors of 1, and so must the per-trial sum of z^2 across units, standardised ((s
 sqrt(2 n)): trials on which every unit scatters more than the model's noise (outlying trials,
 noise that changes over the session) show there, even when the learned noise level has absorbed
 them into the overall spread so that z^2 and z^4 pool to 1 and 3. Failing any of them blocks the
-declaration; the session goes on and the check is re-evaluated each trial. benchmarks/population_calibration.py measures what it blocks and costs.
+declaration; the session goes on and the check is re-evaluated each trial.
+benchmarks/population_calibration.py measures what it blocks and costs.
 """
 from __future__ import annotations
 

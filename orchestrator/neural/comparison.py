@@ -11,8 +11,9 @@ The first trial is not compared: it sets each candidate's centre (the mean trans
 over units), which the readouts' offsets are relative to, so the offset prior means "spread
 around the population's level" whatever the units' overall rate, and its scale (the units' mean
 squared deviation from the centre), which the learned noise levels are relative to
-(orchestrator.neural.hyper), so P(model) does not depend on the units responses come in. A model is declared only when
-its own held-out predictions pass orchestrator.neural.check (``declaration_blocker``).
+(orchestrator.neural.hyper), so P(model) does not depend on the units responses come in. A model
+is declared only when its own held-out predictions pass orchestrator.neural.check
+(``declaration_blocker``).
 
 The object quacks like orchestrator.inference.ModelComparison (update / probabilities / summary),
 so the engine, the simulator and the designs treat both alike.

@@ -227,7 +227,8 @@ class ReadoutGrid:
         ev = float(self._evidence[k, j, l])
         return ReadoutState(base.S, base.means, a0 + base.a, b0 + 0.5 * base.b, ev, base.n_trials, base.private)
 
-    def _predictive_blocks(self, features: np.ndarray, live: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, tuple[np.ndarray, ...]]]:
+    def _predictive_blocks(self, features: np.ndarray,
+                           live: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, tuple[np.ndarray, ...]]]:
         """Per (k, j) with a live component: (k, j, its live noise priors ls (L,), Student-t df (L, N),
         loc (B, N), scale2 (L, B, N)) at `features` (B, d); one d x d product per weight scale."""
         F = np.atleast_2d(features)
