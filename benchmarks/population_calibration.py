@@ -5,7 +5,8 @@ drawn from the model's own prior, so this script moves from that case to the ben
 populations one step at a time and reports where calibration breaks. Truths (``--truth``):
 
 - ``prior``: every unit's weights (bias included) and noise variance drawn from the NIG prior of one
-  grid component (``--weight-sd``) on the candidate's own standardised features;
+  grid component (``--weight-sd``, the first offset spread, the noise prior whose mean is nearest
+  1) on the candidate's own standardised features;
 - ``simulated``: orchestrator.neural.truth's population (weights N(0, 1) per standardised feature,
   each unit scaled to explain ``ev`` of its variance over the pool, offsets, unit noise), with
   ``--noise gaussian`` or ``poisson`` (Anscombe-transformed counts); ``--extra`` adds truth options
@@ -46,7 +47,7 @@ class PriorTruth:
     def __init__(self, base: PopulationComparison, index: int, component: int, seed: int,
                  steps: tuple[str, ...] = ()) -> None:
         cand = base.candidates[index]
-        prior = cand.readout.priors[component]
+        prior = cand.readout.prior(component)
         rng = np.random.default_rng([seed, 0xCA1])
         n = base.protocol.response.n_units
         self.model_name = cand.name
@@ -59,7 +60,7 @@ class PriorTruth:
             self.noise_var = np.ones(n)
         if "pool_scaled" in steps:  # every unit's signal scaled to the same SD over the pool
             sd = (self.X[:, :-1] @ self.W[:, :-1].T).std(0)
-            self.W[:, :-1] *= (np.sqrt(self.noise_var) * 2 * cand.readout.priors[component].precision[0] ** -0.5
+            self.W[:, :-1] *= (np.sqrt(self.noise_var) * 2 * prior.precision[0] ** -0.5
                                * np.sqrt(prior.precision.shape[0] - 1) / sd)[:, None] / 2
         if "normal_offset" in steps:  # offsets N(0, 1) instead of the bias prior
             self.W[:, -1] = rng.standard_normal(n)
@@ -141,9 +142,11 @@ def main() -> None:
     for s in range(args.sessions):
         index = s % len(names)
         if args.truth == "prior":
-            priors = base.candidates[index].readout.priors
+            grid = base.candidates[index].readout
+            priors = [grid.prior(i) for i in range(grid.K)]  # noise levels at scale 1
             d_raw = priors[0].precision.shape[0] - 1
-            component = int(np.argmin([abs(pr.precision[0] - d_raw / args.weight_sd ** 2) for pr in priors]))
+            component = int(np.argmin([abs(pr.precision[0] - d_raw / args.weight_sd ** 2)
+                                       + abs(np.log(pr.b0 / (pr.a0 - 1 if pr.a0 > 1 else 1))) for pr in priors]))
             truth: Any = PriorTruth(base, index, component, 100 + s,
                                      tuple(x for x in args.steps.split(",") if x))
         else:
@@ -157,6 +160,7 @@ def main() -> None:
            "blocked_trials": sum(x["blocked_trials"] for x in sessions),
            "wrong_by_truth": {n: sum(x["wrong"] for x in sessions if x["truth"] == n) for n in names},
            "wrong_leaders": [x["trace"][-1][0] + "<-" + x["truth"] for x in sessions if x["wrong"]],
+           "wrong_sessions": [i for i, x in enumerate(sessions) if x["wrong"]],
            "calibration": calibration(sessions)}
     json.dump(out, sys.stdout)
     print()

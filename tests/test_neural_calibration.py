@@ -84,3 +84,27 @@ def test_declaration_blocker_blocks_a_model_whose_predictions_misfit(tmp_path: P
         _feed(comparison, image, y)
     reason = comparison.declaration_blocker("cnn_a")
     assert reason is not None and "predictive check" in reason
+
+
+def test_probabilities_do_not_depend_on_the_response_units(tmp_path: Path) -> None:
+    """dF/F-sized or raw-count-sized responses give the same P(model): the learned noise level is
+    relative to the session's scale, every other readout hyperparameter to the noise SD."""
+    protocol, base = _comparison(tmp_path, units=24)
+    pop = build_population_truth(protocol, "cnn_b:ev=0.3,seed=3", base)
+    rng = np.random.default_rng(2)
+    trials = [(int(i), np.asarray(pop.sample({}, rng, features=pop.features.pool_features[int(i)].numpy())))
+              for i in rng.integers(len(base.pool), size=12)]
+    runs = []
+    for factor in (1.0, 0.01):
+        comparison = base.fresh(0)
+        for image, y in trials:
+            _feed(comparison, image, factor * y)
+        runs.append(comparison)
+    small, unit = runs[1].probabilities(), runs[0].probabilities()
+    assert max(unit.values()) - min(unit.values()) > 0.2  # the comparison has learned something to compare
+    for name in base.model_names:
+        assert small[name] == pytest.approx(unit[name], rel=1e-6, abs=1e-9)
+    summary = runs[1].summary()["cnn_b"]
+    assert len(summary["weight_sd_posterior"]) == 4 and len(summary["bias_sd_posterior"]) == 7
+    assert sum(summary["noise_level_posterior"]) == pytest.approx(1.0, abs=1e-3)
+    assert summary["noise_sd_median"] == pytest.approx(0.01 * runs[0].summary()["cnn_b"]["noise_sd_median"], rel=1e-6)

@@ -130,3 +130,34 @@ def test_scalar_design_on_a_population_protocol_is_one_line(tmp_path: Path) -> N
     lines = _problems(population_protocol(tmp_path, strategy="mutual_information", settings={}))
     assert lines == ["design.strategy: 'mutual_information' is for scalar stimuli (population protocols use "
                      "population_synthesis, population_pool, population_random_pool or population_random_noise)"]
+
+
+def test_readout_noise_prior_defaults_to_learned_levels_and_old_protocols_keep_theirs(tmp_path: Path) -> None:
+    """The default learns a population noise level; a protocol that sets noise_shape / noise_scale
+    without noise_levels keeps the fixed per-unit prior, and a dumped protocol reloads the same."""
+    from orchestrator.neural.comparison import readout_grid
+    from orchestrator.protocol import ReadoutPrior, ReadoutSpec
+
+    default = ReadoutPrior()
+    assert default.noise_levels is not None and min(default.noise_levels) < 1e-2 < 10 < max(default.noise_levels)
+    legacy = ReadoutPrior.model_validate({"weight_sd": 1.0, "noise_shape": 2.0, "noise_scale": 1.0})
+    assert legacy.noise_levels is None
+    for prior in (default, legacy):
+        assert ReadoutPrior.model_validate(prior.model_dump(mode="json")) == prior
+    spec = type("Spec", (), {"readout": ReadoutSpec(prior=legacy)})()
+    grid = readout_grid(spec, 4, 8)
+    assert grid.shape == (1, len(legacy.bias_sd), 1) and not grid.noise.relative and grid.prior(0).a0 == 2.0
+    learned = readout_grid(type("Spec", (), {"readout": None})(), 4, 8)
+    assert learned.shape == (4, len(default.bias_sd), len(default.noise_levels)) and learned.noise.relative
+
+
+@pytest.mark.parametrize("levels", [[], [0.5, -1.0]])
+def test_bad_noise_levels_are_one_line_naming_the_field(tmp_path: Path, levels: list[float]) -> None:
+    bad = population_protocol(tmp_path, models=[
+        {"name": "gabor", "builtin": "gabor_energy", "settings": {"orientations": 2, "frequencies": [0.2], "grid": 1},
+         "readout": {"prior": {"noise_levels": levels}}},
+        {"name": "cnn_a", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 1, "width": 4, "grid": 2}}])
+    run = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(bad)], capture_output=True, text=True)
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "models.0.readout.prior.noise_levels" in lines[0], run.stderr

@@ -1,6 +1,8 @@
 """The population readout is exact: incremental evidence equals the closed-form marginal likelihood."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -83,46 +85,117 @@ def test_anscombe_transform_stabilises_poisson_variance_near_one() -> None:
     assert low < 0.8  # below ~2 counts the transform under-states the noise: the readout's noise prior adapts
 
 
-def test_snr_grid_evidence_is_the_exact_mixture_of_batch_evidences() -> None:
+def _grid(d: int, noise: Any = None) -> Any:
+    from orchestrator.neural.hyper import NoiseGrid, ReadoutGrid
+
+    noise = noise or NoiseGrid.learned([0.25, 1.0, 4.0], 10.0)
+    weights = [np.r_[np.full(d - 1, (d - 1) / g ** 2), 1.0] for g in (0.5, 1.0, 2.0)]
+    return ReadoutGrid(5, weights, [1.0, 0.25, 1.0 / 16], noise)
+
+
+def _masked_batch_evidence(X: np.ndarray, Y: np.ndarray, prior: NIGPrior) -> float:
+    """Closed-form log evidence of every unit fitted on the trials it saw."""
+    total = 0.0
+    for u in range(Y.shape[1]):
+        keep = ~np.isnan(Y[:, u])
+        total += float(batch_log_evidence(X[keep], Y[keep][:, [u]], prior)[0])
+    return total
+
+
+def test_grid_evidence_of_every_component_equals_the_closed_form_masks_included() -> None:
+    """Offset spreads and noise levels are closed-form corrections of the weight-scale readouts: every
+    one of the 27 components equals its own NIG prior's batch marginal likelihood, and its posterior
+    and predictive equal a readout fitted alone with that prior."""
+    X, Y, _ = _data(T=40, N=5, seed=4)
+    Y = 3.0 * Y
+    Y[[2, 9, 10], 1] = np.nan
+    Y[[0, 5, 30], 4] = np.nan
+    grid = _grid(9)
+    grid.set_scale(9.0)
+    for x, y in zip(X, Y):
+        grid.update(x, y)
+    assert grid.K == 27 and set(grid.state.private) == {1, 4}
+    shared = [0, 2, 3]
+    for index in range(grid.K):
+        prior = grid.prior(index)
+        exact = _masked_batch_evidence(X, Y, prior)
+        assert grid.component_evidence[index] == pytest.approx(exact, rel=1e-10), index
+        alone = PopulationReadout(5, prior)
+        for x, y in zip(X, Y):
+            alone.update(x, y)
+        state = grid.component_state(index)
+        assert state.log_evidence == pytest.approx(alone.state.log_evidence, rel=1e-10)
+        np.testing.assert_allclose(state.S, alone.state.S, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(state.means[shared], alone.state.means[shared], rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(state.a, alone.state.a, rtol=1e-12)
+        np.testing.assert_allclose(state.b, alone.state.b, rtol=1e-9)
+        for u in (1, 4):
+            np.testing.assert_allclose(state.private[u].mean, alone.state.private[u].mean, rtol=1e-8, atol=1e-10)
+            np.testing.assert_allclose(state.private[u].S, alone.state.private[u].S, rtol=1e-8, atol=1e-12)
+        live = np.zeros(grid.K, dtype=bool)
+        live[index] = True
+        [(got, (df, loc, scale2))] = grid.component_predictives(X[:3], live)
+        df_a, loc_a, scale2_a = alone.predictive(X[:3])
+        assert got == index
+        np.testing.assert_allclose(df, df_a)
+        np.testing.assert_allclose(loc, loc_a, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(scale2, scale2_a, rtol=1e-8)
+
+
+def test_grid_evidence_is_the_uniform_mixture_and_a_fixed_noise_prior_is_exact_too() -> None:
     from scipy.special import logsumexp
 
-    from orchestrator.neural.hyper import ReadoutGrid
+    from orchestrator.neural.hyper import NoiseGrid
 
     X, Y, _ = _data(T=30, N=5)
-    priors = [NIGPrior(np.r_[np.full(8, 8.0 / g ** 2), 0.01], 2.0, 1.5) for g in (0.5, 1.0, 2.0)]
-    grid = ReadoutGrid(5, priors)
-    for x, y in zip(X, Y):
+    for noise in (None, NoiseGrid.fixed(2.0, 1.5)):
+        grid = _grid(9, noise)
+        for x, y in zip(X, Y):
+            grid.update(x, y)
+        exact = [float(batch_log_evidence(X, Y, grid.prior(i)).sum()) for i in range(grid.K)]
+        np.testing.assert_allclose(grid.component_evidence, exact, rtol=1e-10)
+        assert grid.log_evidence == pytest.approx(float(logsumexp(exact) - np.log(grid.K)), rel=1e-10)
+        assert grid.weights().sum() == pytest.approx(1.0)
+        assert grid.marginal(0).shape == (3,) and grid.marginal(2).sum() == pytest.approx(1.0)
+        assert grid.state.log_evidence == pytest.approx(max(exact), rel=1e-12)
+    assert grid.prior(0).b0 == 1.5  # absolute: the session's scale does not enter a fixed prior
+
+
+def test_learned_noise_level_makes_the_evidence_scale_free() -> None:
+    """Responses in other units (times f, the scale times f^2) shift every component's log evidence
+    by the same -(responses seen) log f, so the posterior over the grid, and between models, is unchanged."""
+    X, Y, _ = _data(T=30, N=5, seed=2)
+    Y[[3, 4], 2] = np.nan
+    seen = int(np.isfinite(Y).sum())
+    grids = []
+    for f in (1.0, 1e-3):
+        grid = _grid(9)
+        grid.set_scale(2.0 * f ** 2)
+        for x, y in zip(X, f * Y):
+            grid.update(x, y)
+        grids.append(grid)
+    np.testing.assert_allclose(grids[1].component_evidence - grids[0].component_evidence,
+                               -seen * np.log(1e-3), rtol=1e-9)
+    np.testing.assert_allclose(grids[1].weights(), grids[0].weights(), rtol=1e-7, atol=1e-12)
+
+
+def test_grid_refuses_a_scale_that_is_not_positive() -> None:
+    with pytest.raises(ValueError, match="scale"):
+        _grid(9).set_scale(0.0)
+
+
+def test_grid_predictive_cdf_is_the_mixture_of_the_components_cdfs() -> None:
+    """The predictive check's PIT: the posterior-weighted mixture of every component's Student-t CDF."""
+    from orchestrator.neural.check import pit
+
+    X, Y, _ = _data(T=12, N=5, seed=6)
+    Y[3, 2] = np.nan
+    grid = _grid(9)
+    grid.set_scale(1.0)
+    for x, y in zip(X[:-1], Y[:-1]):
         grid.update(x, y)
-    exact = logsumexp([batch_log_evidence(X, Y, p).sum() for p in priors]) - np.log(3)
-    assert grid.log_evidence == pytest.approx(float(exact), rel=1e-9)
-    assert grid.weights().sum() == pytest.approx(1.0) and grid.state is grid.best.state
-
-
-def test_snr_grid_with_masked_units_matches_each_prior_fitted_alone() -> None:
-    """The stacked grid keeps masking exact: every component equals its prior's own readout."""
-    from orchestrator.neural.hyper import ReadoutGrid
-
-    X, Y, _ = _data(T=40, N=5, seed=4)
-    Y[[2, 9, 10], 1] = np.nan
-    Y[[5, 30], 4] = np.nan
-    priors = [NIGPrior(np.r_[np.full(8, 8.0 / g ** 2), 0.01], 2.0, 1.5) for g in (0.5, 1.0, 2.0)]
-    grid = ReadoutGrid(5, priors)
-    alone = [PopulationReadout(5, p) for p in priors]
-    for x, y in zip(X, Y):
-        grid.update(x, y)
-        for r in alone:
-            r.update(x, y)
-    for k, (p, r) in enumerate(zip(priors, alone)):
-        keep1, keep4 = ~np.isnan(Y[:, 1]), ~np.isnan(Y[:, 4])
-        exact = (batch_log_evidence(X, Y[:, [0, 2, 3]], p).sum() + batch_log_evidence(X[keep1], Y[keep1][:, [1]], p)[0]
-                 + batch_log_evidence(X[keep4], Y[keep4][:, [4]], p)[0])
-        assert grid.component_evidence[k] == pytest.approx(float(exact), rel=1e-9)
-        assert grid.components[k].state.log_evidence == pytest.approx(r.state.log_evidence, rel=1e-12)
-        np.testing.assert_allclose(grid.components[k].state.private[1].mean, r.state.private[1].mean, rtol=1e-10)
-        _, loc_g, s2_g = grid.components[k].predictive(X[:3])
-        _, loc_r, s2_r = r.predictive(X[:3])
-        np.testing.assert_allclose(loc_g, loc_r, rtol=1e-10)
-        np.testing.assert_allclose(s2_g, s2_r, rtol=1e-10)
-    assert set(grid.state.private) == {1, 4}
-    with pytest.raises(RuntimeError):
-        grid.components[0].update(X[0], Y[0])
+    w = grid.weights()
+    full = sum(w[i] * pit(Y[-1], df, loc[0], scale2[0])
+               for i, (df, loc, scale2) in grid.component_predictives(X[-1:], np.ones(grid.K, dtype=bool)))
+    np.testing.assert_allclose(grid.predictive_cdf(X[-1], Y[-1]), full, atol=2e-6)
+    np.testing.assert_allclose(grid.predictive_cdf(X[-1], Y[-1], dropped=0.0), full, rtol=1e-10)

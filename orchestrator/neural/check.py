@@ -14,8 +14,12 @@ under the model whatever the design). Objective: over the latest ``WINDOW`` tria
 (its predictive spread is right) and mean fourth power within ``TOLERANCE`` standard errors of 3
 (no heavy tails: the images where a linear readout fails show up as outliers), and the mean of z
 per trial across units (a shared miss) must have mean square within ``TOLERANCE`` standard
-errors of 1. Failing any of them blocks the declaration; the session goes on and the check is
-re-evaluated each trial. benchmarks/population_calibration.py measures what it blocks and costs.
+errors of 1, and so must the per-trial sum of z^2 across units, standardised ((sum z^2 - n) /
+sqrt(2 n)): trials on which every unit scatters more than the model's noise (outlying trials,
+noise that changes over the session) show there, even when the learned noise level has absorbed
+them into the overall spread so that z^2 and z^4 pool to 1 and 3. Failing any of them blocks the
+declaration; the session goes on and the check is re-evaluated each trial.
+benchmarks/population_calibration.py measures what it blocks and costs.
 """
 from __future__ import annotations
 
@@ -65,4 +69,10 @@ class PredictiveCheck:
         s2 = float(np.mean(shared ** 2))
         if abs(s2 - 1.0) > TOLERANCE * np.sqrt(2.0 / shared.size):
             return f"predictive check: units miss together (per-trial mean score variance {s2:.2f}, expected 1)"
+        spread = np.array([(np.nansum(row ** 2) - k) / np.sqrt(2.0 * k)
+                           for row in Z for k in [int(np.isfinite(row).sum())] if k > 0])
+        c2 = float(np.mean(spread ** 2))
+        if abs(c2 - 1.0) > TOLERANCE * np.sqrt(2.0 / spread.size):
+            return (f"predictive check: the units' scatter changes from trial to trial together (per-trial "
+                    f"sum of squared scores varies {c2:.2f} times its expected variance)")
         return None

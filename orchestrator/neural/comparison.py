@@ -5,12 +5,15 @@ log evidence is the exact sum of its one-step-ahead log predictive densities, so
 P(model) = prior x exp(log evidence), normalised. All candidates see the same transformed
 responses, so a transform's Jacobian cancels between them. Poisson counts are transformed with
 Anscombe's 2 sqrt(y + 3/8), whose variance is close to 1 for rates above a few counts per window
-(benchmarks/population.py measures the calibration of the resulting P(model)).
+(benchmarks/population_calibration.py measures the calibration of the resulting P(model)).
 
 The first trial is not compared: it sets each candidate's centre (the mean transformed response
 over units), which the readouts' offsets are relative to, so the offset prior means "spread
-around the population's level" whatever the units' overall rate. A model is declared only when
-its own held-out predictions pass orchestrator.neural.check (``declaration_blocker``).
+around the population's level" whatever the units' overall rate, and its scale (the units' mean
+squared deviation from the centre), which the learned noise levels are relative to
+(orchestrator.neural.hyper), so P(model) does not depend on the units responses come in. A model
+is declared only when its own held-out predictions pass orchestrator.neural.check
+(``declaration_blocker``).
 
 The object quacks like orchestrator.inference.ModelComparison (update / probabilities / summary),
 so the engine, the simulator and the designs treat both alike.
@@ -24,12 +27,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from orchestrator.neural.check import PredictiveCheck, normal_scores, pit
+from orchestrator.neural.check import PredictiveCheck, normal_scores
 from orchestrator.neural.features import FeatureModel, FeatureSpecError, fit_feature_model, pool_tensor
 from orchestrator.neural.pool import load_pool
-from orchestrator.neural.hyper import ReadoutGrid
+from orchestrator.neural.hyper import NoiseGrid, ReadoutGrid
 from orchestrator.neural.numerics import flushed_denormals
-from orchestrator.neural.readout import NIGPrior, ReadoutState
+from orchestrator.neural.readout import ReadoutState
 
 ImageResolver = Callable[[str], np.ndarray]
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -47,29 +50,40 @@ def response_transform(protocol: Any, spec: Any) -> str:
     return "anscombe" if protocol.response.noise == "poisson" else "none"
 
 
-def readout_priors(spec: Any, d_raw: int) -> list[NIGPrior]:
-    """The readout's prior grid, weight scale x offset spread, every component exact.
+def readout_grid(spec: Any, n_units: int, d_raw: int) -> ReadoutGrid:
+    """The readout's prior grid, weight scale x offset spread x noise level, every component exact.
 
     Weights ~ N(0, s^2 weight_sd^2 / d_raw) per standardised feature (prior SNR ~ weight_sd^2);
     each unit's offset from the session's centre (the first trial's mean response) ~
-    N(0, s^2 bias_sd^2), s^2 ~ InvGamma(noise_shape, noise_scale). A single broad offset prior
-    (bias_sd = 10 noise SDs) against a population whose offsets spread by ~1 noise SD gave the
-    evidence a spurious high-SNR, low-noise mode in which the model whose features look most like
-    white noise (the most diffuse feature space) wins, 100 units multiplying the error
-    (benchmarks/population_calibration.py measures it), so by default the offset spread is a grid
-    (1, 2, 4 noise SDs) marginalised like weight_sd.
+    N(0, s^2 bias_sd^2). A single broad offset prior (bias_sd = 10 noise SDs) against a population
+    whose offsets spread by ~1 noise SD gave the evidence a spurious high-SNR, low-noise mode in
+    which the model whose features look most like white noise (the most diffuse feature space)
+    wins, 100 units multiplying the error (benchmarks/population_calibration.py measures it), so
+    by default the offset spread is a grid marginalised like weight_sd, from 1/8 noise SD (units
+    whose rates barely differ, e.g. the Anscombe-transformed counts of similar units) to 8.
+    The noise variance s^2 is, by default, a population level learned across units
+    (``noise_levels``, relative to the session's scale; orchestrator.neural.hyper), or with
+    ``noise_levels: null`` the fixed per-unit InvGamma(noise_shape, noise_scale).
     """
     from orchestrator.protocol import ReadoutPrior
 
     prior = spec.readout.prior if spec.readout is not None else ReadoutPrior()
     biases = prior.bias_sd if isinstance(prior.bias_sd, list) else [prior.bias_sd]
-    out = []
-    for sd in (prior.weight_sd if isinstance(prior.weight_sd, list) else [prior.weight_sd]):
-        for bias_sd in biases:
-            precision = np.full(d_raw + 1, d_raw / float(sd) ** 2)
-            precision[-1] = 1.0 / float(bias_sd) ** 2
-            out.append(NIGPrior(precision, float(prior.noise_shape), float(prior.noise_scale)))
-    return out
+    weights = prior.weight_sd if isinstance(prior.weight_sd, list) else [prior.weight_sd]
+    precisions = [np.r_[np.full(d_raw, d_raw / float(sd) ** 2), 1.0] for sd in weights]
+    noise = (NoiseGrid.fixed(prior.noise_shape, prior.noise_scale) if prior.noise_levels is None
+             else NoiseGrid.learned(prior.noise_levels, prior.noise_level_shape))
+    return ReadoutGrid(n_units, precisions, [1.0 / float(b) ** 2 for b in biases], noise)
+
+
+def session_scale(centred: np.ndarray, centre: float) -> float:
+    """The response scale the learned noise levels are relative to: the first trial's mean squared
+    deviation of the units from their centre (with one unit, or all equal, the centre's square; else 1)."""
+    seen = centred[np.isfinite(centred)]
+    for value in (float(np.mean(seen ** 2)) if seen.size else 0.0, centre ** 2, 1.0):
+        if math.isfinite(value) and value > 1e-300:
+            return value
+    return 1.0  # pragma: no cover - the loop always returns
 
 
 @dataclass
@@ -120,7 +134,7 @@ class PopulationComparison:
             except FeatureSpecError as exc:
                 problems.extend(exc.problems)
                 continue
-            readout = ReadoutGrid(n, readout_priors(spec, fm.d - 1))
+            readout = readout_grid(spec, n, fm.d - 1)
             candidates.append(Candidate(spec.name, fm, readout, response_transform(protocol, spec),
                                         math.log(probs[spec.name])))
         if problems:
@@ -166,6 +180,8 @@ class PopulationComparison:
             if np.isnan(y).all():
                 raise ValueError("the first response has every unit masked: it cannot set the centre")
             self.centres = [float(np.nanmean(ty)) for ty in transformed]
+            for cand, ty, c in zip(self.candidates, transformed, self.centres):
+                cand.readout.set_scale(session_scale(ty - c, c))
         else:
             for cand, check, x, ty, c in zip(self.candidates, self.checks, feats, transformed, self.centres):
                 with np.errstate(invalid="ignore"):
@@ -177,14 +193,7 @@ class PopulationComparison:
     @staticmethod
     def _scores(grid: ReadoutGrid, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Normal scores of y under the grid's one-step-ahead predictive (the mixture over components)."""
-        u = np.zeros_like(y)
-        weights = grid.weights()
-        live = weights > 1e-6 * weights.max()
-        for w, comp, keep in zip(weights, grid.components, live):
-            if keep:
-                df, loc, scale2 = comp.predictive(x[None])
-                u += w * pit(y, df, loc[0], scale2[0])
-        return normal_scores(u / weights[live].sum())
+        return normal_scores(grid.predictive_cdf(x, y))
 
     def declaration_blocker(self, name: str) -> str | None:
         """Why `name` may not be declared now: its held-out predictions misfit (orchestrator.neural.check)."""
@@ -219,7 +228,9 @@ class PopulationComparison:
             noise = c.readout.noise_variance()
             out[c.name] = {"kind": "population_readout", "probability": probs[c.name],
                            "log_evidence": float(c.readout.log_evidence), "features": c.features.d,
-                           "weight_sd_posterior": [round(float(w), 4) for w in c.readout.weights()],
+                           "weight_sd_posterior": [round(float(w), 4) for w in c.readout.marginal(0)],
+                           "bias_sd_posterior": [round(float(w), 4) for w in c.readout.marginal(1)],
+                           "noise_level_posterior": [round(float(w), 4) for w in c.readout.marginal(2)],
                            "weights_sha256": c.features.weights_sha256, "transform": c.transform,
                            "noise_sd_median": float(np.sqrt(np.median(noise))),
                            "masked_units": len(c.readout.state.private)}

@@ -16,6 +16,10 @@ Before the update, y_u's predictive is Student-t(2 a_u, x . m_u, (b_u / a_u)(1 +
 its log density over trials is exactly the log marginal likelihood (chain rule), which
 ``batch_log_evidence`` computes in closed form for the tests.
 
+``log_det_gain`` keeps sum log(1 + q) per unit (log |L| - log |L0|), so the same evidence is also
+available in closed form at any time from (a, b, log_det_gain) alone: orchestrator.neural.hyper
+uses that to marginalise the offset and noise hyperparameters without stacking a readout for each.
+
 A NaN response masks the unit for that trial. Masked units no longer share L: the first mask gives
 the unit a private copy of (S, its mean), updated the same way on the trials it does see. Memory is
 d^2 per such unit, linear in their number; a rig that masks every unit often should drop them.
@@ -89,7 +93,9 @@ class ReadoutStack:
     A masked unit's private shape matrix and mean are stacked the same way ((K, d, d), (K, d)).
     """
 
-    def __init__(self, n_units: int, priors: list[NIGPrior]) -> None:
+    def __init__(self, n_units: int, priors: list[NIGPrior], track_evidence: bool = True) -> None:
+        """`track_evidence` False skips the per-trial Student-t densities (a caller that computes the
+        evidence in closed form from a, b and log_det_gain does not need them)."""
         if not priors:
             raise ValueError("a readout needs at least one prior")
         d = priors[0].precision.shape[0]
@@ -102,6 +108,8 @@ class ReadoutStack:
         self.a = np.stack([np.broadcast_to(np.asarray(p.a0, dtype=np.float64), (n,)) for p in priors]).copy()
         self.b = np.stack([np.broadcast_to(np.asarray(p.b0, dtype=np.float64), (n,)) for p in priors]).copy()
         self.log_evidence = np.zeros(len(priors))
+        self.log_det_gain = np.zeros((len(priors), n))  # sum of log(1 + q) over each unit's trials
+        self.track_evidence = bool(track_evidence)
         self.n_trials = 0
         self.private: dict[int, _Private] = {}
         self.states = [ReadoutState(self.S[k], self.means[k], self.a[k], self.b[k]) for k in range(len(priors))]
@@ -120,18 +128,20 @@ class ReadoutStack:
         gain = Sx / one_q[:, None]
         if not self.private and seen.all():  # the common case: one shared shape matrix, no fancy indexing
             resid = y[None, :] - self.means @ x  # (K, N)
-            logp = student_t_logpdf(resid, 2 * self.a, 0.0, self.b / self.a * one_q[:, None])
+            logp = (student_t_logpdf(resid, 2 * self.a, 0.0, self.b / self.a * one_q[:, None])
+                    if self.track_evidence else None)
             for k in range(self.K):
                 _add_outer(self.means[k], 1.0, resid[k], gain[k])
             self.a += 0.5
             self.b += resid ** 2 / (2.0 * one_q[:, None])
+            self.log_det_gain += np.log(one_q)[:, None]
         else:
             logp = self._update_masked(x, y, seen, one_q, gain)
         for k in range(self.K):
             _add_outer(self.S[k], -1.0, Sx[k], gain[k])
         if self.n_trials % 64 == 63:  # keep S symmetric to round-off over thousands of updates
             self.S[...] = 0.5 * (self.S + self.S.transpose(0, 2, 1))
-        total = logp.sum(axis=1)
+        total = logp.sum(axis=1) if logp is not None else np.zeros(self.K)
         self.log_evidence += total
         self.n_trials += 1
         for k, st in enumerate(self.states):
@@ -139,7 +149,7 @@ class ReadoutStack:
         return total
 
     def _update_masked(self, x: np.ndarray, y: np.ndarray, seen: np.ndarray, one_q: np.ndarray,
-                       gain: np.ndarray) -> np.ndarray:
+                       gain: np.ndarray) -> np.ndarray | None:
         """The update when some units are masked now or were before (they keep private S and mean)."""
         for u in np.flatnonzero(~seen):
             u = int(u)
@@ -165,34 +175,25 @@ class ReadoutStack:
                 for k in range(K):
                     _add_outer(p.S[k], -1.0 / pq1[k], pSx[k], pSx[k])
         a, b = self.a[:, seen], self.b[:, seen]
-        logp = student_t_logpdf(resid[:, seen], 2 * a, 0.0, b / a * one_qu[:, seen])
+        logp = (student_t_logpdf(resid[:, seen], 2 * a, 0.0, b / a * one_qu[:, seen])
+                if self.track_evidence else None)
         self.means[:, shared] += resid[:, shared, None] * gain[:, None, :]
         self.a[:, seen] += 0.5
         self.b[:, seen] += resid[:, seen] ** 2 / (2.0 * one_qu[:, seen])
+        self.log_det_gain[:, seen] += np.log(one_qu[:, seen])
         return logp
 
 
 class PopulationReadout:
     """The NIG readout of N units on d features; `update` absorbs one trial and returns its log evidence.
 
-    A readout is one component of a ReadoutStack (its own stack of one, or one of a ReadoutGrid's);
-    a grid's components are updated through the grid.
+    A stack of one ReadoutStack component; orchestrator.neural.hyper stacks several weight scales.
     """
 
     def __init__(self, n_units: int, prior: NIGPrior) -> None:
-        self._bind(ReadoutStack(n_units, [prior]), 0)
-
-    @classmethod
-    def component(cls, stack: ReadoutStack, k: int) -> "PopulationReadout":
-        """Component k of `stack`, sharing its arrays."""
-        readout = cls.__new__(cls)
-        readout._bind(stack, k)
-        return readout
-
-    def _bind(self, stack: ReadoutStack, k: int) -> None:
-        self.stack, self.index = stack, int(k)
-        self.n_units, self.d, self.prior = stack.n_units, stack.d, stack.priors[k]
-        self.state = stack.states[k]
+        self.stack = ReadoutStack(n_units, [prior])
+        self.n_units, self.d, self.prior = self.stack.n_units, self.stack.d, prior
+        self.state = self.stack.states[0]
 
     # -- prediction ------------------------------------------------------------------------------
 
@@ -212,8 +213,6 @@ class PopulationReadout:
 
     def update(self, x: np.ndarray, y: np.ndarray) -> float:
         """Absorb one trial (features x (d,), responses y (N,), NaN = masked); return its log evidence."""
-        if self.stack.K != 1:
-            raise RuntimeError("a grid's component is updated through its ReadoutGrid")
         return float(self.stack.update(x, y)[0])
 
     def noise_variance(self) -> np.ndarray:

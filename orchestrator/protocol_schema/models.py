@@ -106,9 +106,10 @@ class ReadoutPrior(Strict):
     weight_sd: Union[float, list[float]] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
     """Prior SD of the explained signal (sqrt of the prior SNR); a list is a grid marginalised over."""
 
-    bias_sd: Union[float, list[float]] = Field(default_factory=lambda: [1.0, 2.0, 4.0])
-    """Prior SD of each unit's offset from the session's centre (the first trial's mean response);
-    a list is a grid marginalised over, like weight_sd."""
+    bias_sd: Union[float, list[float]] = Field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    """Prior SD of each unit's offset from the session's centre (the first trial's mean response),
+    in noise SDs; a list is a grid marginalised over, like weight_sd (each extra value costs O(N)
+    per trial, not a readout)."""
 
     @field_validator("weight_sd", "bias_sd")
     @classmethod
@@ -118,9 +119,38 @@ class ReadoutPrior(Strict):
             raise ValueError(f"{info.field_name} must be > 0 (or a non-empty list of values > 0)")
         return value
 
+    noise_levels: list[float] | None = Field(default_factory=lambda: [2.0 ** (k / 2) for k in range(-20, 9)])
+    """Population noise levels marginalised over (the default): each unit's noise variance is
+    InvGamma(noise_level_shape, (noise_level_shape - 1) v c), mean v c, with the level v shared by
+    the units and learned from them on this grid, c the session's scale (the first trial's mean
+    squared deviation of the units from their centre), so no response unit is assumed. The default,
+    2^-10 .. 2^4 in steps of sqrt(2), spans noise 1/1000 of the units' spread to 16 times it (a
+    step of 2 left the level between grid points and cost calibration: benchmarks/README.md). null: every unit's noise
+    variance InvGamma(noise_shape, noise_scale) in response units, independently (the prior before
+    noise levels existed; a protocol that sets noise_shape or noise_scale without noise_levels
+    keeps it)."""
+
+    noise_level_shape: float = Field(default=10.0, gt=1)
+    """Shape of each unit's inverse-gamma around the population level (larger: units' noise closer to it)."""
+
     noise_shape: float = Field(default=2.0, gt=0)
-    """Inverse-gamma prior of each unit's noise variance: shape and scale."""
+    """With ``noise_levels: null``: inverse-gamma prior of each unit's noise variance, shape and scale."""
     noise_scale: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_noise_prior(cls, data: Any) -> Any:
+        """A protocol written before noise levels that sets noise_shape / noise_scale keeps that prior."""
+        if isinstance(data, dict) and "noise_levels" not in data and ({"noise_shape", "noise_scale"} & set(data)):
+            return {**data, "noise_levels": None}
+        return data
+
+    @field_validator("noise_levels")
+    @classmethod
+    def _positive_levels(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(not (v > 0 and math.isfinite(v)) for v in value)):
+            raise ValueError("noise_levels must be a non-empty list of finite values > 0, or null")
+        return value
 
 
 class ReadoutSpec(Strict):
