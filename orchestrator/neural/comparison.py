@@ -10,7 +10,8 @@ Anscombe's 2 sqrt(y + 3/8), whose variance is close to 1 for rates above a few c
 The first trial is not compared: it sets each candidate's centre (the mean transformed response
 over units), which the readouts' offsets are relative to, so the offset prior means "spread
 around the population's level" whatever the units' overall rate. A model is declared only when
-its own held-out predictions pass orchestrator.neural.check (``declaration_blocker``).
+its own held-out predictions pass orchestrator.neural.check and its lead over every rival holds
+trial by trial, not only summed over units (``declaration_blocker``).
 
 The object quacks like orchestrator.inference.ModelComparison (update / probabilities / summary),
 so the engine, the simulator and the designs treat both alike.
@@ -24,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from orchestrator.neural.check import PredictiveCheck, normal_scores, pit
+from orchestrator.neural.check import PredictiveCheck, RivalTest, normal_scores, pit
 from orchestrator.neural.features import FeatureModel, FeatureSpecError, fit_feature_model, pool_tensor
 from orchestrator.neural.pool import load_pool
 from orchestrator.neural.hyper import ReadoutGrid
@@ -96,6 +97,7 @@ class PopulationComparison:
         self.previous: list[tuple[ReadoutState, float]] | None = None  # (state, log prob) before the latest trial
         self._cache: dict[str, list[np.ndarray]] = {}
         self.checks = [PredictiveCheck() for _ in candidates]
+        self.rivals = RivalTest([c.name for c in candidates])
         self.centres: list[float] | None = None  # each candidate's centre: the first trial's mean response
 
     @classmethod
@@ -167,10 +169,12 @@ class PopulationComparison:
                 raise ValueError("the first response has every unit masked: it cannot set the centre")
             self.centres = [float(np.nanmean(ty)) for ty in transformed]
         else:
+            before = [cand.readout.log_evidence for cand in self.candidates]
             for cand, check, x, ty, c in zip(self.candidates, self.checks, feats, transformed, self.centres):
                 with np.errstate(invalid="ignore"):
                     check.add(self._scores(cand.readout, x, ty - c))
                     cand.readout.update(x, ty - c)
+            self.rivals.add([cand.readout.log_evidence - b for cand, b in zip(self.candidates, before)])
         self.n_observations += 1
         self.n_masked += int(np.isnan(y).sum())
 
@@ -186,9 +190,16 @@ class PopulationComparison:
                 u += w * pit(y, df, loc[0], scale2[0])
         return normal_scores(u / weights[live].sum())
 
+    def _trial_level_lead(self, name: str) -> float | None:
+        """The smallest standard-error lead of `name` over a rival, trial by trial (None before 2 trials)."""
+        leads = [self.rivals.advantage(name, other) for other in self.model_names if other != name]
+        value = min(leads) if leads else float("nan")
+        return round(value, 3) if math.isfinite(value) else None
+
     def declaration_blocker(self, name: str) -> str | None:
-        """Why `name` may not be declared now: its held-out predictions misfit (orchestrator.neural.check)."""
-        return self.checks[self.model_names.index(name)].blocker()
+        """Why `name` may not be declared now (orchestrator.neural.check): its held-out predictions misfit,
+        or its lead over a rival is not consistent across trials."""
+        return self.checks[self.model_names.index(name)].blocker() or self.rivals.blocker(name)
 
     # -- model probabilities ------------------------------------------------------------------------
 
@@ -222,5 +233,6 @@ class PopulationComparison:
                            "weight_sd_posterior": [round(float(w), 4) for w in c.readout.weights()],
                            "weights_sha256": c.features.weights_sha256, "transform": c.transform,
                            "noise_sd_median": float(np.sqrt(np.median(noise))),
+                           "trial_level_lead": self._trial_level_lead(c.name),
                            "masked_units": len(c.readout.state.private)}
         return out
