@@ -12,8 +12,8 @@ over units), which the readouts' offsets are relative to, so the offset prior me
 around the population's level" whatever the units' overall rate, and its scale (the units' mean
 squared deviation from the centre), which the learned noise levels are relative to
 (orchestrator.neural.hyper), so P(model) does not depend on the units responses come in. A model
-is declared only when its own held-out predictions pass orchestrator.neural.check
-(``declaration_blocker``).
+is declared only when its own held-out predictions pass orchestrator.neural.check and its lead
+over every rival holds trial by trial, not only summed over units (``declaration_blocker``).
 
 The object quacks like orchestrator.inference.ModelComparison (update / probabilities / summary),
 so the engine, the simulator and the designs treat both alike.
@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from orchestrator.neural.check import PredictiveCheck, normal_scores
+from orchestrator.neural.check import PredictiveCheck, RivalTest, normal_scores
 from orchestrator.neural.features import FeatureModel, FeatureSpecError, fit_feature_model, pool_tensor
 from orchestrator.neural.pool import load_pool
 from orchestrator.neural.hyper import NoiseGrid, ReadoutGrid
@@ -110,6 +110,7 @@ class PopulationComparison:
         self.previous: list[tuple[ReadoutState, float]] | None = None  # (state, log prob) before the latest trial
         self._cache: dict[str, list[np.ndarray]] = {}
         self.checks = [PredictiveCheck() for _ in candidates]
+        self.rivals = RivalTest([c.name for c in candidates])
         self.centres: list[float] | None = None  # each candidate's centre: the first trial's mean response
 
     @classmethod
@@ -183,10 +184,12 @@ class PopulationComparison:
             for cand, ty, c in zip(self.candidates, transformed, self.centres):
                 cand.readout.set_scale(session_scale(ty - c, c))
         else:
+            before = [cand.readout.log_evidence for cand in self.candidates]
             for cand, check, x, ty, c in zip(self.candidates, self.checks, feats, transformed, self.centres):
                 with np.errstate(invalid="ignore"):
                     check.add(self._scores(cand.readout, x, ty - c))
                     cand.readout.update(x, ty - c)
+            self.rivals.add([cand.readout.log_evidence - b for cand, b in zip(self.candidates, before)])
         self.n_observations += 1
         self.n_masked += int(np.isnan(y).sum())
 
@@ -195,9 +198,16 @@ class PopulationComparison:
         """Normal scores of y under the grid's one-step-ahead predictive (the mixture over components)."""
         return normal_scores(grid.predictive_cdf(x, y))
 
+    def _trial_level_lead(self, name: str) -> float | None:
+        """The smallest standard-error lead of `name` over a rival, trial by trial (None before 2 trials)."""
+        leads = [self.rivals.advantage(name, other) for other in self.model_names if other != name]
+        value = min(leads) if leads else float("nan")
+        return round(value, 3) if math.isfinite(value) else None
+
     def declaration_blocker(self, name: str) -> str | None:
-        """Why `name` may not be declared now: its held-out predictions misfit (orchestrator.neural.check)."""
-        return self.checks[self.model_names.index(name)].blocker()
+        """Why `name` may not be declared now (orchestrator.neural.check): its held-out predictions misfit,
+        or its lead over a rival is not consistent across trials."""
+        return self.checks[self.model_names.index(name)].blocker() or self.rivals.blocker(name)
 
     # -- model probabilities ------------------------------------------------------------------------
 
@@ -233,5 +243,6 @@ class PopulationComparison:
                            "noise_level_posterior": [round(float(w), 4) for w in c.readout.marginal(2)],
                            "weights_sha256": c.features.weights_sha256, "transform": c.transform,
                            "noise_sd_median": float(np.sqrt(np.median(noise))),
+                           "trial_level_lead": self._trial_level_lead(c.name),
                            "masked_units": len(c.readout.state.private)}
         return out

@@ -1,0 +1,78 @@
+"""The trial-level rival test: a population model is declared only when it predicts better trial by trial."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.neural.check import RIVAL_ALPHA, RivalTest
+from orchestrator.neural.comparison import PopulationComparison
+from orchestrator.neural.truth import build_population_truth
+from orchestrator.protocol import load_protocol
+from tests.test_neural_helpers import population_protocol
+
+
+def _test_with(diffs: list[float]) -> RivalTest:
+    test = RivalTest(["a", "b"])
+    for d in diffs:
+        test.add([d, 0.0])
+    return test
+
+
+def test_a_consistent_lead_passes_and_a_lead_from_one_trial_does_not() -> None:
+    rng = np.random.default_rng(0)
+    steady = _test_with(list(1.0 + 0.5 * rng.standard_normal(12)))
+    assert steady.blocker("a") is None
+    assert "rival test" in steady.blocker("b")  # the rival trails: never declared
+    # the same total lead (12 nats) from one trial while the other 11 go slightly the other way
+    lumpy = _test_with([14.0] + [-2.0 / 11] * 11)
+    assert sum(np.stack(lumpy.log_densities)[:, 0]) == pytest.approx(12.0)
+    reason = lumpy.blocker("a")
+    assert reason is not None and "'a' predicts better than 'b'" in reason and "12 trials" in reason
+
+
+def test_the_threshold_is_the_student_t_quantile() -> None:
+    from scipy.stats import t as student_t
+
+    for trials in (3, 10, 40):
+        needed = student_t.ppf(1 - RIVAL_ALPHA, trials - 1)
+        base = np.array([1.0, -1.0] * (trials // 2) + [0.0] * (trials % 2))
+        base = (base - base.mean()) / base.std(ddof=1)  # mean 0, sd 1: z = mean * sqrt(T)
+        just_above = _test_with(list(base + (needed + 1e-6) / np.sqrt(trials)))
+        just_below = _test_with(list(base + (needed - 1e-3) / np.sqrt(trials)))
+        assert just_above.blocker("a") is None
+        assert just_below.blocker("a") is not None
+    assert "needs 2 compared trials" in _test_with([5.0]).blocker("a")
+
+
+def test_the_comparison_feeds_the_rival_test_its_evidence_increments(tmp_path: Path) -> None:
+    """Each compared trial adds every model's log evidence increment (they sum to the log evidence);
+    a leader at P >= .99 whose lead is not yet consistent across trials is held back, later declared."""
+    torch.set_num_threads(1)
+    protocol = load_protocol(population_protocol(tmp_path, units=16, noise="gaussian",
+                                                 strategy="population_random_pool")).protocol
+    comparison = PopulationComparison.from_protocol(protocol, 0)
+    pop = build_population_truth(protocol, "cnn_a:ev=0.3,seed=3", comparison)
+    rng = np.random.default_rng(2)
+    held_back = declared = 0
+    for _ in range(25):
+        image = int(rng.integers(len(comparison.pool)))
+        ref = f"{image:064x}"
+        comparison._cache.setdefault(ref, [c.features.pool_features[image].numpy() for c in comparison.candidates])
+        comparison.update({"image": ref}, np.asarray(pop.sample({}, rng, features=pop.features.pool_features[image].numpy())))
+        leader, p = comparison.leader()
+        if p >= 0.99 and comparison.checks[comparison.model_names.index(leader)].blocker() is None:
+            reason = comparison.declaration_blocker(leader)
+            held_back += reason is not None and "rival test" in reason
+            declared += reason is None and leader == "cnn_a"
+    table = np.stack(comparison.rivals.log_densities)
+    assert table.shape == (24, 3)  # the first trial sets the centre and is not compared
+    for cand, column in zip(comparison.candidates, table.T):
+        assert column.sum() == pytest.approx(cand.readout.log_evidence)
+    summary = comparison.summary()
+    lead = summary["cnn_a"]["trial_level_lead"]
+    assert lead is not None and lead > 0  # the truth leads every rival trial by trial
+    assert all(summary[n]["trial_level_lead"] < 0 for n in comparison.model_names if n != "cnn_a")
+    assert held_back >= 1 and declared >= 1
