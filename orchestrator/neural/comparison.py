@@ -159,9 +159,10 @@ class PopulationComparison:
         return arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
 
     def features_of(self, pixels: np.ndarray) -> list[np.ndarray]:
-        """Every candidate's standardised features (d_m,) of one image."""
+        """Every candidate's standardised features (d_m,) of one image (denormals flushed: a live
+        session's network pass must not crawl through subnormal activations)."""
         t = pool_tensor(pixels[None])
-        with torch.no_grad():
+        with torch.no_grad(), flushed_denormals():
             return [c.features(t)[0].numpy() for c in self.candidates]
 
     def update(self, stimulus: dict[str, Any], response: Any, pixels: np.ndarray | None = None) -> None:

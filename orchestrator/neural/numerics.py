@@ -9,22 +9,30 @@ process (scalar inference, property tests, numpy code) keeps IEEE arithmetic.
 from __future__ import annotations
 
 import functools
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
+_depth = threading.local()
 
 
 @contextmanager
 def flushed_denormals() -> Iterator[None]:
-    """Denormal floats count as zero inside the block, on this thread."""
-    torch.set_flush_denormal(True)
+    """Denormal floats count as zero inside the block, on this thread; blocks nest (the outermost
+    one clears the flag when it ends)."""
+    depth = getattr(_depth, "n", 0)
+    if depth == 0:
+        torch.set_flush_denormal(True)
+    _depth.n = depth + 1
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        _depth.n = depth
+        if depth == 0:
+            torch.set_flush_denormal(False)
 
 
 def without_denormals(function: F) -> F:
