@@ -14,7 +14,7 @@ populations one step at a time and reports where calibration breaks. Truths (``-
 
 Images are drawn uniformly from the pool; the candidates' features of the pool are the ones the
 comparison computes. A session stops at P(leader) >= .99 (and, with ``--gate``, no declaration
-blocker) after at least 3 trials, or after ``--max-trials``.
+blocker; ``--rival-test`` adds the trial-level rival test) after at least 3 trials, or after ``--max-trials``.
 
     python benchmarks/population_calibration.py --truth prior --units 100 --sessions 40 > calib.json
 """
@@ -130,12 +130,16 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=40)
     parser.add_argument("--max-trials", type=int, default=60)
     parser.add_argument("--gate", action="store_true", help="declare only when declaration_blocker is None")
+    parser.add_argument("--rival-test", action="store_true",
+                        help="with --gate: also the trial-level rival test (stopping.rival_test)")
     parser.add_argument("--pixels", action="store_true", help="features through the network per image")
     parser.add_argument("--readout", default="", help="JSON readout entry for every model")
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     protocol = protocol_for(args.units, args.noise, json.loads(args.readout) if args.readout else None)
+    if args.rival_test:
+        protocol = protocol.model_copy(update={"stopping": protocol.stopping.model_copy(update={"rival_test": True})})
     base = PopulationComparison.from_protocol(protocol, 0)
     names = base.model_names
     sessions = []

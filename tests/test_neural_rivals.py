@@ -51,8 +51,10 @@ def test_the_comparison_feeds_the_rival_test_its_evidence_increments(tmp_path: P
     """Each compared trial adds every model's log evidence increment (they sum to the log evidence);
     a leader at P >= .99 whose lead is not yet consistent across trials is held back, later declared."""
     torch.set_num_threads(1)
-    protocol = load_protocol(population_protocol(tmp_path, units=16, noise="gaussian",
-                                                 strategy="population_random_pool")).protocol
+    path = population_protocol(tmp_path, units=16, noise="gaussian", strategy="population_random_pool")
+    path.write_text(path.read_text().replace("min_trials: 3", "min_trials: 3\n  rival_test: true"))
+    protocol = load_protocol(path).protocol
+    assert protocol.stopping.rival_test
     comparison = PopulationComparison.from_protocol(protocol, 0)
     pop = build_population_truth(protocol, "cnn_a:ev=0.3,seed=3", comparison)
     rng = np.random.default_rng(2)
@@ -76,3 +78,22 @@ def test_the_comparison_feeds_the_rival_test_its_evidence_increments(tmp_path: P
     assert lead is not None and lead > 0  # the truth leads every rival trial by trial
     assert all(summary[n]["trial_level_lead"] < 0 for n in comparison.model_names if n != "cnn_a")
     assert held_back >= 1 and declared >= 1
+
+
+def test_without_rival_test_the_own_check_alone_decides(tmp_path: Path) -> None:
+    """By default (stopping.rival_test false) the rival test is computed for the summary, not a gate."""
+    torch.set_num_threads(1)
+    protocol = load_protocol(population_protocol(tmp_path, units=8, noise="gaussian",
+                                                 strategy="population_random_pool")).protocol
+    assert not protocol.stopping.rival_test
+    comparison = PopulationComparison.from_protocol(protocol, 0)
+    pop = build_population_truth(protocol, "cnn_a:ev=0.3,seed=4", comparison)
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        image = int(rng.integers(len(comparison.pool)))
+        ref = f"{image:064x}"
+        comparison._cache.setdefault(ref, [c.features.pool_features[image].numpy() for c in comparison.candidates])
+        comparison.update({"image": ref}, np.asarray(pop.sample({}, rng, features=pop.features.pool_features[image].numpy())))
+    for name in comparison.model_names:
+        assert comparison.declaration_blocker(name) == comparison.checks[comparison.model_names.index(name)].blocker()
+    assert len(comparison.rivals.log_densities) == 3

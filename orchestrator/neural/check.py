@@ -21,17 +21,18 @@ them into the overall spread so that z^2 and z^4 pool to 1 and 3. Failing any of
 declaration; the session goes on and the check is re-evaluated each trial.
 benchmarks/population_calibration.py measures what it blocks and costs.
 
-The second gate is trial-level (``RivalTest``). P(model) sums log predictive densities over units
-as if each unit's miss were independent of the others'. When every candidate misfits the
-population in a way its units share (an image the readouts cannot explain moves many units at
-once), one trial's evidence differences are correlated across units and their sum over-counts
-the evidence: on simulated populations of 100 units, random pool images, 14 of 44 and 24 of 48
-declarations at P >= .99 were wrong (Gaussian / Poisson responses). So the leader must also
-predict better trial by trial: with D_t = log p_leader(y_t) - log p_rival(y_t), the whole
-population's one-step-ahead log density difference on trial t, treated as independent across
-trials (a Diebold-Mariano test of equal predictive accuracy), mean(D) / se(D) must reach the
-Student-t quantile (1 - RIVAL_ALPHA, T - 1) against every rival. On the same sessions that left
-1 wrong of 12 and 1 of 14 declarations.
+The second gate is trial-level (``RivalTest``; opt-in, ``stopping.rival_test: true``). P(model)
+sums log predictive densities over units as if each unit's miss were independent of the others'.
+When every candidate misfits the population in a way its units share (an image the readouts
+cannot explain moves many units at once), one trial's evidence differences are correlated across
+units and their sum over-counts the evidence. The test asks that the leader also predict better
+trial by trial: with D_t = log p_leader(y_t) - log p_rival(y_t), the whole population's
+one-step-ahead log density difference on trial t, treated as independent across trials (a
+Diebold-Mariano test of equal predictive accuracy), mean(D) / se(D) must reach the Student-t
+quantile (1 - RIVAL_ALPHA, T - 1) against every rival. It is conservative: it ignores what the
+models know about the noise, so it needs more trials than P(model) does when the readouts fit.
+benchmarks/README.md (Population) gives what it blocks and costs, with and without the learned
+noise level.
 """
 from __future__ import annotations
 

@@ -25,6 +25,9 @@ class StoppingSpec(Strict):
     max_trials: int = Field(default=100, ge=1)
     model_probability: float | None = Field(default=None, gt=0.5, le=1)
     min_trials: int = Field(default=0, ge=0)
+    #: population sessions: a leader is declared only when it also predicts better trial by trial
+    #: (orchestrator.neural.check.RivalTest)
+    rival_test: bool = False
 
 
 class RigSpec(Strict):
