@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retention_common import censored_median, dump, environment, percentile  # noqa: E402
 
 from orchestrator.design import information, make_design  # noqa: E402
-from orchestrator.design.acquisition import ModelDiscriminationMI  # noqa: E402
+from orchestrator.design.acquisition import ModelDiscriminationMI, ParameterInformation  # noqa: E402
 from orchestrator.design.information import InformationDesign  # noqa: E402
 from orchestrator.inference import ModelComparison, generator  # noqa: E402
 from orchestrator.models import build_truth  # noqa: E402
@@ -316,14 +316,62 @@ class OracleDesign(InformationDesign):
         return acq, "oracle: max expected gain of log P(true)", self.name
 
 
+class LookaheadDesign(InformationDesign):
+    """Benchmark experiment, not a product design: two-step lookahead discrimination. For the best
+    `first` of 128 Sobol points by I(M; y1), the value is I(M; y1) + E_{y1}[max over `second` Sobol
+    points of I(M; y2 | y1)], the particles reweighted by each outcome y1 (the GP's quadrature
+    nodes are marginal per stimulus and are not reweighted; its model probability is)."""
+
+    name = "lookahead"
+
+    def __init__(self, protocol: Any, seed: int, first: int = 12, second: int = 64) -> None:
+        super().__init__(protocol, seed, dict(protocol.design.settings or {}))
+        self.first, self.second = first, second
+
+    def propose(self, comparison: Any, trial_index: int) -> Any:
+        t0 = time.perf_counter()
+        acq, _, _ = self._acquisition(comparison, trial_index)
+        if isinstance(acq, ParameterInformation):
+            return super().propose(comparison, trial_index)
+        acq.compute_dtype = torch.float32
+        rng = self.rng(trial_index)
+        d, lik = self.space.d, acq.likelihood
+        X = torch.quasirandom.SobolEngine(d, scramble=True, seed=int(rng.integers(2 ** 31))).draw(128, dtype=torch.float64)
+        X2 = torch.quasirandom.SobolEngine(d, scramble=True, seed=int(rng.integers(2 ** 31))).draw(self.second,
+                                                                                                dtype=torch.float64)
+        best, best_x = -math.inf, X[:1]
+        with torch.no_grad():
+            now = acq(X.unsqueeze(1))
+            for j in torch.argsort(now, descending=True)[: self.first].tolist():
+                comps = [v(self.space.design_to_raw(X[j:j + 1])) for v in acq.views]
+                grid = lik.outcome_grid(torch.cat([m.reshape(-1) for _, m, _ in comps]))
+                tables = [lik.outcome_probs(m, grid)[:, 0, :] for _, m, _ in comps]  # (N, K) per model
+                pm = torch.stack([(w - torch.logsumexp(w, 0)).exp() @ t for (w, _, _), t in zip(comps, tables)])
+                py = acq.log_probs.exp() @ pm
+                future = 0.0
+                for k in torch.nonzero(py > 1e-3).reshape(-1).tolist():
+                    views = [ParticleView(v.candidate, v.theta, v.logw + torch.log(t[:, k].clamp_min(1e-300)))
+                             if isinstance(v, ParticleView) else v for v, t in zip(acq.views, tables)]
+                    nxt = ModelDiscriminationMI(views, acq.log_probs + torch.log(pm[:, k].clamp_min(1e-300)),
+                                                self.space, lik)
+                    nxt.compute_dtype = torch.float32
+                    future += float(py[k]) * float(nxt(X2.unsqueeze(1)).max())
+                if float(now[j]) + future > best:
+                    best, best_x = float(now[j]) + future, X[j:j + 1]
+        return self.finish(best_x, f"two-step lookahead {best:.4f} nats", best, t0, strategy=self.name)
+
+
 def design_for(protocol: Any, seed: int, truth: Any, design: str) -> Any:
-    """A strategy by name, or one of the benchmark's references: "oracle" (knows the neuron) and
+    """A strategy by name, or one of the benchmark's references: "oracle" (knows the neuron),
     "model_oracle" (knows only which model is true: the oracle's gain with the response drawn from
-    the true model's posterior predictive; the MI design is this averaged over the models)."""
+    the true model's posterior predictive; the MI design is this averaged over the models) and
+    "lookahead" (`LookaheadDesign`)."""
     if design == "oracle":
         return OracleDesign(protocol, seed, truth)
     if design == "model_oracle":
         return OracleDesign(protocol, seed, truth, knows_parameters=False)
+    if design == "lookahead":
+        return LookaheadDesign(protocol, seed)
     return make_design(protocol, seed, design)
 
 
