@@ -1,9 +1,14 @@
 """Benchmark 3: orientation x contrast tuning, Poisson counts, 2-D continuous space, 3 models incl. the GP.
 
-    python benchmarks/orientation.py --subjects 20 --timing-trials 500
+    python benchmarks/orientation.py --subjects 48 --cap-random 300 --jobs 2 --skip timing,regret,calibration,gp_update
 
-Part 1 (`trials`): trials until P(true) >= 0.95 for the mutual-information design and random, per
-simulated neuron (truth drawn from the von Mises model's prior, seeded). Part 2 (`timing`): decision
+Part 1 (`trials`): trials until P(true) >= 0.95 and 0.99 per simulated neuron (truth drawn from the
+von Mises model's prior, seeded) for each of `--designs`: the mutual-information design, random, and
+the oracle, a benchmark-only reference that knows the true neuron and greedily presents the stimulus
+with the largest expected increase of log P(true) (`OracleGain`); same subjects and response seeds
+for every design, sessions spread over `--jobs` worker processes. Part 1b (`oracle_gap`): that
+expected increase at the states of MI sessions, at the MI design's choice, at the best stimulus of
+a grid, and for a random stimulus (runs with `--gap-subjects N`). Part 2 (`timing`): decision
 time (perf_counter and thread CPU time around `propose`) p50/p95 at trials 10, 100 and 500 of a long
 session, from repeated proposals at that exact posterior state, for the protocol's design, for the
 discriminating decision at the same state (the models with P >= 1e-6) and for the discriminating
@@ -32,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -41,9 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retention_common import censored_median, dump, environment, percentile  # noqa: E402
 
 from orchestrator.design import information, make_design  # noqa: E402
-from orchestrator.design.acquisition import ModelDiscriminationMI  # noqa: E402
-from orchestrator.inference import ModelComparison  # noqa: E402
+from orchestrator.design.acquisition import ModelDiscriminationMI, ParameterInformation  # noqa: E402
+from orchestrator.design.information import InformationDesign  # noqa: E402
+from orchestrator.inference import ModelComparison, generator  # noqa: E402
 from orchestrator.models import build_truth  # noqa: E402
+from orchestrator.models.views import ParticleView  # noqa: E402
 from orchestrator.protocol import parse_protocol_text  # noqa: E402
 
 ORIENTATION_YAML = """
@@ -244,19 +251,259 @@ def regret(text: str, configs: list[str], subjects: int, seed0: int) -> dict:
     return out
 
 
-def trials_to(protocol, truth_spec: str, design: str, seed: int, crit: float, cap: int) -> tuple[int | None, list[float]]:
+class OracleGain:
+    """E_{y ~ truth}[increase of log P(true model)] at candidate stimuli (b x 1 x d design coordinates).
+
+    The increase is that of the real comparison after observing y at x: log p_T(y | data) -
+    log sum_m P(m) p_m(y | data), with p_m each model's posterior predictive (its design view) and
+    T the true model; y is drawn from the true neuron's own Poisson rate at x. Equivalently
+    KL(truth || mixture) - KL(truth || p_T): evidence for the truth the trial is expected to add.
+    """
+
+    def __init__(self, views: list[Any], log_probs: torch.Tensor, true_index: int, truth_view: Any,
+                 space: Any, likelihood: Any) -> None:
+        self.views, self.truth_view, self.true_index = views, truth_view, true_index
+        self.log_probs = log_probs - torch.logsumexp(log_probs, 0)
+        self.space, self.likelihood = space, likelihood
+        self.compute_dtype = torch.float64
+
+    def __call__(self, X: torch.Tensor) -> torch.Tensor:
+        b, q, d = X.shape
+        raw = self.space.design_to_raw(X.reshape(b * q, d))
+        comps = [v(raw) for v in self.views]
+        truth_logw, truth_mean, _ = self.truth_view(raw)
+        means = torch.cat([m.reshape(-1) for _, m, _ in comps] + [truth_mean.reshape(-1)])
+        weights = torch.cat([(w - torch.logsumexp(w, 0) + self.log_probs[j]).exp().unsqueeze(-1).expand_as(m).reshape(-1)
+                             for j, (w, m, _) in enumerate(comps)]
+                            + [(truth_logw - torch.logsumexp(truth_logw, 0)).exp().unsqueeze(-1).expand_as(truth_mean).reshape(-1)])
+        grid = self.likelihood.outcome_grid(means, weights)
+        tiny = torch.finfo(torch.float64).tiny
+        pm = torch.stack([(w - torch.logsumexp(w, 0)).exp() @ self.likelihood.outcome_probs(m, grid).reshape(m.shape[0], -1)
+                          for w, m, _ in comps]).reshape(len(comps), b * q, -1)  # (M, S, K) p_m(y)
+        # (S, K) the outcome probs y is drawn from: the neuron's own (one component) or a posterior mixture
+        pt = ((truth_logw - torch.logsumexp(truth_logw, 0)).exp()
+              @ self.likelihood.outcome_probs(truth_mean, grid).reshape(truth_mean.shape[0], -1)).reshape(b * q, -1)
+        log_mix = torch.log(torch.einsum("m,msk->sk", self.log_probs.exp(), pm).clamp_min(tiny))
+        log_true_model = torch.log(pm[self.true_index].clamp_min(tiny))
+        return (pt * (log_true_model - log_mix)).sum(-1).reshape(b, q)[:, 0]
+
+
+class OracleDesign(InformationDesign):
+    """Benchmark reference, not a product design: knows the true neuron and, each trial, presents the
+    stimulus with the largest expected increase of log P(true) (`OracleGain`), found by the same
+    batched search as the mutual-information design. Greedy (one trial ahead), so its trial counts
+    bound what a myopic design can reach, not every design."""
+
+    name = "oracle"
+
+    def __init__(self, protocol: Any, seed: int, truth: Any, components: int = 512, raw_samples: int = 256,
+                 knows_parameters: bool = True) -> None:
+        super().__init__(protocol, seed, {"raw_samples": raw_samples})
+        self.truth = truth
+        self.components = components
+        self.knows_parameters = knows_parameters
+        theta = {p: torch.tensor([v], dtype=torch.float64) for p, v in truth.params.items()}
+        self.truth_view = ParticleView(truth.candidate, theta, torch.zeros(1, dtype=torch.float64))
+
+    def _acquisition(self, comparison: Any, trial_index: int) -> tuple[OracleGain, str, str]:
+        gen = generator(self.seed, trial_index, 0xACE)
+        views = [post.predictive(self.components, gen) for post in comparison.posteriors]
+        true_index = comparison.model_names.index(self.truth.model_name)
+        # knowing only which model holds: y from that model's posterior predictive, not from the neuron
+        truth_view = self.truth_view if self.knows_parameters else views[true_index]
+        acq = OracleGain(views, comparison.log_probabilities(), true_index, truth_view, comparison.space,
+                         comparison.candidates[0].likelihood)
+        return acq, "oracle: max expected gain of log P(true)", self.name
+
+
+class LookaheadDesign(InformationDesign):
+    """Benchmark experiment, not a product design: two-step lookahead discrimination. For the best
+    `first` of 128 Sobol points by I(M; y1), the value is I(M; y1) + E_{y1}[max over `second` Sobol
+    points of I(M; y2 | y1)], the particles reweighted by each outcome y1 (the GP's quadrature
+    nodes are marginal per stimulus and are not reweighted; its model probability is)."""
+
+    name = "lookahead"
+
+    def __init__(self, protocol: Any, seed: int, first: int = 12, second: int = 64) -> None:
+        super().__init__(protocol, seed, dict(protocol.design.settings or {}))
+        self.first, self.second = first, second
+
+    def propose(self, comparison: Any, trial_index: int) -> Any:
+        t0 = time.perf_counter()
+        acq, _, _ = self._acquisition(comparison, trial_index)
+        if isinstance(acq, ParameterInformation):
+            return super().propose(comparison, trial_index)
+        acq.compute_dtype = torch.float32
+        rng = self.rng(trial_index)
+        d, lik = self.space.d, acq.likelihood
+        X = torch.quasirandom.SobolEngine(d, scramble=True, seed=int(rng.integers(2 ** 31))).draw(128, dtype=torch.float64)
+        X2 = torch.quasirandom.SobolEngine(d, scramble=True, seed=int(rng.integers(2 ** 31))).draw(self.second,
+                                                                                                dtype=torch.float64)
+        best, best_x = -math.inf, X[:1]
+        with torch.no_grad():
+            now = acq(X.unsqueeze(1))
+            for j in torch.argsort(now, descending=True)[: self.first].tolist():
+                comps = [v(self.space.design_to_raw(X[j:j + 1])) for v in acq.views]
+                grid = lik.outcome_grid(torch.cat([m.reshape(-1) for _, m, _ in comps]))
+                tables = [lik.outcome_probs(m, grid)[:, 0, :] for _, m, _ in comps]  # (N, K) per model
+                pm = torch.stack([(w - torch.logsumexp(w, 0)).exp() @ t for (w, _, _), t in zip(comps, tables)])
+                py = acq.log_probs.exp() @ pm
+                future = 0.0
+                for k in torch.nonzero(py > 1e-3).reshape(-1).tolist():
+                    views = [ParticleView(v.candidate, v.theta, v.logw + torch.log(t[:, k].clamp_min(1e-300)))
+                             if isinstance(v, ParticleView) else v for v, t in zip(acq.views, tables)]
+                    nxt = ModelDiscriminationMI(views, acq.log_probs + torch.log(pm[:, k].clamp_min(1e-300)),
+                                                self.space, lik)
+                    nxt.compute_dtype = torch.float32
+                    future += float(py[k]) * float(nxt(X2.unsqueeze(1)).max())
+                if float(now[j]) + future > best:
+                    best, best_x = float(now[j]) + future, X[j:j + 1]
+        return self.finish(best_x, f"two-step lookahead {best:.4f} nats", best, t0, strategy=self.name)
+
+
+def design_for(protocol: Any, seed: int, truth: Any, design: str) -> Any:
+    """A strategy by name, or one of the benchmark's references: "oracle" (knows the neuron),
+    "model_oracle" (knows only which model is true: the oracle's gain with the response drawn from
+    the true model's posterior predictive; the MI design is this averaged over the models) and
+    "lookahead" (`LookaheadDesign`)."""
+    if design == "oracle":
+        return OracleDesign(protocol, seed, truth)
+    if design == "model_oracle":
+        return OracleDesign(protocol, seed, truth, knows_parameters=False)
+    if design == "lookahead":
+        return LookaheadDesign(protocol, seed)
+    return make_design(protocol, seed, design)
+
+
+def oracle_gap(text: str, subjects: int, seed0: int, max_states: int = 15) -> dict:
+    """Per-trial evidence for the truth at the states of MI sessions (until P(true) >= .95, at most
+    `max_states` trials): the expected increase of log P(true) (`OracleGain`, 512 components per
+    model) at the stimulus the MI design chose, the best over a 40 x 20 grid (the oracle's choice)
+    and the grid's mean (a random stimulus)."""
+    protocol = parse_protocol_text(text, "<orientation benchmark>").protocol
+    u = torch.cartesian_prod(torch.linspace(0, 1, 40, dtype=torch.float64), torch.linspace(0, 1, 20, dtype=torch.float64))
+    rows: list[tuple[float, float, float]] = []
+    first: list[tuple[float, float, float]] = []  # trial 1: the prior state
+    for s in range(subjects):
+        seed = seed0 + s
+        truth = build_truth(protocol, truth_for(protocol, seed))
+        comparison = ModelComparison.from_protocol(protocol, seed)
+        strategy = make_design(protocol, seed)
+        oracle = OracleDesign(protocol, seed, truth)
+        for i in range(max_states):
+            acq, _, _ = oracle._acquisition(comparison, i)
+            with torch.no_grad():
+                grid_gain = torch.cat([acq(u[k:k + 100].unsqueeze(1)) for k in range(0, u.shape[0], 100)])
+                d = strategy.propose(comparison, i)
+                x = comparison.space.raw_to_unit(comparison.space.stimulus_to_raw(d.stimulus).reshape(1, -1))
+                chosen = float(acq(x.unsqueeze(1))[0])
+            rows.append((float(grid_gain.max()), chosen, float(grid_gain.mean())))
+            if i == 0:
+                first.append(rows[-1])
+            comparison.update(d.stimulus, truth.sample(d.stimulus, np.random.default_rng([seed, i])))
+            if comparison.probabilities()[truth.model_name] >= 0.95:
+                break
+        print(f"# oracle_gap subject {s}: {len(rows)} states", file=sys.stderr, flush=True)
+    def stats(rs: list[tuple[float, float, float]]) -> dict:
+        best, mi, rnd = (np.array(c) for c in zip(*rs))
+        return {"states": len(rs),
+                "gain_nats_mean": {"oracle_best": round(float(best.mean()), 4), "mi_choice": round(float(mi.mean()), 4),
+                                   "random_stimulus": round(float(rnd.mean()), 4)},
+                "gain_nats_median": {"oracle_best": round(float(np.median(best)), 4),
+                                     "mi_choice": round(float(np.median(mi)), 4),
+                                     "random_stimulus": round(float(np.median(rnd)), 4)},
+                "mi_choice_over_random_ratio_of_means": round(float(mi.mean() / rnd.mean()), 2),
+                "oracle_over_mi_choice_ratio_of_means": round(float(best.mean() / mi.mean()), 2)}
+
+    return {"subjects": subjects, "all_states": stats(rows), "first_trial": stats(first)}
+
+
+CRITERIA = (0.95, 0.99)
+
+
+def trials_to(protocol: Any, truth_spec: str, design: str, seed: int, cap: int) -> tuple[dict[str, int | None], list[float]]:
+    """First trials at which P(true) reaches each of CRITERIA (None: not within `cap`), and the
+    decision times (ms). `design` is a strategy name, "oracle" or "model_oracle" (`design_for`)."""
     truth = build_truth(protocol, truth_spec)
     comparison = ModelComparison.from_protocol(protocol, seed)
-    strategy = make_design(protocol, seed, design)
+    strategy = design_for(protocol, seed, truth, design)
+    first: dict[str, int | None] = {str(c): None for c in CRITERIA}
     times = []
     for i in range(cap):
         t0 = time.perf_counter()
         d = strategy.propose(comparison, i)
         times.append((time.perf_counter() - t0) * 1000)
         comparison.update(d.stimulus, truth.sample(d.stimulus, np.random.default_rng([seed, i])))
-        if comparison.probabilities()[truth.model_name] >= crit:
-            return i + 1, times
-    return None, times
+        p = comparison.probabilities()[truth.model_name]
+        for c in CRITERIA:
+            if first[str(c)] is None and p >= c:
+                first[str(c)] = i + 1
+        if first[str(CRITERIA[-1])] is not None:
+            break
+    return first, times
+
+
+def _trials_job(job: tuple[str, str, int, int, int]) -> tuple[str, int, dict[str, int | None], list[float], float, str]:
+    """One (design, subject) session in a worker process: first crossings, decision ms, CPU s, truth."""
+    text, label, seed, cap, threads = job
+    torch.set_num_threads(threads)
+    protocol = parse_protocol_text(text, "<orientation benchmark>").protocol
+    spec = truth_for(protocol, seed)
+    c0 = time.process_time()
+    first, times = trials_to(protocol, spec, label, seed, cap)
+    return label, seed, first, times, time.process_time() - c0, spec
+
+
+def trials(protocol_text: str, designs: list[str], caps: dict[str, int], subjects: int, seed0: int,
+           threads: int, jobs: int) -> dict:
+    """Trials to P(true) >= .95 / .99 per design over the same subjects and response seeds, with
+    medians (never reached = cap + 1), means, and paired per-subject ratios against random."""
+    work = [(protocol_text, label, seed0 + s, caps[label], threads) for label in designs for s in range(subjects)]
+    results: dict[tuple[str, int], tuple] = {}
+    if jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            for r in pool.imap_unordered(_trials_job, work):
+                results[(r[0], r[1])] = r
+                print(f"# {r[0]} subject {r[1] - seed0}: {r[2]}  ({r[5]})", file=sys.stderr, flush=True)
+    else:
+        protocol = parse_protocol_text(protocol_text, "<orientation benchmark>").protocol
+        for _, label, seed, cap, _ in work:
+            spec = truth_for(protocol, seed)
+            c0 = time.process_time()
+            first, times = trials_to(protocol, spec, label, seed, cap)
+            results[(label, seed)] = (label, seed, first, times, time.process_time() - c0, spec)
+            print(f"# {label} subject {seed - seed0}: {first}  ({spec})", file=sys.stderr, flush=True)
+    res: dict = {"subjects": subjects}
+    for label in designs:
+        rows = [results[(label, seed0 + s)] for s in range(subjects)]
+        cap = caps[label]
+        entry: dict = {"cap": cap}
+        for c in map(str, CRITERIA):
+            vals = [r[2][c] for r in rows]
+            entry[f"median_trials_to_{c}"] = censored_median(vals, cap)
+            entry[f"mean_trials_to_{c}"] = round(statistics.mean(v if v is not None else cap + 1 for v in vals), 2)
+            entry[f"never_reached_{c}"] = sum(v is None for v in vals)
+            entry[f"trials_{c}"] = vals
+        entry["trials"] = entry["trials_0.95"]
+        entry["never_reached"] = entry["never_reached_0.95"]
+        dec = [t for r in rows for t in r[3]]
+        entry.update({"decision_ms_p50": round(percentile(dec, 50), 2), "decision_ms_p95": round(percentile(dec, 95), 2),
+                      "cpu_s": round(sum(r[4] for r in rows), 1)})
+        res[label] = entry
+    if "random" in designs:
+        for label in (d for d in designs if d != "random"):
+            tag = "mi" if label == "mutual_information" else label
+            for c in map(str, CRITERIA):
+                r_vals = [v if v is not None else caps["random"] + 1 for v in res["random"][f"trials_{c}"]]
+                d_vals = [v if v is not None else caps[label] + 1 for v in res[label][f"trials_{c}"]]
+                sfx = "" if c == "0.95" else f"_{c}"
+                res[f"random_over_{tag}_median_ratio{sfx}"] = round(statistics.median(r_vals) / statistics.median(d_vals), 2)
+                res[f"random_over_{tag}_paired_median_ratio{sfx}"] = round(statistics.median(
+                    [r / d for r, d in zip(r_vals, d_vals)]), 2)
+                res[f"random_over_{tag}_mean_ratio{sfx}"] = round(statistics.mean(r_vals) / statistics.mean(d_vals), 2)
+    return res
 
 
 @contextlib.contextmanager
@@ -354,7 +601,7 @@ def gp_update_cost(protocol, truth_spec: str, seed: int, checkpoints: list[int],
 
 def run_baseline(tree: str, part: str, args: argparse.Namespace) -> dict:
     """One part of this benchmark run with `orchestrator` imported from another checkout."""
-    parts = {"timing", "gp_update", "trials", "regret", "calibration"}
+    parts = {"timing", "gp_update", "trials", "regret", "oracle_gap", "calibration"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--skip", ",".join(sorted(parts - {part})),
            "--timing-trials", str(args.timing_trials), "--repeats", str(args.repeats), "--seed", str(args.seed),
            "--threads", str(args.threads), "--gp-trials", str(args.gp_trials)]
@@ -381,11 +628,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing,regret,calibration,gp_update")
+    ap.add_argument("--designs", default="mutual_information,random,oracle",
+                    help="comma list of the trials part's designs (strategy names, or oracle: the benchmark's "
+                         "reference that knows the truth)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes for the trials part (one session each)")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing,regret,oracle_gap,calibration,gp_update")
     ap.add_argument("--calibration-sessions", type=int, default=12, help="sessions per truth model and treatment")
     ap.add_argument("--calibration-cap", type=int, default=60)
     ap.add_argument("--hyper", default="marginal,type2", help="GP hyperparameter treatments to calibrate")
     ap.add_argument("--regret-subjects", type=int, default=8)
+    ap.add_argument("--gap-subjects", type=int, default=0, help="MI sessions of the oracle_gap part (0: skip it)")
     ap.add_argument("--regret-configs", default="|{refine_rounds: 3}|{optimizer: lbfgs, max_components: 512}",
                     help="'|'-separated design.settings flow mappings compared in the regret part (empty = defaults)")
     ap.add_argument("--design-settings", default="", help="YAML flow mapping merged into design.settings")
@@ -393,6 +645,7 @@ def main() -> None:
     ap.add_argument("--baseline-tree", default="", help="checkout whose orchestrator the timing and gp_update parts "
                                                         "are also run with, in the same run")
     args = ap.parse_args()
+    load0 = os.getloadavg()
     torch.set_num_threads(args.threads)
     text = ORIENTATION_YAML
     if args.design_settings:
@@ -404,28 +657,12 @@ def main() -> None:
                  "criterion": "first trial with P(true) >= 0.95; never reached counts as cap + 1"}
     skip = set(filter(None, args.skip.split(",")))
     if "trials" not in skip:
-        res: dict = {}
-        per_subject = []
-        for label, cap in (("mutual_information", args.cap_mi), ("random", args.cap_random)):
-            vals, dec = [], []
-            t0 = time.time()
-            for s in range(args.subjects):
-                spec = truth_for(protocol, args.seed + s)
-                n, times = trials_to(protocol, spec, label, args.seed + s, 0.95, cap)
-                vals.append(n)
-                dec += times
-                print(f"# {label} subject {s}: {n}  ({spec})", file=sys.stderr, flush=True)
-            per_subject.append(vals)
-            res[label] = {"median_trials_to_0.95": censored_median(vals, cap), "cap": cap,
-                          "never_reached": sum(v is None for v in vals), "trials": vals,
-                          "decision_ms_p50": round(percentile(dec, 50), 2), "decision_ms_p95": round(percentile(dec, 95), 2),
-                          "wall_s": round(time.time() - t0, 1)}
-        ratio = res["random"]["median_trials_to_0.95"] / res["mutual_information"]["median_trials_to_0.95"]
-        paired = [((r if r is not None else args.cap_random + 1) / (m if m is not None else args.cap_mi + 1))
-                  for m, r in zip(*per_subject)]
-        res["random_over_mi_median_ratio"] = round(ratio, 2)
-        res["random_over_mi_paired_median_ratio"] = round(statistics.median(paired), 2)
-        out["trials_to_0.95"] = res
+        designs = [d for d in args.designs.split(",") if d]
+        caps = {d: args.cap_random if d == "random" else args.cap_mi for d in designs}
+        t0 = time.time()
+        out["trials_to_0.95"] = trials(text, designs, caps, args.subjects, args.seed, args.threads, args.jobs)
+        out["trials_to_0.95"]["wall_s"] = round(time.time() - t0, 1)
+        out["trials_to_0.95"]["loadavg_at_start"] = [round(x, 2) for x in load0]
     baseline: dict = {}
     if "timing" not in skip:
         cps = [c for c in (10, 100, 500) if c <= args.timing_trials]
@@ -447,6 +684,8 @@ def main() -> None:
         out["baseline"] = {"tree": args.baseline_tree, **baseline}
     if "regret" not in skip:
         out["regret"] = regret(ORIENTATION_YAML, args.regret_configs.split("|"), args.regret_subjects, args.seed)
+    if "oracle_gap" not in skip and args.gap_subjects > 0:
+        out["oracle_gap"] = oracle_gap(text, args.gap_subjects, args.seed)
     if "calibration" not in skip:
         out["calibration"] = {h: calibration(text, h, args.calibration_sessions, args.seed, args.calibration_cap)
                               for h in filter(None, args.hyper.split(","))}
