@@ -12,3 +12,9 @@ class Strict(BaseModel):
     """Base for every schema node: unknown keys are errors, so typos never pass silently."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def require_low_below_high(low: float, high: float) -> None:
+    """The one wording of an empty or inverted range, for every node with `low` and `high`."""
+    if low >= high:
+        raise ValueError(f"low ({low}) must be below high ({high})")

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from orchestrator.protocol_schema.base import NAME_PATTERN, Strict
+from orchestrator.protocol_schema.base import NAME_PATTERN, Strict, require_low_below_high
 
 
 class _Prior(Strict):
@@ -23,8 +23,7 @@ class UniformPrior(_Prior):
 
     @model_validator(mode="after")
     def _ok(self) -> "UniformPrior":
-        if self.low >= self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        require_low_below_high(self.low, self.high)
         return self
 
 
@@ -66,8 +65,7 @@ class TruncNormalPrior(_Prior):
 
     @model_validator(mode="after")
     def _ok(self) -> "TruncNormalPrior":
-        if self.low >= self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        require_low_below_high(self.low, self.high)
         return self
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from orchestrator.protocol_schema.base import Strict
+from orchestrator.protocol_schema.base import Strict, require_low_below_high
 
 
 class ContinuousParameter(Strict):
@@ -22,8 +22,7 @@ class ContinuousParameter(Strict):
     def _bounds(self) -> "ContinuousParameter":
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             raise ValueError("low and high must be finite numbers")
-        if self.low >= self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        require_low_below_high(self.low, self.high)
         if self.log and self.low <= 0:
             raise ValueError(f"log scale needs low > 0, got low={self.low}")
         return self
@@ -37,8 +36,7 @@ class IntegerParameter(Strict):
 
     @model_validator(mode="after")
     def _bounds(self) -> "IntegerParameter":
-        if self.low >= self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        require_low_below_high(self.low, self.high)
         return self
 
 
