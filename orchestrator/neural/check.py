@@ -99,20 +99,29 @@ class RivalTest:
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
-        self.log_densities: list[np.ndarray] = []
+        self._table = np.empty((16, len(self.names)))  # grows by doubling; rows [:trials] are filled
+        self.trials = 0
+
+    @property
+    def log_densities(self) -> np.ndarray:
+        """(trials, models): each compared trial's log density under each model (a view)."""
+        return self._table[:self.trials]
 
     def add(self, log_densities: Sequence[float]) -> None:
         """One compared trial: each model's log predictive density of the whole response vector."""
         row = np.asarray(log_densities, dtype=np.float64)
         if row.shape != (len(self.names),):
             raise ValueError(f"expected {len(self.names)} log densities, got shape {row.shape}")
-        self.log_densities.append(row)
+        if self.trials == self._table.shape[0]:
+            self._table = np.concatenate([self._table, np.empty_like(self._table)])
+        self._table[self.trials] = row
+        self.trials += 1
 
     def advantage(self, leader: str, rival: str) -> float:
         """mean / standard error of the leader's per-trial log density advantage over `rival` (NaN below 2 trials)."""
-        if len(self.log_densities) < 2:
+        if self.trials < 2:
             return float("nan")
-        table = np.stack(self.log_densities)
+        table = self.log_densities
         diff = table[:, self.names.index(leader)] - table[:, self.names.index(rival)]
         se = diff.std(ddof=1) / np.sqrt(diff.size)
         if se == 0.0:
@@ -121,7 +130,7 @@ class RivalTest:
 
     def blocker(self, leader: str) -> str | None:
         """Why `leader`'s lead is not yet shown trial by trial (None = it is, against every rival)."""
-        trials = len(self.log_densities)
+        trials = self.trials
         if trials < 2:
             return f"rival test needs 2 compared trials, has {trials}"
         needed = float(student_t.ppf(1.0 - RIVAL_ALPHA, trials - 1))
