@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.neural.check import MIN_TRIALS
+from orchestrator.neural.check import required_trials
 from orchestrator.neural.comparison import PopulationComparison
 from orchestrator.neural.truth import build_population_truth
 from orchestrator.protocol import load_protocol
@@ -58,7 +58,7 @@ def test_declaration_blocker_waits_for_held_out_trials_then_passes_a_good_model(
     comparison = base.fresh(0)
     pop = build_population_truth(protocol, "cnn_a:ev=0.3,seed=5", base)
     rng = np.random.default_rng(0)
-    for i in range(MIN_TRIALS):  # the first trial sets the centre, so MIN_TRIALS - 1 are checked
+    for i in range(required_trials(24)):  # the first trial sets the centre, so one fewer is checked
         image = int(rng.integers(len(base.pool)))
         _feed(comparison, image, np.asarray(pop.sample({}, rng, features=pop.features.pool_features[image].numpy())))
     assert "held-out trials" in comparison.declaration_blocker("cnn_a")

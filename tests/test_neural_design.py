@@ -9,7 +9,8 @@ import torch
 from botorch.acquisition import AcquisitionFunction
 
 from orchestrator.design import make_design
-from orchestrator.neural.acquisition import PopulationDiscrimination, ReadoutSnapshot, bhattacharyya_bound
+from orchestrator.neural.acquisition import (PopulationDiscrimination, ReadoutSnapshot, bhattacharyya_bound,
+                                             discrimination_from_features)
 from orchestrator.neural.comparison import PopulationComparison
 from orchestrator.neural.truth import build_population_truth
 from orchestrator.protocol import load_protocol
@@ -123,6 +124,39 @@ def test_bound_over_all_pairs_matches_the_pairwise_formula() -> None:
             D[:, i, j] = ((mi - mj) ** 2 / (4 * s) + 0.5 * torch.log(s / 2) - 0.25 * torch.log(vi * vj)).sum(-1)
     expected = -(lp.exp() * torch.logsumexp(lp - D, dim=-1)).sum(-1)
     assert torch.allclose(bhattacharyya_bound(moments, lp), expected, rtol=1e-12)
+
+
+def test_pending_trial_uncorrelated_with_the_new_one_adds_its_own_distance() -> None:
+    """Bivariate distances with zero covariance are the sum of the two univariate ones (independent
+    responses), and the bound on both responses is at least the bound on the new one alone."""
+    from orchestrator.neural.acquisition import _pairwise_distances
+
+    gen = torch.Generator().manual_seed(1)
+    new = [(torch.randn(4, 6, generator=gen, dtype=torch.float64),
+            torch.rand(4, 6, generator=gen, dtype=torch.float64) + 0.5) for _ in range(3)]
+    pend = [(torch.randn(1, 6, generator=gen, dtype=torch.float64),
+             torch.rand(1, 6, generator=gen, dtype=torch.float64) + 0.5) for _ in range(3)]
+    joint = [(m, v, torch.zeros_like(m), pm[0], pv[0]) for (m, v), (pm, pv) in zip(new, pend)]
+    expected = _pairwise_distances(new) + _pairwise_distances(pend)
+    assert torch.allclose(_pairwise_distances(joint), expected, rtol=1e-12)
+    lp = torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+    assert (bhattacharyya_bound(joint, lp) >= bhattacharyya_bound(new, lp) - 1e-12).all()
+
+
+def test_a_pending_image_makes_repeating_it_worth_less(setup) -> None:
+    """With the lagged readouts, an image whose response is pending gains less by being shown again
+    than it scored alone: the joint bound credits what the pending trial will already tell."""
+    protocol, comparison, truth = setup
+    comp, design, _ = _run(protocol, comparison.pool, truth, "population_pool", 4)
+    snaps = design.snapshots(comp)
+    feats = [f[:50].to(torch.float64) for f in design.pool_features(comp)]
+    alone = discrimination_from_features(feats, snaps)
+    i = int(torch.argmax(alone))
+    pending = [s.with_pending(f[i].numpy()) for s, f in zip(snaps, feats)]
+    both = discrimination_from_features(feats, pending)
+    pending_alone = discrimination_from_features([f[i:i + 1] for f in feats], snaps)[0]
+    gain = both - pending_alone  # what each image adds to the pending one
+    assert gain[i] < alone[i] - 1e-6
 
 
 def test_gabor_fft_at_a_fast_length_gives_the_same_features() -> None:

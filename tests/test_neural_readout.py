@@ -199,3 +199,22 @@ def test_grid_predictive_cdf_is_the_mixture_of_the_components_cdfs() -> None:
                for i, (df, loc, scale2) in grid.component_predictives(X[-1:], np.ones(grid.K, dtype=bool)))
     np.testing.assert_allclose(grid.predictive_cdf(X[-1], Y[-1]), full, atol=2e-6)
     np.testing.assert_allclose(grid.predictive_cdf(X[-1], Y[-1], dropped=0.0), full, rtol=1e-10)
+
+
+def test_held_out_scores_are_the_components_one_step_ahead_predictive() -> None:
+    """A held-out trial read under any component gives that component's Student-t PIT, taken
+    before the trial was absorbed; the check's trial count shrinks only for large populations."""
+    from orchestrator.neural.check import normal_scores, pit, required_trials
+
+    X, Y, _ = _data(T=10, N=5, seed=3)
+    Y[4, 1] = np.nan  # a masked unit has its own posterior
+    grid = _grid(9)
+    grid.set_scale(2.0)
+    for x, y in zip(X[:-1], Y[:-1]):
+        grid.update(x, y)
+    held = grid.held_out(X[-1], Y[-1])
+    live = np.ones(grid.K, dtype=bool)
+    for index, (df, loc, scale2) in grid.component_predictives(X[-1:], live)[::7]:
+        expected = normal_scores(pit(Y[-1], df, loc[0], scale2[0]))
+        np.testing.assert_allclose(held.scores(index), expected, rtol=1e-10, atol=1e-12)
+    assert [required_trials(n) for n in (1, 20, 30, 40, 100, 1000)] == [8, 8, 6, 4, 4, 4]

@@ -12,15 +12,25 @@ by (Kolchinsky & Tracey 2017, "Estimating mixture entropy with pairwise distance
     I(M; Y) >= - sum_i p_i log sum_j p_j exp(-D_ij)
 
 which is 0 when every model predicts the same and log(#models) (the most one trial can tell) when
-they are far apart. It is smooth in the image, so gradient synthesis can climb it; the same function
+they are far apart.
+
+A pipelined design plans trial t from the readouts before trial t - 1, whose image is known but
+whose response is not yet (orchestrator.neural.designs). That pending trial is not ignored: with
+``ReadoutSnapshot.with_pending`` each model's predictive is the joint Gaussian of the pending
+response and the new one (per unit, covariance sigma^2 [[1 + x_p' S x_p, x_p' S x], [x_p' S x,
+1 + x' S x]]), the distances are those of these bivariate Gaussians, and the bound is on
+I(model; both responses): maximising it over the new image maximises what it adds to the pending
+one (BoTorch's ``X_pending``, here for a fixed image), so the design does not spend a trial on
+what the pending trial will already tell. It is smooth in the image, so gradient synthesis can climb it; the same function
 scores a pool. ``PopulationDiscrimination`` is a BoTorch AcquisitionFunction over flattened pixels
 (batch x q=1 x C*H*W), so it plugs into BoTorch's optimizers as well as plain torch ones.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
+import numpy as np
 import torch
 from botorch.acquisition import AcquisitionFunction
 from torch import nn
@@ -29,7 +39,16 @@ from orchestrator.neural.features import FeatureModel
 from orchestrator.neural.readout import ReadoutState
 
 
-@dataclass
+@dataclass(frozen=True)
+class PendingTrial:
+    """A trial shown (or about to be) whose response the snapshot has not absorbed."""
+
+    SX: torch.Tensor  # (d,) S x_p
+    q: torch.Tensor  # () x_p' S x_p
+    mean: torch.Tensor  # (N,) the units' predictive means at x_p
+
+
+@dataclass(frozen=True)
 class ReadoutSnapshot:
     """One model's readout as tensors, frozen for a design computation (private units use their means)."""
 
@@ -38,6 +57,7 @@ class ReadoutSnapshot:
     noise_scale: torch.Tensor  # b / a (N,)
     inflation: torch.Tensor  # df / (df - 2) (N,): Student-t variance over scale^2
     log_prob: float
+    pending: PendingTrial | None = None
 
     @classmethod
     def of(cls, state: ReadoutState, log_prob: float) -> "ReadoutSnapshot":
@@ -48,31 +68,65 @@ class ReadoutSnapshot:
         return cls(torch.from_numpy(state.S.copy()), torch.from_numpy(means), torch.from_numpy(state.b / state.a),
                    torch.from_numpy(df / (df - 2).clip(min=1e-3)).clamp(max=3.0), float(log_prob))
 
+    def with_pending(self, features: np.ndarray | torch.Tensor) -> "ReadoutSnapshot":
+        """The same readout with a pending trial at standardised `features` (d,) (module docstring)."""
+        x = torch.as_tensor(np.asarray(features), dtype=self.S.dtype)
+        SX = self.S @ x
+        return replace(self, pending=PendingTrial(SX, SX @ x, self.means @ x))
 
-def predictive_moments(features: torch.Tensor, snap: ReadoutSnapshot) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian moments (B, N) of every unit's predictive at images with `features` (B, d).
+
+def predictive_moments(features: torch.Tensor, snap: ReadoutSnapshot) -> tuple[torch.Tensor, ...]:
+    """Gaussian moments of every unit's predictive at images with `features` (B, d): (mean, var),
+    each (B, N); with a pending trial also its covariance with the pending response (B, N) and the
+    pending response's mean and variance (N,) each.
 
     Everything runs in the features' precision (single for pool scoring, double for synthesis)."""
     dtype = features.dtype
     q = ((features @ snap.S.to(dtype)) * features).sum(-1)
     mean = features @ snap.means.to(dtype).T
-    var = (1.0 + q)[:, None] * (snap.noise_scale * snap.inflation).to(dtype)[None, :]
-    return mean, var
+    unit = (snap.noise_scale * snap.inflation).to(dtype)[None, :]
+    var = (1.0 + q)[:, None] * unit
+    if snap.pending is None:
+        return mean, var
+    p = snap.pending
+    cov = (features @ p.SX.to(dtype))[:, None] * unit
+    return mean, var, cov, p.mean.to(dtype), (1.0 + p.q.to(dtype)) * unit[0]
 
 
-def bhattacharyya_bound(moments: Sequence[tuple[torch.Tensor, torch.Tensor]], log_probs: torch.Tensor) -> torch.Tensor:
+def _pairwise_distances(moments: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """Bhattacharyya distances (P, B) summed over units for the model pairs i < j (triu order):
+    of the diagonal Gaussians (mean, var), or, when the moments carry a pending trial, of the
+    units' bivariate Gaussians of (pending response, new response)."""
+    M = len(moments)
+    i, j = torch.triu_indices(M, M, offset=1)
+    mu = torch.stack([m[0] for m in moments])
+    var = torch.stack([m[1] for m in moments])
+    if len(moments[0]) == 2:
+        log_var = torch.log(var)
+        s = var[i] + var[j]
+        return ((mu[i] - mu[j]) ** 2 / (4 * s) + 0.5 * torch.log(s / 2)).sum(-1) \
+            - 0.25 * (log_var[i] + log_var[j]).sum(-1)
+    f64 = torch.float64  # a determinant of correlated responses: single precision cancels
+    mu, var = mu.to(f64), var.to(f64)
+    cov = torch.stack([m[2] for m in moments]).to(f64)  # (M, B, N)
+    p_mu = torch.stack([m[3] for m in moments]).to(f64)[:, None, :]  # (M, 1, N)
+    p_var = torch.stack([m[4] for m in moments]).to(f64)[:, None, :]
+    log_det = torch.log(p_var * var - cov ** 2)
+    a, b, c = (p_var[i] + p_var[j]) / 2, (cov[i] + cov[j]) / 2, (var[i] + var[j]) / 2
+    det = a * c - b ** 2
+    d_p, d_y = p_mu[i] - p_mu[j], mu[i] - mu[j]
+    quad = (c * d_p ** 2 - 2 * b * d_p * d_y + a * d_y ** 2) / det
+    return (quad / 8 + 0.5 * torch.log(det) - 0.25 * (log_det[i] + log_det[j])).sum(-1)
+
+
+def bhattacharyya_bound(moments: Sequence[tuple[torch.Tensor, ...]], log_probs: torch.Tensor) -> torch.Tensor:
     """The pairwise-distance lower bound on I(model; response) per image (B,), in nats.
 
-    All pairs at once: means and variances stacked (M, B, N), the pairs i < j gathered (P, B, N)."""
+    All pairs at once: moments stacked (M, B, N), the pairs i < j gathered (P, B, N)."""
     M = len(moments)
     B = moments[0][0].shape[0]
-    mu = torch.stack([m for m, _ in moments])
-    var = torch.stack([v for _, v in moments])
     i, j = torch.triu_indices(M, M, offset=1)
-    log_var = torch.log(var)
-    s = var[i] + var[j]
-    dij = ((mu[i] - mu[j]) ** 2 / (4 * s) + 0.5 * torch.log(s / 2)).sum(-1) \
-        - 0.25 * (log_var[i] + log_var[j]).sum(-1)  # (P, B)
+    dij = _pairwise_distances(moments)
     D = torch.zeros(B, M, M, dtype=torch.float64)
     D[:, i, j] = dij.T.to(torch.float64)
     D[:, j, i] = dij.T.to(torch.float64)

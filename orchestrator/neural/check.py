@@ -4,13 +4,15 @@ P(model) compares the candidates with each other; it cannot say that the leader 
 responses, and a misspecified truth (saturating units, a wrong link) can make a wrong model win
 confidently. So before a model is declared its own one-step-ahead predictions are checked on the
 responses they had not seen: each trial, before the readout absorbs it, every unit's response is
-mapped through the model's Student-t predictive CDF and then the normal quantile function,
+mapped through the model's Student-t predictive CDF (under the readout hyperparameters the posterior
+favours when the check is judged: given them the units are independent, under their mixture they are
+not) and then the normal quantile function,
 
     z = Phi^-1(F_t(y)),
 
 which for a well-specified model are independent standard normal draws (prequential PIT, exact
 under the model whatever the design). Objective: over the latest ``WINDOW`` trials (at least
-``MIN_TRIALS``), the leader's z must have mean square within ``TOLERANCE`` standard errors of 1
+``required_trials``: 8, or down to 4 for populations large enough that they give 160 scores), the leader's z must have mean square within ``TOLERANCE`` standard errors of 1
 (its predictive spread is right) and mean fourth power within ``TOLERANCE`` standard errors of 3
 (no heavy tails: the images where a linear readout fails show up as outliers), and the mean of z
 per trial across units (a shared miss) must have mean square within ``TOLERANCE`` standard
@@ -37,14 +39,19 @@ noise level.
 from __future__ import annotations
 
 from collections import deque
-from typing import Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from scipy.special import ndtri
 from scipy.stats import t as student_t
 
 WINDOW = 20
+#: held-out trials before the check can pass: MIN_TRIALS, or fewer for a large population, as long
+#: as the trials give MIN_SCORES normal scores (what the pooled criteria need; 8 trials of 20 units)
+#: and at least MIN_TRIALS_LARGE trials (what the trial-level criteria need)
 MIN_TRIALS = 8
+MIN_SCORES = 160
+MIN_TRIALS_LARGE = 4
 TOLERANCE = 4.0
 #: one-sided level of the trial-level test that the leader predicts better than each rival
 RIVAL_ALPHA = 0.025
@@ -60,25 +67,55 @@ def normal_scores(u: np.ndarray) -> np.ndarray:
     return ndtri(np.clip(u, 1e-12, 1 - 1e-12))
 
 
+def required_trials(units: int) -> int:
+    """Held-out trials the check needs before it can pass, for a population of `units`."""
+    return max(MIN_TRIALS_LARGE, min(MIN_TRIALS, -(-MIN_SCORES // max(int(units), 1))))
+
+
+class HeldOut(Protocol):
+    """A held-out trial whose normal scores depend on the hyperparameter component they are read under."""
+
+    y: np.ndarray
+
+    def scores(self, index: int) -> np.ndarray: ...
+
+
 class PredictiveCheck:
-    """The latest WINDOW trials' normal scores of one model's predictions; `blocker` judges them."""
+    """The latest WINDOW trials' held-out predictions of one model; `blocker` judges their normal scores.
 
-    def __init__(self) -> None:
-        self.scores: deque[np.ndarray] = deque(maxlen=WINDOW)
+    A trial is added either as its normal scores (N,) or as a ``HeldOut`` whose scores are read, when
+    judged, under the component `component()` names (the readout's most probable hyperparameters
+    then): scores read under the mixture over hyperparameters are correlated across units while the
+    hyperparameters are uncertain (orchestrator.neural.hyper.HeldOutTrial)."""
 
-    def add(self, z: np.ndarray) -> None:
-        self.scores.append(np.asarray(z, dtype=np.float64))
+    def __init__(self, component: Callable[[], int] | None = None) -> None:
+        self.trials: deque[np.ndarray | HeldOut] = deque(maxlen=WINDOW)
+        self.component = component
+
+    def add(self, trial: "np.ndarray | HeldOut") -> None:
+        self.trials.append(trial if hasattr(trial, "scores") else np.asarray(trial, dtype=np.float64))
+
+    @property
+    def scores(self) -> list[np.ndarray]:
+        """The window's normal scores, held-out trials read under the current component."""
+        index = self.component() if self.component is not None else 0
+        return [t if isinstance(t, np.ndarray) else t.scores(index) for t in self.trials]
 
     def blocker(self) -> str | None:
         """Why the model's predictions are not yet shown adequate (None = they are)."""
-        if len(self.scores) < MIN_TRIALS:
-            return f"predictive check needs {MIN_TRIALS} held-out trials, has {len(self.scores)}"
-        Z = np.stack(self.scores)
+        needed = MIN_TRIALS
+        if self.trials:
+            needed = required_trials(self.trials[-1].shape[0] if isinstance(self.trials[-1], np.ndarray)
+                                     else self.trials[-1].y.shape[0])
+        if len(self.trials) < needed:
+            return f"predictive check needs {needed} held-out trials, has {len(self.trials)}"
+        scores = self.scores
+        Z = np.stack(scores)
         z = Z[np.isfinite(Z)]
         n = z.size
         m2, m4 = float(np.mean(z ** 2)), float(np.mean(z ** 4))
         if abs(m2 - 1.0) > TOLERANCE * np.sqrt(2.0 / n):
-            return f"predictive check: mean squared normal score {m2:.2f} over {len(self.scores)} trials (expected 1)"
+            return f"predictive check: mean squared normal score {m2:.2f} over {len(scores)} trials (expected 1)"
         if abs(m4 - 3.0) > TOLERANCE * np.sqrt(96.0 / n):
             return f"predictive check: mean fourth-power normal score {m4:.2f} (expected 3): outlying responses"
         shared = np.array([np.nanmean(row) * np.sqrt(np.isfinite(row).sum()) for row in Z if np.isfinite(row).any()])

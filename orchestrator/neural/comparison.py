@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from orchestrator.neural.check import PredictiveCheck, RivalTest, normal_scores
+from orchestrator.neural.check import PredictiveCheck, RivalTest
 from orchestrator.neural.features import FeatureModel, FeatureSpecError, fit_feature_model, pool_tensor
 from orchestrator.neural.pool import load_pool
 from orchestrator.neural.hyper import NoiseGrid, ReadoutGrid
@@ -110,9 +110,10 @@ class PopulationComparison:
         self.n_masked = 0
         self.previous: list[tuple[ReadoutState, float]] | None = None  # (state, log prob) before the latest trial
         self._cache: dict[str, list[np.ndarray]] = {}
-        self.checks = [PredictiveCheck() for _ in candidates]
+        self.checks = [PredictiveCheck(lambda grid=c.readout: grid.best_index) for c in candidates]
         self.rivals = RivalTest([c.name for c in candidates])
         self.centres: list[float] | None = None  # each candidate's centre: the first trial's mean response
+        self.latest_features: list[np.ndarray] | None = None  # every candidate's features of the latest trial's image
 
     @classmethod
     def from_protocol(cls, protocol: Any, seed: int, images: ImageResolver | None = None,
@@ -178,6 +179,7 @@ class PopulationComparison:
             if ref is not None:
                 self._cache[ref] = feats
         self.previous = self.design_states(copy=True)
+        self.latest_features = feats
         transformed = [TRANSFORMS[c.transform](y) for c in self.candidates]
         if self.centres is None:  # the first trial sets the centre and is not compared
             if np.isnan(y).all():
@@ -189,16 +191,11 @@ class PopulationComparison:
             before = [cand.readout.log_evidence for cand in self.candidates]
             for cand, check, x, ty, c in zip(self.candidates, self.checks, feats, transformed, self.centres):
                 with np.errstate(invalid="ignore"):
-                    check.add(self._scores(cand.readout, x, ty - c))
+                    check.add(cand.readout.held_out(x, ty - c))
                     cand.readout.update(x, ty - c)
             self.rivals.add([cand.readout.log_evidence - b for cand, b in zip(self.candidates, before)])
         self.n_observations += 1
         self.n_masked += int(np.isnan(y).sum())
-
-    @staticmethod
-    def _scores(grid: ReadoutGrid, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Normal scores of y under the grid's one-step-ahead predictive (the mixture over components)."""
-        return normal_scores(grid.predictive_cdf(x, y))
 
     def _trial_level_lead(self, name: str) -> float | None:
         """The smallest standard-error lead of `name` over a rival, trial by trial (None before 2 trials)."""

@@ -168,7 +168,10 @@ class SynthesisDesign(BestOfPoolDesign):
             raise ValueError("design.settings: starts + random_starts must be >= 1; steps and margin >= 0")
         self._pending: tuple[tuple[int, int], threading.Thread, dict[str, Any]] | None = None
 
-    def _compute(self, comparison: Any, snaps: list[ReadoutSnapshot], trial_index: int) -> dict[str, Any]:
+    def _compute(self, comparison: Any, snaps: list[ReadoutSnapshot], trial_index: int,
+                 pending: list[np.ndarray] | None = None) -> dict[str, Any]:
+        if pending is not None:  # the lagged readouts have not seen this trial's response yet
+            snaps = [s.with_pending(x) for s, x in zip(snaps, pending)]
         scores = self.scores(comparison, snaps)
         top = torch.argsort(scores, descending=True)[: self.starts].tolist()
         rng = self.rng(trial_index)
@@ -192,11 +195,15 @@ class SynthesisDesign(BestOfPoolDesign):
             if pkey == key and "result" in box:
                 out, waited = box, True
         if out is None:
-            out, waited = self._compute(comparison, self.snapshots(comparison, lagged=self.pipeline and n > 0),
-                                        trial_index), False
+            lagged = self.pipeline and n > 0
+            # lagged, the latest trial is pending unless it was the first (which only sets the centre)
+            pending = comparison.latest_features if lagged and n >= 2 else None
+            out, waited = self._compute(comparison, self.snapshots(comparison, lagged=lagged), trial_index,
+                                        pending), False
         res = out["result"]
+        shown = res.pixels if res.score >= out["best_pool"] else comparison.pool[out["best_pool_index"]]
         if self.pipeline:
-            self._start_next(comparison, trial_index + 1)
+            self._start_next(comparison, trial_index + 1, shown)
         info = {"source": "synthesized", "start_pool_index": res.start, "blend": res.blend,
                 "energy_ratio": res.energy_ratio, "pool_distance": self.pool_distance(res.pixels),
                 "best_pool_score": out["best_pool"], "pipelined": waited, "lag": 1 if self.pipeline else 0}
@@ -214,12 +221,18 @@ class SynthesisDesign(BestOfPoolDesign):
             self._pending[1].join()
             self._pending = None
 
-    def _start_next(self, comparison: Any, next_index: int) -> None:
+    def _start_next(self, comparison: Any, next_index: int, shown: np.ndarray) -> None:
+        """Plan trial `next_index` in the background while `shown` (this trial's image, 0..1 floats
+        on the uint8 grid) is presented: from the current readouts, this trial pending unless it is
+        the session's first (which is not compared)."""
         snaps = self.snapshots(comparison)  # copies: the thread never sees later updates
+        compared = comparison.n_observations >= 1
+        pixels = to_uint8(shown).astype(np.float64) / 255.0  # exactly what update() will see
         box: dict[str, Any] = {}
 
         def work() -> None:
-            box.update(self._compute(comparison, snaps, next_index))
+            pending = comparison.features_of(pixels) if compared else None
+            box.update(self._compute(comparison, snaps, next_index, pending))
 
         # not a daemon: the interpreter waits for it at exit instead of killing torch mid-computation
         thread = threading.Thread(target=work, name="cloop-synthesis", daemon=False)

@@ -46,6 +46,7 @@ from typing import Iterator
 import numpy as np
 from scipy.special import gammaln, stdtr
 
+from orchestrator.neural.check import normal_scores
 from orchestrator.neural.readout import NIGPrior, ReadoutStack, ReadoutState, _Private
 
 LOG_2PI = math.log(2 * math.pi)
@@ -71,6 +72,33 @@ class NoiseGrid:
     @classmethod
     def fixed(cls, shape: float, scale: float) -> "NoiseGrid":
         return cls((float(shape),), (float(scale),), False)
+
+
+@dataclass(frozen=True)
+class HeldOutTrial:
+    """One trial's responses and every component's one-step-ahead predictive ingredients.
+
+    Normal scores for the predictive check are read under one component (``scores``): given the
+    hyperparameters the units are independent, so a trial's scores across units are independent
+    standard normals under a well-specified model. Under the mixture over components they are not:
+    while the shared noise level is uncertain every unit's score is scaled by the same error, which
+    the check's trial-level criteria would read as a misfit."""
+
+    y: np.ndarray  # (N,), NaN where masked
+    loc: np.ndarray  # (K, J, N)
+    q: np.ndarray  # (K, J, N): x' S x, the predictive's variance inflation minus 1
+    R: np.ndarray  # (K, J, N): residual sum of squares behind the noise posterior
+    n: np.ndarray  # (N,): trials each unit had seen
+    a0: np.ndarray  # (V,) noise priors' shapes
+    b0: np.ndarray  # (V,) and scales, in response units
+    shape: tuple[int, int, int]
+
+    def scores(self, index: int) -> np.ndarray:
+        """Normal scores Phi^-1(F(y)) (N,) under component `index` ((k, j, l) flattened), NaN where masked."""
+        k, j, l = (int(i) for i in np.unravel_index(index, self.shape))
+        a = self.a0[l] + 0.5 * self.n
+        scale2 = (self.b0[l] + 0.5 * self.R[k, j]) / a * (1.0 + self.q[k, j])
+        return normal_scores(stdtr(2.0 * a, (self.y - self.loc[k, j]) / np.sqrt(scale2)))
 
 
 class ReadoutGrid:
@@ -227,18 +255,16 @@ class ReadoutGrid:
         ev = float(self._evidence[k, j, l])
         return ReadoutState(base.S, base.means, a0 + base.a, b0 + 0.5 * base.b, ev, base.n_trials, base.private)
 
-    def _predictive_blocks(self, features: np.ndarray,
-                           live: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, tuple[np.ndarray, ...]]]:
-        """Per (k, j) with a live component: (k, j, its live noise priors ls (L,), Student-t df (L, N),
-        loc (B, N), scale2 (L, B, N)) at `features` (B, d); one d x d product per weight scale."""
+    def _pair_moments(self, features: np.ndarray,
+                      live3: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per (weight scale k, offset spread j) marked in `live3` (K, J) (default all): the
+        one-step-ahead loc (B, N), x' S x (B, N) and residual sum of squares R (N,) at `features`
+        (B, d), everything but the noise prior; one d x d product per weight scale."""
         F = np.atleast_2d(features)
         st = self.stack
-        live3 = np.asarray(live, dtype=bool).reshape(self.shape)
-        n = 2.0 * st.a[0]
-        b0 = self.b0()
         s_bb, m_b = self._unit_offsets()
         for k in range(self.shape[0]):
-            if not live3[k].any():
+            if live3 is not None and not live3[k].any():
                 continue
             SF = F @ st.S[k]  # (B, d)
             q = np.repeat(((SF * F).sum(1))[:, None], self.n_units, axis=1)  # (B, N)
@@ -250,16 +276,35 @@ class ReadoutGrid:
                 loc[:, u] = F @ p.mean[k]
                 xse[:, u] = pSF[:, -1]
             for j in range(self.shape[1]):
-                ls = np.flatnonzero(live3[k, j])
-                if not ls.size:
+                if live3 is not None and not live3[k, j]:
                     continue
                 g = self.delta[j] / (1.0 + self.delta[j] * s_bb[k])  # (N,)
-                qj = q - g[None, :] * xse ** 2
-                locj = loc - g[None, :] * xse * m_b[k][None, :]
-                Rj = 2.0 * st.b[k] + g * m_b[k] ** 2
-                a = self._a0[ls, None] + 0.5 * n[None, :]  # (L, N)
-                scale2 = ((b0[ls, None] + 0.5 * Rj[None, :]) / a)[:, None, :] * (1.0 + qj)[None, :, :]
-                yield k, j, ls, (2.0 * a, locj, scale2)
+                yield (k, j, loc - g[None, :] * xse * m_b[k][None, :], q - g[None, :] * xse ** 2,
+                       2.0 * st.b[k] + g * m_b[k] ** 2)
+
+    def _predictive_blocks(self, features: np.ndarray,
+                           live: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, tuple[np.ndarray, ...]]]:
+        """Per (k, j) with a live component: (k, j, its live noise priors ls (L,), Student-t df (L, N),
+        loc (B, N), scale2 (L, B, N)) at `features` (B, d)."""
+        live3 = np.asarray(live, dtype=bool).reshape(self.shape)
+        n = 2.0 * self.stack.a[0]
+        b0 = self.b0()
+        for k, j, locj, qj, Rj in self._pair_moments(features, live3.any(axis=2)):
+            ls = np.flatnonzero(live3[k, j])
+            a = self._a0[ls, None] + 0.5 * n[None, :]  # (L, N)
+            scale2 = ((b0[ls, None] + 0.5 * Rj[None, :]) / a)[:, None, :] * (1.0 + qj)[None, :, :]
+            yield k, j, ls, (2.0 * a, locj, scale2)
+
+    def held_out(self, x: np.ndarray, y: np.ndarray) -> "HeldOutTrial":
+        """Trial (x, y)'s one-step-ahead predictive under every component, taken before `update`
+        absorbs it, so that its normal scores can later be read under whichever component the
+        posterior then favours (``HeldOutTrial.scores``)."""
+        K, J, _ = self.shape
+        loc, q, R = (np.empty((K, J, self.n_units)) for _ in range(3))
+        for k, j, lk, qk, Rk in self._pair_moments(x[None]):
+            loc[k, j], q[k, j], R[k, j] = lk[0], qk[0], Rk
+        return HeldOutTrial(np.asarray(y, dtype=np.float64).copy(), loc, q, R, 2.0 * self.stack.a[0].copy(),
+                            self._a0.copy(), self.b0().copy(), self.shape)
 
     def component_predictives(self, features: np.ndarray, live: np.ndarray) -> list[tuple[int, tuple[np.ndarray, ...]]]:
         """Student-t predictives (df (N,), loc (B, N), scale2 (B, N)) of the components marked in
