@@ -1,7 +1,6 @@
 """Population designs: the acquisition, synthesis inside the trust region, determinism and resume."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from orchestrator.neural.acquisition import (PopulationDiscrimination, ReadoutSn
                                              discrimination_from_features)
 from orchestrator.neural.comparison import PopulationComparison
 from orchestrator.neural.truth import build_population_truth
-from orchestrator.protocol import load_protocol
+
 from orchestrator.protocol_checks import load_checked
 from test_neural_helpers import population_protocol
 

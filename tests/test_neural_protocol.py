@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.protocol import InvalidResponse, ProtocolError, SafetyViolation, load_protocol
+from orchestrator.protocol import InvalidResponse, ProtocolError, SafetyViolation
 from orchestrator.protocol_checks import load_checked
 from test_neural_helpers import population_protocol
 
