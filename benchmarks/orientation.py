@@ -6,7 +6,12 @@ Part 1 (`trials`): trials until P(true) >= 0.95 and 0.99 per simulated neuron (t
 von Mises model's prior, seeded) for each of `--designs`: the mutual-information design, random, and
 the oracle, a benchmark-only reference that knows the true neuron and greedily presents the stimulus
 with the largest expected increase of log P(true) (`OracleGain`); same subjects and response seeds
-for every design, sessions spread over `--jobs` worker processes. Part 1b (`oracle_gap`): that
+for every design, sessions spread over `--jobs` worker processes; each design also counts the
+sessions whose first model to reach .95 (.99) is not the truth. Other rules for the
+discriminating decision, benchmark code too, are named LABEL/key=value/...: `posterior_sampling`
+(the oracle's rule for hypotheses drawn from the posterior; draws, until), `joint` (I(M; y) +
+lam I(theta; y | M); lam, decay, until) and `utility` (expected utility of the next model
+posterior; kind indexes UtilityDesign.KINDS), e.g. --designs "utility/kind=3,joint/lam=0.3". Part 1b (`oracle_gap`): that
 expected increase at the states of MI sessions, at the MI design's choice, at the best stimulus of
 a grid, and for a random stimulus (runs with `--gap-subjects N`). Part 2 (`timing`): decision
 time (perf_counter and thread CPU time around `propose`) p50/p95 at trials 10, 100 and 500 of a long
@@ -37,17 +42,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from botorch.utils.transforms import concatenate_pending_points, t_batch_mode_transform
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retention_common import censored_median, dump, environment, percentile  # noqa: E402
 
 from orchestrator.design import information, make_design  # noqa: E402
-from orchestrator.design.acquisition import ModelDiscriminationMI, ParameterInformation  # noqa: E402
-from orchestrator.design.information import InformationDesign  # noqa: E402
+from orchestrator.design.acquisition import ModelDiscriminationMI, ParameterInformation, View, _mix, _OutcomeMI  # noqa: E402
+from orchestrator.design.information import NEGLIGIBLE, InformationDesign  # noqa: E402
 from orchestrator.inference import ModelComparison, generator  # noqa: E402
 from orchestrator.models import build_truth  # noqa: E402
 from orchestrator.models.views import ParticleView  # noqa: E402
@@ -361,6 +367,197 @@ class LookaheadDesign(InformationDesign):
         return self.finish(best_x, f"two-step lookahead {best:.4f} nats", best, t0, strategy=self.name)
 
 
+class SampledTruthGain(_OutcomeMI):
+    """Expected increase of log P(m_k) when the response comes from hypothesis h_k, averaged over
+    the draws (nats). `views`/`log_probs`: the models' predictives and probabilities; `draws`:
+    (index of the hypothesis' model in `views`, the hypothesis' own predictive view)."""
+
+    def __init__(self, views: Sequence[View], log_probs: torch.Tensor, draws: Sequence[tuple[int, View]],
+                 space: Any, likelihood: Any) -> None:
+        if not draws:
+            raise ValueError("SampledTruthGain needs at least one draw")
+        normalised = log_probs - torch.logsumexp(log_probs, 0)
+        # the draws join the outcome grid with the weight of their share, so their counts are covered
+        share = torch.full((len(draws),), -torch.log(torch.tensor(float(len(draws)))).item(), dtype=normalised.dtype)
+        super().__init__(list(views) + [v for _, v in draws], space, likelihood, torch.cat([normalised, share]))
+        self.n_models = len(views)
+        self.log_probs = normalised
+        self.draw_models = [int(j) for j, _ in draws]
+
+    @concatenate_pending_points
+    @t_batch_mode_transform()
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        ws, ps, b, q = self._per_point(X)
+        stacked, exact = self._stack_q(ps, q)
+        if exact:
+            return self._gain(ws, stacked)
+        return sum(self._gain(ws, [p[:, :, j, :] for p in stacked]) for j in range(q))  # type: ignore[return-value]
+
+    def _gain(self, ws: list[torch.Tensor], ps: list[torch.Tensor]) -> torch.Tensor:
+        mixes = [_mix(w, p) for w, p in zip(ws, ps)]  # (b, K) each
+        tiny = torch.finfo(mixes[0].dtype).tiny
+        pm = torch.stack(mixes[: self.n_models])
+        pi = self.log_probs.exp().to(pm.dtype)
+        log_total = torch.log(torch.einsum("m,mbk->bk", pi, pm).clamp_min(tiny))
+        log_pm = torch.log(pm.clamp_min(tiny))
+        gains = [(pt * (log_pm[j] - log_total)).sum(-1)
+                 for j, pt in zip(self.draw_models, mixes[self.n_models:])]
+        return torch.stack(gains).mean(0).to(torch.float64)
+
+
+def draw_hypotheses(views: Sequence[View], log_probs: torch.Tensor, k: int,
+                    gen: torch.Generator) -> list[tuple[int, View]]:
+    """`k` hypotheses from the posterior: a model index by probability, then one particle by weight
+    (a view without particles, the GP's, is kept whole). Deterministic given `gen`."""
+    p = (log_probs - torch.logsumexp(log_probs, 0)).exp()
+    out: list[tuple[int, View]] = []
+    for j in torch.multinomial(p, k, replacement=True, generator=gen).tolist():
+        view = views[j]
+        if isinstance(view, ParticleView):
+            w = (view.logw - torch.logsumexp(view.logw, 0)).exp()
+            i = int(torch.multinomial(w, 1, generator=gen))
+            theta = {name: v[i:i + 1] for name, v in view.theta.items()}
+            view = ParticleView(view.candidate, theta, torch.zeros(1, dtype=view.logw.dtype))
+        out.append((j, view))
+    return out
+
+
+class PosteriorSamplingDesign(InformationDesign):
+    """Benchmark experiment, not a product design: posterior sampling over the truth. Each
+    discriminating decision draws `draws` hypotheses (a model by P(m), then one of its particles by
+    weight; a GP draw keeps the GP's predictive), seeded by (seed, trial), and presents the
+    stimulus that maximises `SampledTruthGain`, the oracle's expected gain of log P(drawn model)
+    averaged over the draws (one draw: the oracle's rule for a plausible neuron; many: I(M; y)).
+    Plain MI once a model has P >= `until`; characterization as `mutual_information`."""
+
+    name = "posterior_sampling"
+
+    def __init__(self, protocol: Any, seed: int, settings: dict[str, Any] | None = None, mode: str = "auto") -> None:
+        super().__init__(protocol, seed, settings, mode)
+        self.draws = int(self.settings.get("draws", 1))
+        if self.draws < 1:
+            raise ValueError(f"design.settings.draws: must be at least 1, not {self.draws}")
+        self.until = float(self.settings.get("until", 1.0))
+        if not 0.0 < self.until <= 1.0:
+            raise ValueError(f"design.settings.until: must be in (0, 1], not {self.until}")
+
+    def _acquisition(self, comparison: Any, trial_index: int) -> tuple[Any, str, str]:
+        acq, why, strategy = super()._acquisition(comparison, trial_index)
+        if isinstance(acq, ParameterInformation):
+            return acq, why, strategy
+        logp = comparison.log_probabilities()
+        if float(logp.exp().max()) >= self.until:
+            return acq, why, strategy
+        names = comparison.model_names
+        alive = [i for i in range(len(names)) if float(logp[i].exp()) >= NEGLIGIBLE]
+        draws = draw_hypotheses(acq.views, acq.log_probs, self.draws, generator(self.seed, trial_index, 0x75))
+        gain = SampledTruthGain(acq.views, acq.log_probs, draws, self.space, acq.likelihood)
+        drawn = ", ".join(names[alive[j]] for j, _ in draws)
+        return (gain, f"posterior sampling ({why.split(':')[0]}; drawn: {drawn}): "
+                      "max expected gain of log P(drawn model)", self.name)
+
+
+class JointInformation(ModelDiscriminationMI):
+    """I(M; y) + lam * I(theta; y | M): the discrimination MI plus `lam` times each model's parameter
+    information weighted by its probability (lam = 1: the information about (model, parameters))."""
+
+    def __init__(self, views: list[Any], log_probs: torch.Tensor, space: Any, likelihood: Any, lam: float) -> None:
+        super().__init__(views, log_probs, space, likelihood)
+        self.lam = float(lam)
+
+    def _mi(self, ws: list[torch.Tensor], ps: list[torch.Tensor]) -> torch.Tensor:
+        pi = self.log_probs.exp()
+        info = sum(float(pi[m]) * ParameterInformation._info(w, p) for m, (w, p) in enumerate(zip(ws, ps)))
+        return super()._mi(ws, ps) + self.lam * info
+
+
+class JointDesign(InformationDesign):
+    """Benchmark experiment, not a product design: discriminate by `JointInformation`, lam = `lam`
+    x ((1 - max P(m)) / 0.6) ** `decay` while max P(m) < `until` (then plain MI)."""
+
+    name = "joint"
+
+    def __init__(self, protocol: Any, seed: int, settings: dict[str, Any] | None = None) -> None:
+        s = dict(settings or {})
+        self.lam = float(s.pop("lam", 1.0))
+        self.decay = float(s.pop("decay", 0.0))
+        self.until = float(s.pop("until", 1.0))
+        super().__init__(protocol, seed, s)
+
+    def _acquisition(self, comparison: Any, trial_index: int) -> tuple[Any, str, str]:
+        acq, why, strategy = super()._acquisition(comparison, trial_index)
+        if isinstance(acq, ParameterInformation):
+            return acq, why, strategy
+        top = float(comparison.log_probabilities().exp().max())
+        if top >= self.until:
+            return acq, why, strategy
+        lam = self.lam * ((1 - top) / 0.6) ** self.decay  # 0.6: 1 - the prior's largest P(m)
+        return (JointInformation(acq.views, acq.log_probs, self.space, acq.likelihood, lam),
+                f"joint information, lam {lam:.3f}", self.name)
+
+
+class DecisionUtility(ModelDiscriminationMI):
+    """Expected value of a utility of the next model posterior instead of its entropy: "maxp"
+    E_y[max_m P(m | y)] - max_m P(m), "brier" E_y[sum_m P(m | y)^2] - sum_m P(m)^2, "cross"
+    P(max_m P(m | y) >= `level`), "logodds" E_y[max_m log-odds of P(m | y)] - that of now, "doubt"
+    E_y[-log(1 - max_m P(m | y))] - that of now, "meanlogodds" E_y[sum_m P(m | y) log-odds P(m | y)],
+    "cross_logodds" cross + 0.1 logodds (the log-odds break cross's ties far from the level)."""
+
+    def __init__(self, views: list[Any], log_probs: torch.Tensor, space: Any, likelihood: Any, kind: str,
+                 level: float = 0.95) -> None:
+        super().__init__(views, log_probs, space, likelihood)
+        self.kind, self.level = kind, level
+
+    def _mi(self, ws: list[torch.Tensor], ps: list[torch.Tensor]) -> torch.Tensor:
+        pm = torch.stack([_mix(w, p) for w, p in zip(ws, ps)]).to(torch.float64)  # (M, b, K)
+        pi = self.log_probs.exp().to(pm.dtype)
+        joint = pi[:, None, None] * pm  # P(m) p_m(y)
+        py = joint.sum(0)  # (b, K)
+        post = joint / py.clamp_min(1e-300)
+        if self.kind == "maxp":
+            return (py * post.max(0).values).sum(-1) - float(pi.max())
+        if self.kind == "brier":
+            return (py * (post ** 2).sum(0)).sum(-1) - float((pi ** 2).sum())
+        if self.kind == "cross":
+            return (py * (post.max(0).values >= self.level)).sum(-1)
+        top = post.max(0).values.clamp(1e-12, 1 - 1e-12)
+        now = float(pi.max())
+        if self.kind == "doubt":
+            return -(py * torch.log1p(-top)).sum(-1) + math.log1p(-now)
+        if self.kind == "meanlogodds":
+            q = post.clamp(1e-12, 1 - 1e-12)
+            return (py * (post * torch.log(q / (1 - q))).sum(0)).sum(-1)
+        logodds = (py * torch.log(top / (1 - top))).sum(-1) - math.log(now / (1 - now))
+        if self.kind == "cross_logodds":
+            return (py * (post.max(0).values >= self.level)).sum(-1) + 0.1 * logodds
+        return logodds
+
+
+class UtilityDesign(InformationDesign):
+    """Benchmark experiment, not a product design: discriminate by `DecisionUtility` (`kind`: an index
+    into KINDS), characterize as `mutual_information`."""
+
+    name = "utility"
+    KINDS = ("maxp", "brier", "cross", "logodds", "doubt", "cross_logodds", "meanlogodds")
+
+    def __init__(self, protocol: Any, seed: int, settings: dict[str, Any] | None = None) -> None:
+        s = dict(settings or {})
+        self.kind = self.KINDS[int(s.pop("kind", 0))]
+        self.level = float(s.pop("level", 0.95))
+        super().__init__(protocol, seed, s)
+
+    def _acquisition(self, comparison: Any, trial_index: int) -> tuple[Any, str, str]:
+        acq, why, strategy = super()._acquisition(comparison, trial_index)
+        if isinstance(acq, ParameterInformation):
+            return acq, why, strategy
+        return (DecisionUtility(acq.views, acq.log_probs, self.space, acq.likelihood, self.kind, self.level),
+                f"expected {self.kind}", self.name)
+
+
+BENCHMARK_DESIGNS: dict[str, Any] = {"posterior_sampling": PosteriorSamplingDesign, "joint": JointDesign,
+                                     "utility": UtilityDesign}
+
+
 def design_for(protocol: Any, seed: int, truth: Any, design: str) -> Any:
     """A strategy by name, or one of the benchmark's references: "oracle" (knows the neuron),
     "model_oracle" (knows only which model is true: the oracle's gain with the response drawn from
@@ -372,6 +569,13 @@ def design_for(protocol: Any, seed: int, truth: Any, design: str) -> Any:
         return OracleDesign(protocol, seed, truth, knows_parameters=False)
     if design == "lookahead":
         return LookaheadDesign(protocol, seed)
+    name, _, rest = design.partition("/")
+    if name in BENCHMARK_DESIGNS:  # e.g. "posterior_sampling/draws=4/until=0.9"
+        settings = dict(protocol.design.settings or {})
+        for item in filter(None, rest.split("/")):
+            key, _, value = item.partition("=")
+            settings[key] = float(value) if "." in value else int(value)
+        return BENCHMARK_DESIGNS[name](protocol, seed, settings)
     return make_design(protocol, seed, design)
 
 
@@ -428,18 +632,24 @@ def trials_to(protocol: Any, truth_spec: str, design: str, seed: int, cap: int) 
     comparison = ModelComparison.from_protocol(protocol, seed)
     strategy = design_for(protocol, seed, truth, design)
     first: dict[str, int | None] = {str(c): None for c in CRITERIA}
+    leader: dict[str, str | None] = {str(c): None for c in CRITERIA}  # the first model to cross c
     times = []
     for i in range(cap):
         t0 = time.perf_counter()
         d = strategy.propose(comparison, i)
         times.append((time.perf_counter() - t0) * 1000)
         comparison.update(d.stimulus, truth.sample(d.stimulus, np.random.default_rng([seed, i])))
-        p = comparison.probabilities()[truth.model_name]
+        probs = comparison.probabilities()
+        p = probs[truth.model_name]
+        name, top = max(probs.items(), key=lambda kv: kv[1])
         for c in CRITERIA:
             if first[str(c)] is None and p >= c:
                 first[str(c)] = i + 1
+            if leader[str(c)] is None and top >= c:
+                leader[str(c)] = name
         if first[str(CRITERIA[-1])] is not None:
             break
+    first.update({f"wrong_{c}": leader[str(c)] not in (None, truth.model_name) for c in CRITERIA})
     return first, times
 
 
@@ -481,6 +691,7 @@ def trials(protocol_text: str, designs: list[str], caps: dict[str, int], subject
         cap = caps[label]
         entry: dict = {"cap": cap}
         for c in map(str, CRITERIA):
+            entry[f"wrong_first_crossing_{c}"] = sum(bool(r[2].get(f"wrong_{c}")) for r in rows)
             vals = [r[2][c] for r in rows]
             entry[f"median_trials_to_{c}"] = censored_median(vals, cap)
             entry[f"mean_trials_to_{c}"] = round(statistics.mean(v if v is not None else cap + 1 for v in vals), 2)
