@@ -184,23 +184,6 @@ def test_grid_refuses_a_scale_that_is_not_positive() -> None:
         _grid(9).set_scale(0.0)
 
 
-def test_grid_predictive_cdf_is_the_mixture_of_the_components_cdfs() -> None:
-    """The predictive check's PIT: the posterior-weighted mixture of every component's Student-t CDF."""
-    from orchestrator.neural.check import pit
-
-    X, Y, _ = _data(T=12, N=5, seed=6)
-    Y[3, 2] = np.nan
-    grid = _grid(9)
-    grid.set_scale(1.0)
-    for x, y in zip(X[:-1], Y[:-1]):
-        grid.update(x, y)
-    w = grid.weights()
-    full = sum(w[i] * pit(Y[-1], df, loc[0], scale2[0])
-               for i, (df, loc, scale2) in grid.component_predictives(X[-1:], np.ones(grid.K, dtype=bool)))
-    np.testing.assert_allclose(grid.predictive_cdf(X[-1], Y[-1]), full, atol=2e-6)
-    np.testing.assert_allclose(grid.predictive_cdf(X[-1], Y[-1], dropped=0.0), full, rtol=1e-10)
-
-
 def test_held_out_scores_are_the_components_one_step_ahead_predictive() -> None:
     """A held-out trial read under any component gives that component's Student-t PIT, taken
     before the trial was absorbed; the check's trial count shrinks only for large populations."""

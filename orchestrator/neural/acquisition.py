@@ -12,7 +12,9 @@ by (Kolchinsky & Tracey 2017, "Estimating mixture entropy with pairwise distance
     I(M; Y) >= - sum_i p_i log sum_j p_j exp(-D_ij)
 
 which is 0 when every model predicts the same and log(#models) (the most one trial can tell) when
-they are far apart.
+they are far apart. It is smooth in the image, so gradient synthesis can climb it; the same function
+scores a pool. ``PopulationDiscrimination`` is a BoTorch AcquisitionFunction over flattened pixels
+(batch x q=1 x C*H*W), so it plugs into BoTorch's optimizers as well as plain torch ones.
 
 A pipelined design plans trial t from the readouts before trial t - 1, whose image is known but
 whose response is not yet (orchestrator.neural.designs). That pending trial is not ignored: with
@@ -21,9 +23,7 @@ response and the new one (per unit, covariance sigma^2 [[1 + x_p' S x_p, x_p' S 
 1 + x' S x]]), the distances are those of these bivariate Gaussians, and the bound is on
 I(model; both responses): maximising it over the new image maximises what it adds to the pending
 one (BoTorch's ``X_pending``, here for a fixed image), so the design does not spend a trial on
-what the pending trial will already tell. It is smooth in the image, so gradient synthesis can climb it; the same function
-scores a pool. ``PopulationDiscrimination`` is a BoTorch AcquisitionFunction over flattened pixels
-(batch x q=1 x C*H*W), so it plugs into BoTorch's optimizers as well as plain torch ones.
+what the pending trial will already tell.
 """
 from __future__ import annotations
 

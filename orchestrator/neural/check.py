@@ -12,8 +12,9 @@ not) and then the normal quantile function,
 
 which for a well-specified model are independent standard normal draws (prequential PIT, exact
 under the model whatever the design). Objective: over the latest ``WINDOW`` trials (at least
-``required_trials``: 8, or down to 4 for populations large enough that they give 160 scores), the leader's z must have mean square within ``TOLERANCE`` standard errors of 1
-(its predictive spread is right) and mean fourth power within ``TOLERANCE`` standard errors of 3
+``required_trials``: 8, or down to 4 for populations large enough that they give 160 scores),
+the leader's z must have mean square within ``TOLERANCE`` standard errors of 1 (its predictive
+spread is right) and mean fourth power within ``TOLERANCE`` standard errors of 3
 (no heavy tails: the images where a linear readout fails show up as outliers), and the mean of z
 per trial across units (a shared miss) must have mean square within ``TOLERANCE`` standard
 errors of 1, and so must the per-trial sum of z^2 across units, standardised ((sum z^2 - n) /

@@ -201,13 +201,14 @@ class SynthesisDesign(BestOfPoolDesign):
             out, waited = self._compute(comparison, self.snapshots(comparison, lagged=lagged), trial_index,
                                         pending), False
         res = out["result"]
-        shown = res.pixels if res.score >= out["best_pool"] else comparison.pool[out["best_pool_index"]]
+        pool_wins = res.score < out["best_pool"]  # synthesis never does worse than the pool it started from
+        shown = comparison.pool[out["best_pool_index"]] if pool_wins else res.pixels
         if self.pipeline:
             self._start_next(comparison, trial_index + 1, shown)
         info = {"source": "synthesized", "start_pool_index": res.start, "blend": res.blend,
                 "energy_ratio": res.energy_ratio, "pool_distance": self.pool_distance(res.pixels),
                 "best_pool_score": out["best_pool"], "pipelined": waited, "lag": 1 if self.pipeline else 0}
-        if res.score < out["best_pool"]:  # synthesis never does worse than the pool it started from
+        if pool_wins:
             i = out["best_pool_index"]
             info.update(source="pool", pool_index=i, pool_distance=0.0)
             return self.finish(_decide(comparison.pool[i], self.name, f"pool image {i} (synthesis did not beat it)",

@@ -313,24 +313,6 @@ class ReadoutGrid:
                 for k, j, ls, (df, loc, scale2) in self._predictive_blocks(features, live)
                 for i, l in enumerate(ls)]
 
-    def predictive_cdf(self, x: np.ndarray, y: np.ndarray, dropped: float = 1e-6) -> np.ndarray:
-        """P(Y_u <= y_u) under the grid's one-step-ahead predictive at features x (the mixture over
-        components), leaving out the least probable components of total weight <= `dropped`
-        (so each value is within 2 `dropped` of the full mixture's). NaN where y is NaN."""
-        w = self.weights()
-        order = np.argsort(w)[::-1]
-        keep = int(np.searchsorted(np.cumsum(w[order]), 1.0 - dropped)) + 1
-        live = np.zeros(self.K, dtype=bool)
-        live[order[:keep]] = True
-        w3 = w.reshape(self.shape)
-        u = np.zeros(self.n_units)
-        total = 0.0
-        for k, j, ls, (df, loc, scale2) in self._predictive_blocks(x[None], live):
-            weights = w3[k, j, ls]
-            u += weights @ stdtr(df, (y[None, :] - loc) / np.sqrt(scale2[:, 0, :]))
-            total += float(weights.sum())
-        return u / total
-
     def noise_variance(self) -> np.ndarray:
         """Posterior mean of each unit's noise variance under the most probable component."""
         st = self.state
