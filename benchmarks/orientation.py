@@ -387,11 +387,7 @@ class SampledTruthGain(_OutcomeMI):
     @concatenate_pending_points
     @t_batch_mode_transform()
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        ws, ps, b, q = self._per_point(X)
-        stacked, exact = self._stack_q(ps, q)
-        if exact:
-            return self._gain(ws, stacked)
-        return sum(self._gain(ws, [p[:, :, j, :] for p in stacked]) for j in range(q))  # type: ignore[return-value]
+        return self._summed_over_q(X, self._gain)
 
     def _gain(self, ws: list[torch.Tensor], ps: list[torch.Tensor]) -> torch.Tensor:
         mixes = [_mix(w, p) for w, p in zip(ws, ps)]  # (b, K) each

@@ -170,6 +170,17 @@ class _OutcomeMI(AcquisitionFunction):
             return [_joint(p, q) for p in ps], True
         return ps, False
 
+    def _summed_over_q(self, X: torch.Tensor,
+                       value: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+        """`value(weights, outcome tables)` of the q points of each batch at X (b, q, d): of their joint
+        outcome when it is small enough to enumerate (MAX_JOINT_OUTCOMES), else summed over the
+        points one at a time."""
+        ws, ps, _, q = self._per_point(X)
+        stacked, exact = self._stack_q(ps, q)
+        if exact:
+            return value(ws, stacked)
+        return sum(value(ws, [p[:, :, j, :] for p in stacked]) for j in range(q))  # type: ignore[return-value]
+
 
 class ModelDiscriminationMI(_OutcomeMI):
     """I(model identity; next response(s)) under current model probabilities (nats)."""
@@ -183,11 +194,7 @@ class ModelDiscriminationMI(_OutcomeMI):
     @concatenate_pending_points
     @t_batch_mode_transform()
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        ws, ps, b, q = self._per_point(X)
-        stacked, exact = self._stack_q(ps, q)
-        if exact:
-            return self._mi(ws, stacked)
-        return sum(self._mi(ws, [p[:, :, j, :] for p in stacked]) for j in range(q))  # type: ignore[return-value]
+        return self._summed_over_q(X, self._mi)
 
     def _mi(self, ws: list[torch.Tensor], ps: list[torch.Tensor]) -> torch.Tensor:
         pm = torch.stack([_mix(w, p) for w, p in zip(ws, ps)])  # (M, b, K) p_m(y)
@@ -207,11 +214,7 @@ class ParameterInformation(_OutcomeMI):
     @concatenate_pending_points
     @t_batch_mode_transform()
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        ws, ps, b, q = self._per_point(X)
-        stacked, exact = self._stack_q(ps, q)
-        if exact:
-            return self._info(ws[0], stacked[0])
-        return sum(self._info(ws[0], stacked[0][:, :, j, :]) for j in range(q))  # type: ignore[return-value]
+        return self._summed_over_q(X, lambda ws, ps: self._info(ws[0], ps[0]))
 
     @staticmethod
     def _info(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
