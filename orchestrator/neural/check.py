@@ -24,16 +24,18 @@ them into the overall spread so that z^2 and z^4 pool to 1 and 3. Failing any of
 declaration; the session goes on and the check is re-evaluated each trial.
 benchmarks/population_calibration.py measures what it blocks and costs.
 
-The second gate is trial-level (``RivalTest``; opt-in, ``stopping.rival_test: true``). P(model)
-sums log predictive densities over units as if each unit's miss were independent of the others'.
-When every candidate misfits the population in a way its units share (an image the readouts
-cannot explain moves many units at once), one trial's evidence differences are correlated across
-units and their sum over-counts the evidence. The test asks that the leader also predict better
-trial by trial: with D_t = log p_leader(y_t) - log p_rival(y_t), the whole population's
-one-step-ahead log density difference on trial t, treated as independent across trials (a
-Diebold-Mariano test of equal predictive accuracy), mean(D) / se(D) must reach the Student-t
-quantile (1 - RIVAL_ALPHA, T - 1) against every rival. It is conservative: it ignores what the
-models know about the noise, so it needs more trials than P(model) does when the readouts fit.
+The second gate is trial-level (``RivalTest``). P(model) sums log predictive densities over
+units as if each unit's miss were independent of the others'. When every candidate misfits the
+population in a way its units share (an image the readouts cannot explain moves many units at
+once), one trial's evidence differences are correlated across units and their sum over-counts the
+evidence. So the leader must also predict better trial by trial: with D_t = log p_leader(y_t) -
+log p_rival(y_t), the whole population's one-step-ahead log density difference on trial t,
+treated as independent across trials (a Diebold-Mariano statistic of equal predictive accuracy),
+mean(D) / se(D) must exceed ``stopping.rival_lead`` (default 1) against every rival. A lead that
+one trial carries while the others are even scores exactly 1, so by default no single trial can
+decide. ``stopping.rival_test: true`` asks instead for the Student-t quantile (1 - RIVAL_ALPHA,
+T - 1), a test at that level; it is conservative: it ignores what the models know about the
+noise, so it needs more trials than P(model) does when the readouts fit.
 benchmarks/README.md (Population) gives what it blocks and costs, with and without the learned
 noise level.
 """
@@ -166,17 +168,22 @@ class RivalTest:
             return float("inf") if diff.mean() > 0 else float("-inf") if diff.mean() < 0 else 0.0
         return float(diff.mean() / se)
 
-    def blocker(self, leader: str) -> str | None:
-        """Why `leader`'s lead is not yet shown trial by trial (None = it is, against every rival)."""
+    def blocker(self, leader: str, lead: float | None = None) -> str | None:
+        """Why `leader`'s lead is not yet shown trial by trial (None = it is, against every rival).
+
+        Without `lead` the advantage must reach the Student-t quantile (the test); with it, it must
+        exceed `lead` standard errors (the default gate, 1: a lead that one trial carries while the
+        others are even scores exactly 1)."""
         trials = self.trials
+        what = "rival test" if lead is None else "rival lead"
         if trials < 2:
-            return f"rival test needs 2 compared trials, has {trials}"
-        needed = float(student_t.ppf(1.0 - RIVAL_ALPHA, trials - 1))
+            return f"{what} needs 2 compared trials, has {trials}"
+        needed = float(student_t.ppf(1.0 - RIVAL_ALPHA, trials - 1)) if lead is None else float(lead)
         for rival in self.names:
             if rival == leader:
                 continue
             z = self.advantage(leader, rival)
-            if not z >= needed:
-                return (f"rival test: {leader!r} predicts better than {rival!r} by {z:.2f} standard errors "
-                        f"over {trials} trials (needs {needed:.2f})")
+            if not (z >= needed if lead is None else z > needed + 1e-9):  # exactly 1 must not pass by round-off
+                return (f"{what}: {leader!r} predicts better than {rival!r} by {z:.2f} standard errors "
+                        f"over {trials} trials (needs {'' if lead is None else 'more than '}{needed:.2f})")
         return None

@@ -12,9 +12,10 @@ over units), which the readouts' offsets are relative to, so the offset prior me
 around the population's level" whatever the units' overall rate, and its scale (the units' mean
 squared deviation from the centre), which the learned noise levels are relative to
 (orchestrator.neural.hyper), so P(model) does not depend on the units responses come in. A model
-is declared only when its own held-out predictions pass orchestrator.neural.check and, with
-``stopping.rival_test``, its lead over every rival holds trial by trial, not only summed over
-units (``declaration_blocker``).
+is declared only when its own held-out predictions pass orchestrator.neural.check and its lead
+over every rival holds trial by trial, not only summed over units: by more than
+``stopping.rival_lead`` standard errors (default 1, so that no single trial carries it), or with
+``stopping.rival_test`` by the Student-t test (``declaration_blocker``).
 
 The object quacks like orchestrator.inference.ModelComparison (update / probabilities / summary),
 so the engine, the simulator and the designs treat both alike.
@@ -205,11 +206,15 @@ class PopulationComparison:
 
     def declaration_blocker(self, name: str) -> str | None:
         """Why `name` may not be declared now (orchestrator.neural.check): its held-out predictions misfit,
-        or (with ``stopping.rival_test``) its lead over a rival is not consistent across trials."""
+        or its lead over a rival rests on too few trials (``stopping.rival_lead`` standard errors, or
+        with ``stopping.rival_test`` the Student-t test)."""
         own = self.checks[self.model_names.index(name)].blocker()
-        if own is not None or not self.protocol.stopping.rival_test:
+        stopping = self.protocol.stopping
+        if own is not None:
             return own
-        return self.rivals.blocker(name)
+        if stopping.rival_test:
+            return self.rivals.blocker(name)
+        return self.rivals.blocker(name, lead=stopping.rival_lead) if stopping.rival_lead > 0 else None
 
     # -- model probabilities ------------------------------------------------------------------------
 

@@ -28,6 +28,9 @@ class StoppingSpec(Strict):
     #: population sessions: a leader is declared only when it also predicts better trial by trial
     #: (orchestrator.neural.check.RivalTest)
     rival_test: bool = False
+    #: population sessions: the leader's trial-by-trial lead over every rival, in standard errors,
+    #: must exceed this (1: the lead does not rest on one trial; 0: no such gate)
+    rival_lead: float = Field(default=1.0, ge=0)
 
 
 class RigSpec(Strict):
