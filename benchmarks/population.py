@@ -10,11 +10,12 @@ the truth rotates over the candidates, seeds are fixed. Cells:
 
 Designs: population_synthesis (trust region), population_pool (best of the 1,000-image pool),
 population_random_pool, population_random_noise. A session declares the leader at P >= .99 only
-when its held-out predictive check passes (PopulationComparison.declaration_blocker). The design
-costs are benchmarks/population_costs.py.
+when its held-out predictive check passes and its trial-by-trial lead over every rival exceeds
+stopping.rival_lead standard errors (PopulationComparison.declaration_blocker; ``--rival-lead 0``
+measures the check alone). The design costs are benchmarks/population_costs.py.
 
     python benchmarks/population.py [--sessions 4] [--max-trials 80] [--quick] [--cells near_miss,standard:100]
-                                    [--jobs 2] > population.json
+                                    [--jobs 2] [--rival-lead 1] > population.json
 
 Per design, ``median_trials_to_99`` is over the sessions that decided correctly;
 ``median_trials_censored`` counts an undecided or wrong session as ``--max-trials`` (a lower bound
@@ -89,14 +90,18 @@ def cells(quick: bool, only: str = "") -> list[dict[str, Any]]:
 _CELL_CACHE: dict[str, tuple[Any, PopulationComparison]] = {}
 
 
-def _cell_session(job: tuple[dict[str, Any], str, int, int]) -> dict[str, Any]:
-    """One session of one cell and design (a process-pool job: builds its own protocol and comparison)."""
-    cell, design, s, max_trials = job
+def _cell_session(job: tuple[dict[str, Any], str, int, int, float | None]) -> dict[str, Any]:
+    """One session of one cell and design (a process-pool job: builds its own protocol and comparison);
+    `rival_lead` overrides the protocol's stopping.rival_lead when not None."""
+    cell, design, s, max_trials, rival_lead = job
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    key = _cell_key(cell)
+    key = f"{_cell_key(cell)}:{rival_lead}"
     if key not in _CELL_CACHE:  # the pool's features are computed once per cell and process
         protocol = protocol_for(cell["models"], cell["units"])
+        if rival_lead is not None:
+            protocol = protocol.model_copy(update={"stopping": protocol.stopping.model_copy(
+                update={"rival_lead": rival_lead})})
         _CELL_CACHE[key] = (protocol, PopulationComparison.from_protocol(protocol, 0))
     protocol, base = _CELL_CACHE[key]
     names = [m["name"] for m in cell["models"]]
@@ -124,24 +129,27 @@ def main() -> None:
     parser.add_argument("--designs", default=",".join(DESIGNS))
     parser.add_argument("--cells", default="", help="comma-separated cells (name or name:units); default all")
     parser.add_argument("--jobs", type=int, default=1, help="sessions run in this many processes")
+    parser.add_argument("--rival-lead", type=float, default=None,
+                        help="stopping.rival_lead for every session (default: the protocol's, 1; 0 = no lead gate)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0]},
                               "settings": {"sessions_per_cell": args.sessions, "max_trials": args.max_trials,
-                                           "jobs": args.jobs,
+                                           "jobs": args.jobs, "rival_lead": args.rival_lead,
                                            "synthesis": SYNTH, "pool_images": 1000, "image": [32, 32]},
                               "cells": []}
     all_sessions = []
     selected = cells(args.quick, args.cells)
     designs = args.designs.split(",")
-    jobs = [(cell, design, s, args.max_trials) for cell in selected for design in designs for s in range(args.sessions)]
+    jobs = [(cell, design, s, args.max_trials, args.rival_lead)
+            for cell in selected for design in designs for s in range(args.sessions)]
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
             done = list(pool.map(_cell_session, jobs))
     else:
         done = [_cell_session(job) for job in jobs]
-    by_job = {(_cell_key(cell), design, s): out for (cell, design, s, _), out in zip(jobs, done)}
+    by_job = {(_cell_key(cell), design, s): out for (cell, design, s, *_), out in zip(jobs, done)}
     for cell in selected:
         row: dict[str, Any] = {k: cell[k] for k in ("cell", "units", "ev")}
         row["models"] = [m["name"] for m in cell["models"]]

@@ -132,14 +132,19 @@ def main() -> None:
     parser.add_argument("--gate", action="store_true", help="declare only when declaration_blocker is None")
     parser.add_argument("--rival-test", action="store_true",
                         help="with --gate: also the trial-level rival test (stopping.rival_test)")
+    parser.add_argument("--rival-lead", type=float, default=None,
+                        help="with --gate: stopping.rival_lead (default: the protocol's, 1; 0 = no lead gate)")
     parser.add_argument("--pixels", action="store_true", help="features through the network per image")
     parser.add_argument("--readout", default="", help="JSON readout entry for every model")
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     protocol = protocol_for(args.units, args.noise, json.loads(args.readout) if args.readout else None)
-    if args.rival_test:
-        protocol = protocol.model_copy(update={"stopping": protocol.stopping.model_copy(update={"rival_test": True})})
+    stopping = {"rival_test": True} if args.rival_test else {}
+    if args.rival_lead is not None:
+        stopping["rival_lead"] = args.rival_lead
+    if stopping:
+        protocol = protocol.model_copy(update={"stopping": protocol.stopping.model_copy(update=stopping)})
     base = PopulationComparison.from_protocol(protocol, 0)
     names = base.model_names
     sessions = []
