@@ -19,7 +19,9 @@ measures the check alone). The design costs are benchmarks/population_costs.py.
 
 Per design, ``median_trials_to_99`` is over the sessions that decided correctly;
 ``median_trials_censored`` counts an undecided or wrong session as ``--max-trials`` (a lower bound
-on the median trials to a correct decision, comparable across designs when some never decide).
+on the median trials to a correct decision, comparable across designs when some never decide);
+``own_check_only`` gives the same figures for the same sessions had the predictive check alone
+gated the declaration.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def run_session(protocol: Any, base: PopulationComparison, truth_spec: str, desi
     truth = build_population_truth(protocol, truth_spec, base)
     design = make_design(protocol, seed, design_name)
     trace, decision_ms, distance = [], [], []
+    own_check_only: tuple[int, str] | None = None  # where the predictive check alone would have declared
     for i in range(max_trials):
         t0 = time.perf_counter()
         d = design.propose(comparison, i)
@@ -58,13 +61,29 @@ def run_session(protocol: Any, base: PopulationComparison, truth_spec: str, desi
         probs = comparison.probabilities()
         leader, p = max(probs.items(), key=lambda kv: kv[1])
         trace.append((leader, p))
-        if p >= 0.99 and i + 1 >= 3 and comparison.declaration_blocker(leader) is None:
-            break
+        if p >= 0.99 and i + 1 >= 3:
+            if own_check_only is None and comparison.checks[comparison.model_names.index(leader)].blocker() is None:
+                own_check_only = (i + 1, leader)
+            if comparison.declaration_blocker(leader) is None:
+                break
     leader, p = trace[-1]
     decided = p >= 0.99 and comparison.declaration_blocker(leader) is None
     return {"truth": truth.model_name, "trials": len(trace), "decided": decided,
             "wrong": decided and leader != truth.model_name, "trace": trace,
+            "own_check_only": None if own_check_only is None else
+            {"trials": own_check_only[0], "wrong": own_check_only[1] != truth.model_name},
             "decision_ms_median": float(np.median(decision_ms)), "pool_distance_mean": float(np.mean(distance))}
+
+
+def _own_check_only(sessions: list[dict[str, Any]], max_trials: int) -> dict[str, Any]:
+    """The same sessions' figures had the leader been declared once its predictive check passed,
+    without the trial-level gate (the sessions are identical up to that trial, so one run measures both)."""
+    rows = [x["own_check_only"] for x in sessions]
+    right = [r["trials"] for r in rows if r is not None and not r["wrong"]]
+    censored = [r["trials"] if r is not None and not r["wrong"] else max_trials for r in rows]
+    return {"median_trials_to_99": float(np.median(right)) if right else None,
+            "median_trials_censored": float(np.median(censored)),
+            "undecided": sum(r is None for r in rows), "wrong": sum(r is not None and r["wrong"] for r in rows)}
 
 
 def _cell_key(cell: dict[str, Any]) -> str:
@@ -163,7 +182,8 @@ def main() -> None:
                            "undecided": sum(not x["decided"] for x in sessions),
                            "wrong": sum(x["wrong"] for x in sessions),
                            "decision_ms_median": round(float(np.median([x["decision_ms_median"] for x in sessions])), 1),
-                           "pool_distance_mean": round(float(np.mean([x["pool_distance_mean"] for x in sessions])), 4)}
+                           "pool_distance_mean": round(float(np.mean([x["pool_distance_mean"] for x in sessions])), 4),
+                           "own_check_only": _own_check_only(sessions, args.max_trials)}
             print(json.dumps({"progress": row["cell"], "units": row["units"], "design": design, **row[design]}), file=sys.stderr)
         result["cells"].append(row)
     result["calibration"] = calibration(all_sessions)

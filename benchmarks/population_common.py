@@ -15,7 +15,7 @@ CNN_A = {"name": "cnn_a", "module": "orchestrator.neural.zoo:tiny_cnn", "setting
 CNN_B = {"name": "cnn_b", "module": "orchestrator.neural.zoo:tiny_cnn", "settings": {"seed": 2, "width": 16, "grid": 4}}
 NEAR = {"name": "cnn_a_near", "module": "orchestrator.neural.zoo:mixed_cnn",
         "settings": {"seed": 1, "mix_seed": 7, "mix": 0.95, "width": 16, "grid": 4}}
-SYNTH = {"starts": 2, "random_starts": 1, "steps": 15}
+SYNTH: dict[str, Any] = {}  # the product default: 3 best-pool starts + 1 random, 30 Adam steps
 
 
 def protocol_for(models: list[dict], units: int, size: int = 32, noise: str = "poisson",
