@@ -39,14 +39,14 @@ def test_the_default_lead_gate_refuses_a_lead_that_one_trial_carries() -> None:
     for trials in (3, 8, 30):
         one = _test_with([9.0] + [0.0] * (trials - 1))
         assert one.advantage("a", "b") == pytest.approx(1.0)
-        reason = one.blocker("a", lead=1.0)
+        reason = one.blocker("a", min_lead=1.0)
         assert reason is not None and reason.startswith("rival lead: 'a' predicts better than 'b'")
         assert "needs more than 1.00" in reason
         two = _test_with([9.0, 9.0] + [0.0] * (trials - 2))
-        assert two.blocker("a", lead=1.0) is None  # sqrt(2 (T - 1) / (T - 2)) > 1 standard errors
-        assert "rival lead" in two.blocker("b", lead=1.0)
-    assert _test_with([9.0, 9.0, -9.0, 0.0]).blocker("a", lead=1.0) is not None
-    assert "rival lead needs 2 compared trials" in _test_with([5.0]).blocker("a", lead=1.0)
+        assert two.blocker("a", min_lead=1.0) is None  # sqrt(2 (T - 1) / (T - 2)) > 1 standard errors
+        assert "rival lead" in two.blocker("b", min_lead=1.0)
+    assert _test_with([9.0, 9.0, -9.0, 0.0]).blocker("a", min_lead=1.0) is not None
+    assert "rival lead needs 2 compared trials" in _test_with([5.0]).blocker("a", min_lead=1.0)
 
 
 def test_the_threshold_is_the_student_t_quantile() -> None:
@@ -96,14 +96,8 @@ def test_the_comparison_feeds_the_rival_test_its_evidence_increments(tmp_path: P
     assert held_back >= 1 and declared >= 1
 
 
-def test_by_default_the_own_check_and_the_lead_gate_decide(tmp_path: Path) -> None:
-    """By default (stopping.rival_test false, rival_lead 1) a model passing its own check is held
-    back only while its trial-by-trial lead is 1 standard error or less; rival_lead 0 leaves the
-    own check alone."""
-    torch.set_num_threads(1)
-    path = population_protocol(tmp_path, units=8, noise="gaussian", strategy="population_random_pool")
-    protocol = load_protocol(path).protocol
-    assert not protocol.stopping.rival_test and protocol.stopping.rival_lead == 1.0
+def _four_random_pool_trials(protocol: object) -> PopulationComparison:
+    """A comparison that has seen four random pool images answered by a cnn_a population."""
     comparison = PopulationComparison.from_protocol(protocol, 0)
     pop = build_population_truth(protocol, "cnn_a:ev=0.3,seed=4", comparison)
     rng = np.random.default_rng(3)
@@ -112,9 +106,21 @@ def test_by_default_the_own_check_and_the_lead_gate_decide(tmp_path: Path) -> No
         ref = f"{image:064x}"
         comparison._cache.setdefault(ref, [c.features.pool_features[image].numpy() for c in comparison.candidates])
         comparison.update({"image": ref}, np.asarray(pop.sample({}, rng, features=pop.features.pool_features[image].numpy())))
+    return comparison
+
+
+def test_by_default_the_own_check_and_the_lead_gate_decide(tmp_path: Path) -> None:
+    """By default (stopping.rival_test false, rival_lead 1) a model passing its own check is held
+    back only while its trial-by-trial lead is 1 standard error or less; rival_lead 0 leaves the
+    own check alone."""
+    torch.set_num_threads(1)
+    path = population_protocol(tmp_path, units=8, noise="gaussian", strategy="population_random_pool")
+    protocol = load_protocol(path).protocol
+    assert not protocol.stopping.rival_test and protocol.stopping.rival_lead == 1.0
+    comparison = _four_random_pool_trials(protocol)
     for name in comparison.model_names:
         own = comparison.checks[comparison.model_names.index(name)].blocker()
-        lead = comparison.rivals.blocker(name, lead=1.0)
+        lead = comparison.rivals.blocker(name, min_lead=1.0)
         assert comparison.declaration_blocker(name) == (own if own is not None else lead)
     trailing = [n for n in comparison.model_names if comparison._trial_level_lead(n) <= 1.0]
     assert trailing  # at most one model can lead every rival
@@ -132,14 +138,7 @@ def test_without_the_lead_gate_the_own_check_alone_decides(tmp_path: Path) -> No
     path.write_text(path.read_text().replace("min_trials: 3", "min_trials: 3\n  rival_lead: 0"))
     protocol = load_protocol(path).protocol
     assert not protocol.stopping.rival_test and protocol.stopping.rival_lead == 0
-    comparison = PopulationComparison.from_protocol(protocol, 0)
-    pop = build_population_truth(protocol, "cnn_a:ev=0.3,seed=4", comparison)
-    rng = np.random.default_rng(3)
-    for _ in range(4):
-        image = int(rng.integers(len(comparison.pool)))
-        ref = f"{image:064x}"
-        comparison._cache.setdefault(ref, [c.features.pool_features[image].numpy() for c in comparison.candidates])
-        comparison.update({"image": ref}, np.asarray(pop.sample({}, rng, features=pop.features.pool_features[image].numpy())))
+    comparison = _four_random_pool_trials(protocol)
     for name in comparison.model_names:
         assert comparison.declaration_blocker(name) == comparison.checks[comparison.model_names.index(name)].blocker()
     assert len(comparison.rivals.log_densities) == 3

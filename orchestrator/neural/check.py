@@ -168,22 +168,23 @@ class RivalTest:
             return float("inf") if diff.mean() > 0 else float("-inf") if diff.mean() < 0 else 0.0
         return float(diff.mean() / se)
 
-    def blocker(self, leader: str, lead: float | None = None) -> str | None:
+    def blocker(self, leader: str, min_lead: float | None = None) -> str | None:
         """Why `leader`'s lead is not yet shown trial by trial (None = it is, against every rival).
 
-        Without `lead` the advantage must reach the Student-t quantile (the test); with it, it must
-        exceed `lead` standard errors (the default gate, 1: a lead that one trial carries while the
-        others are even scores exactly 1)."""
+        Without `min_lead` the advantage must reach the Student-t quantile (the test); with it, it
+        must exceed `min_lead` standard errors (the default gate, 1: a lead that one trial carries
+        while the others are even scores exactly 1)."""
         trials = self.trials
-        what = "rival test" if lead is None else "rival lead"
+        what = "rival test" if min_lead is None else "rival lead"
         if trials < 2:
             return f"{what} needs 2 compared trials, has {trials}"
-        needed = float(student_t.ppf(1.0 - RIVAL_ALPHA, trials - 1)) if lead is None else float(lead)
+        strict = min_lead is None
+        needed = float(student_t.ppf(1.0 - RIVAL_ALPHA, trials - 1)) if strict else float(min_lead)
         for rival in self.names:
             if rival == leader:
                 continue
             z = self.advantage(leader, rival)
-            if not (z >= needed if lead is None else z > needed + 1e-9):  # exactly 1 must not pass by round-off
+            if not (z >= needed if strict else z > needed + 1e-9):  # exactly 1 must not pass by round-off
                 return (f"{what}: {leader!r} predicts better than {rival!r} by {z:.2f} standard errors "
-                        f"over {trials} trials (needs {'' if lead is None else 'more than '}{needed:.2f})")
+                        f"over {trials} trials (needs {'' if strict else 'more than '}{needed:.2f})")
         return None

@@ -214,7 +214,7 @@ class PopulationComparison:
             return own
         if stopping.rival_test:
             return self.rivals.blocker(name)
-        return self.rivals.blocker(name, lead=stopping.rival_lead) if stopping.rival_lead > 0 else None
+        return self.rivals.blocker(name, min_lead=stopping.rival_lead) if stopping.rival_lead > 0 else None
 
     # -- model probabilities ------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ class StoppingSpec(Strict):
     #: (orchestrator.neural.check.RivalTest)
     rival_test: bool = False
     #: population sessions: the leader's trial-by-trial lead over every rival, in standard errors,
-    #: must exceed this (1: the lead does not rest on one trial; 0: no such gate)
+    #: must exceed this (1: no single trial can carry it; 0: no such gate)
     rival_lead: float = Field(default=1.0, ge=0)
 
 
