@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--cells", default="", help="comma-separated cells (name or name:units); default all")
     parser.add_argument("--jobs", type=int, default=1, help="sessions run in this many processes")
     parser.add_argument("--rival-lead", type=float, default=None,
-                        help="stopping.rival_lead for every session (default: the protocol's, 1; 0 = no lead gate)")
+                        help="stopping.rival_lead for every session (default: the protocol's, 1.5; 0 = no lead gate)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)

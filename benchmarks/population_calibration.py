@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--rival-test", action="store_true",
                         help="with --gate: also the trial-level rival test (stopping.rival_test)")
     parser.add_argument("--rival-lead", type=float, default=None,
-                        help="with --gate: stopping.rival_lead (default: the protocol's, 1; 0 = no lead gate)")
+                        help="with --gate: stopping.rival_lead (default: the protocol's, 1.5; 0 = no lead gate)")
     parser.add_argument("--pixels", action="store_true", help="features through the network per image")
     parser.add_argument("--readout", default="", help="JSON readout entry for every model")
     args = parser.parse_args()

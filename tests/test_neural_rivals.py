@@ -34,8 +34,9 @@ def test_a_consistent_lead_passes_and_a_lead_from_one_trial_does_not() -> None:
 
 
 def test_the_default_lead_gate_refuses_a_lead_that_one_trial_carries() -> None:
-    """stopping.rival_lead (default 1 standard error): one decisive trial among even ones scores
-    exactly 1 and is held back, so is any lead an opposing trial offsets; a lead two trials share passes."""
+    """The stopping.rival_lead gate at 1 standard error: one decisive trial among even ones scores
+    exactly 1 and is held back, so is any lead an opposing trial offsets; a lead two trials share
+    passes. At the default 1.5, two decisive trials of 10 (exactly 1.5) are held back, three pass."""
     for trials in (3, 8, 30):
         one = _test_with([9.0] + [0.0] * (trials - 1))
         assert one.advantage("a", "b") == pytest.approx(1.0)
@@ -47,6 +48,10 @@ def test_the_default_lead_gate_refuses_a_lead_that_one_trial_carries() -> None:
         assert "rival lead" in two.blocker("b", min_lead=1.0)
     assert _test_with([9.0, 9.0, -9.0, 0.0]).blocker("a", min_lead=1.0) is not None
     assert "rival lead needs 2 compared trials" in _test_with([5.0]).blocker("a", min_lead=1.0)
+    two_of_ten = _test_with([9.0, 9.0] + [0.0] * 8)
+    assert two_of_ten.advantage("a", "b") == pytest.approx(1.5)
+    assert "needs more than 1.50" in two_of_ten.blocker("a", min_lead=1.5)
+    assert _test_with([9.0, 9.0, 9.0] + [0.0] * 7).blocker("a", min_lead=1.5) is None
 
 
 def test_the_threshold_is_the_student_t_quantile() -> None:
@@ -110,19 +115,19 @@ def _four_random_pool_trials(protocol: object) -> PopulationComparison:
 
 
 def test_by_default_the_own_check_and_the_lead_gate_decide(tmp_path: Path) -> None:
-    """By default (stopping.rival_test false, rival_lead 1) a model passing its own check is held
-    back only while its trial-by-trial lead is 1 standard error or less; rival_lead 0 leaves the
+    """By default (stopping.rival_test false, rival_lead 1.5) a model passing its own check is held
+    back only while its trial-by-trial lead is 1.5 standard errors or less; rival_lead 0 leaves the
     own check alone."""
     torch.set_num_threads(1)
     path = population_protocol(tmp_path, units=8, noise="gaussian", strategy="population_random_pool")
     protocol = load_protocol(path).protocol
-    assert not protocol.stopping.rival_test and protocol.stopping.rival_lead == 1.0
+    assert not protocol.stopping.rival_test and protocol.stopping.rival_lead == 1.5
     comparison = _four_random_pool_trials(protocol)
     for name in comparison.model_names:
         own = comparison.checks[comparison.model_names.index(name)].blocker()
-        lead = comparison.rivals.blocker(name, min_lead=1.0)
+        lead = comparison.rivals.blocker(name, min_lead=1.5)
         assert comparison.declaration_blocker(name) == (own if own is not None else lead)
-    trailing = [n for n in comparison.model_names if comparison._trial_level_lead(n) <= 1.0]
+    trailing = [n for n in comparison.model_names if comparison._trial_level_lead(n) <= 1.5]
     assert trailing  # at most one model can lead every rival
     for check in comparison.checks:  # what the gate does once the own checks pass
         check.trials.clear()

@@ -31,9 +31,10 @@ once), one trial's evidence differences are correlated across units and their su
 evidence. So the leader must also predict better trial by trial: with D_t = log p_leader(y_t) -
 log p_rival(y_t), the whole population's one-step-ahead log density difference on trial t,
 treated as independent across trials (a Diebold-Mariano statistic of equal predictive accuracy),
-mean(D) / se(D) must exceed ``stopping.rival_lead`` (default 1) against every rival. A lead that
-one trial carries while the others are even scores exactly 1, so by default no single trial can
-decide. ``stopping.rival_test: true`` asks instead for the Student-t quantile (1 - RIVAL_ALPHA,
+mean(D) / se(D) must exceed ``stopping.rival_lead`` (default 1.5) against every rival. A lead that
+one trial carries while the others are even scores exactly 1, one that two trials carry
+sqrt(2 (T - 1) / (T - 2)) (1.5 at T = 10), so by default a lead resting on one or two images does
+not decide. benchmarks/README.md (Population) gives what the threshold costs and catches. ``stopping.rival_test: true`` asks instead for the Student-t quantile (1 - RIVAL_ALPHA,
 T - 1), a test at that level; it is conservative: it ignores what the models know about the
 noise, so it needs more trials than P(model) does when the readouts fit.
 benchmarks/README.md (Population) gives what it blocks and costs, with and without the learned
@@ -172,7 +173,7 @@ class RivalTest:
         """Why `leader`'s lead is not yet shown trial by trial (None = it is, against every rival).
 
         Without `min_lead` the advantage must reach the Student-t quantile (the test); with it, it
-        must exceed `min_lead` standard errors (the default gate, 1: a lead that one trial carries
+        must exceed `min_lead` standard errors (the default gate: a lead that one trial carries
         while the others are even scores exactly 1)."""
         trials = self.trials
         what = "rival test" if min_lead is None else "rival lead"

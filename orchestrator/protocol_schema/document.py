@@ -29,8 +29,8 @@ class StoppingSpec(Strict):
     #: (orchestrator.neural.check.RivalTest)
     rival_test: bool = False
     #: population sessions: the leader's trial-by-trial lead over every rival, in standard errors,
-    #: must exceed this (1: no single trial can carry it; 0: no such gate)
-    rival_lead: float = Field(default=1.0, ge=0)
+    #: must exceed this (1: no single trial can carry it; 1.5: nor two; 0: no such gate)
+    rival_lead: float = Field(default=1.5, ge=0)
 
 
 class RigSpec(Strict):
