@@ -33,7 +33,7 @@ def test_a_consistent_lead_passes_and_a_lead_from_one_trial_does_not() -> None:
     assert reason is not None and "'a' predicts better than 'b'" in reason and "12 trials" in reason
 
 
-def test_the_default_lead_gate_refuses_a_lead_that_one_trial_carries() -> None:
+def test_the_lead_gate_refuses_a_lead_that_one_or_two_trials_carry() -> None:
     """The stopping.rival_lead gate at 1 standard error: one decisive trial among even ones scores
     exactly 1 and is held back, so is any lead an opposing trial offsets; a lead two trials share
     passes. At the default 1.5, two decisive trials of 10 (exactly 1.5) are held back, three pass."""
@@ -116,8 +116,7 @@ def _four_random_pool_trials(protocol: object) -> PopulationComparison:
 
 def test_by_default_the_own_check_and_the_lead_gate_decide(tmp_path: Path) -> None:
     """By default (stopping.rival_test false, rival_lead 1.5) a model passing its own check is held
-    back only while its trial-by-trial lead is 1.5 standard errors or less; rival_lead 0 leaves the
-    own check alone."""
+    back only while its trial-by-trial lead is 1.5 standard errors or less."""
     torch.set_num_threads(1)
     path = population_protocol(tmp_path, units=8, noise="gaussian", strategy="population_random_pool")
     protocol = load_protocol(path).protocol

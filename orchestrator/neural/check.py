@@ -34,11 +34,10 @@ treated as independent across trials (a Diebold-Mariano statistic of equal predi
 mean(D) / se(D) must exceed ``stopping.rival_lead`` (default 1.5) against every rival. A lead that
 one trial carries while the others are even scores exactly 1, one that two trials carry
 sqrt(2 (T - 1) / (T - 2)) (1.5 at T = 10), so by default a lead resting on one or two images does
-not decide. benchmarks/README.md (Population) gives what the threshold costs and catches. ``stopping.rival_test: true`` asks instead for the Student-t quantile (1 - RIVAL_ALPHA,
-T - 1), a test at that level; it is conservative: it ignores what the models know about the
-noise, so it needs more trials than P(model) does when the readouts fit.
-benchmarks/README.md (Population) gives what it blocks and costs, with and without the learned
-noise level.
+not decide. ``stopping.rival_test: true`` asks instead for the Student-t quantile
+(1 - RIVAL_ALPHA, T - 1), a test at that level; it is conservative: it ignores what the models
+know about the noise, so it needs more trials than P(model) does when the readouts fit.
+benchmarks/README.md (Population) gives what each threshold blocks and costs.
 """
 from __future__ import annotations
 
@@ -176,16 +175,16 @@ class RivalTest:
         must exceed `min_lead` standard errors (the default gate: a lead that one trial carries
         while the others are even scores exactly 1)."""
         trials = self.trials
-        what = "rival test" if min_lead is None else "rival lead"
+        strict = min_lead is None
+        what = "rival test" if strict else "rival lead"
         if trials < 2:
             return f"{what} needs 2 compared trials, has {trials}"
-        strict = min_lead is None
         needed = float(student_t.ppf(1.0 - RIVAL_ALPHA, trials - 1)) if strict else float(min_lead)
         for rival in self.names:
             if rival == leader:
                 continue
             z = self.advantage(leader, rival)
-            if not (z >= needed if strict else z > needed + 1e-9):  # exactly 1 must not pass by round-off
+            if not (z >= needed if strict else z > needed + 1e-9):  # a tie must not pass by round-off
                 return (f"{what}: {leader!r} predicts better than {rival!r} by {z:.2f} standard errors "
                         f"over {trials} trials (needs {'' if strict else 'more than '}{needed:.2f})")
         return None

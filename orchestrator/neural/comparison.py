@@ -14,8 +14,8 @@ squared deviation from the centre), which the learned noise levels are relative 
 (orchestrator.neural.hyper), so P(model) does not depend on the units responses come in. A model
 is declared only when its own held-out predictions pass orchestrator.neural.check and its lead
 over every rival holds trial by trial, not only summed over units: by more than
-``stopping.rival_lead`` standard errors (default 1.5, so that one or two trials do not carry it), or with
-``stopping.rival_test`` by the Student-t test (``declaration_blocker``).
+``stopping.rival_lead`` standard errors (default 1.5, so that one or two trials do not carry it),
+or with ``stopping.rival_test`` by the Student-t test (``declaration_blocker``).
 
 The object quacks like orchestrator.inference.ModelComparison (update / probabilities / summary),
 so the engine, the simulator and the designs treat both alike.
