@@ -103,6 +103,7 @@ class RigWorker:
         self._ready_session: str | None = None  # read by the I/O thread for its heartbeats
         self._hb_now = False
         self._starting_session = False  # read by the I/O thread: silence is tolerated longer meanwhile
+        self._start_ended_at = 0.0  # monotonic; silence before a start ends is the start's, not the orchestrator's
 
     # ------------------------------------------------------------------ main thread
     def run(self, *, install_signal_handlers: bool = False) -> int:
@@ -159,6 +160,7 @@ class RigWorker:
             log.error("%s", self._session_error)
             self._post(("error", (None, None, "session_failed", self._session_error)))
         finally:
+            self._start_ended_at = time.monotonic()
             self._starting_session = False
 
     def _present(self, msg: m.Trial) -> tuple[str, Any]:
@@ -253,12 +255,13 @@ class RigWorker:
             poller.register(self._pipe_in, zmq.POLLIN)
             poller.register(mon, zmq.POLLIN)
             reason = ""
+            before = time.monotonic()
             while not self._stop.is_set():
                 wait_s = min(hb_s / 2, 0.1)
-                before = time.monotonic()
                 events = dict(poller.poll(wait_s * 1000))
                 now = time.monotonic()
-                stalled = now - before - wait_s
+                stalled = now - before - wait_s  # the whole pass since the last one, not only the poll
+                before = now
                 if stalled > hb_s:
                     # This thread was not scheduled (the adapter held the GIL, the machine is
                     # overloaded): a silence it could not hear is not the orchestrator's.
@@ -332,6 +335,7 @@ class RigWorker:
                 silence_limit = hb_s * liveness
                 if self._starting_session:  # as the server does: starting may keep this process busy
                     silence_limit = max(silence_limit, SESSION_START_GRACE_S)
+                last_recv = max(last_recv, self._start_ended_at)
                 if now - last_recv > silence_limit:
                     reason = (f"no word from the orchestrator for {now - last_recv:.2f} s"
                               + ("" if registered else " (no welcome: wrong address, orchestrator down, or this "
