@@ -96,6 +96,26 @@ def test_designs_are_deterministic_and_resume_replays_to_the_same_next_image(set
     assert any(d.info["pipelined"] for d in a[1:])
 
 
+def test_the_pending_images_features_are_computed_once_by_the_planner(setup) -> None:
+    """The background planner runs the networks on the image being shown; the trial's update then
+    reads those features (identical to a fresh pass) instead of computing them again."""
+    protocol, comparison, truth = setup
+    fresh = PopulationComparison.from_protocol(protocol, 0, pool=comparison.pool)
+    design = make_design(protocol, 0, "population_synthesis")
+    first = design.propose(fresh, 0)
+    fresh.update(first.stimulus, truth.sample(first.stimulus, np.random.default_rng(0), pixels=first.pixels),
+                 pixels=first.pixels / 255.0)
+    second = design.propose(fresh, 1)  # starts planning trial 2 with this image pending
+    design.close()
+    cached = fresh._cache[second.stimulus["image"]]
+    for planned, recomputed in zip(cached, fresh.features_of(second.pixels / 255.0)):
+        np.testing.assert_array_equal(planned, recomputed)
+    before = dict(fresh._cache)
+    fresh.update(second.stimulus, truth.sample(second.stimulus, np.random.default_rng(1), pixels=second.pixels),
+                 pixels=second.pixels / 255.0)
+    assert fresh.latest_features is before[second.stimulus["image"]]
+
+
 def test_pool_and_noise_baselines(setup) -> None:
     protocol, comparison, truth = setup
     _, design, pool = _run(protocol, comparison.pool, truth, "population_pool", 3)

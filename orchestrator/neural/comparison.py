@@ -168,6 +168,11 @@ class PopulationComparison:
         with torch.no_grad(), flushed_denormals():
             return [c.features(t)[0].numpy() for c in self.candidates]
 
+    def remember_features(self, image_ref: str, features: list[np.ndarray]) -> None:
+        """Features of an image about to be shown, computed elsewhere (the background planner needs
+        them for the pending trial), so :meth:`update` does not run the networks on it again."""
+        self._cache[image_ref] = features
+
     def update(self, stimulus: dict[str, Any], response: Any, pixels: np.ndarray | None = None) -> None:
         """Absorb one trial: the image (by reference, or its pixels) and the (N,) response, NaN masked."""
         y = np.asarray(response, dtype=np.float64)

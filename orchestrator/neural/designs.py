@@ -228,11 +228,15 @@ class SynthesisDesign(BestOfPoolDesign):
         the session's first (which is not compared)."""
         snaps = self.snapshots(comparison)  # copies: the thread never sees later updates
         compared = comparison.n_observations >= 1
-        pixels = to_uint8(shown).astype(np.float64) / 255.0  # exactly what update() will see
+        shown_uint8 = to_uint8(shown)
+        pixels = shown_uint8.astype(np.float64) / 255.0  # exactly what update() will see
         box: dict[str, Any] = {}
 
         def work() -> None:
-            pending = comparison.features_of(pixels) if compared else None
+            pending = None
+            if compared:
+                pending = comparison.features_of(pixels)
+                comparison.remember_features(image_sha256(shown_uint8), pending)
             box.update(self._compute(comparison, snaps, next_index, pending))
 
         # not a daemon: the interpreter waits for it at exit instead of killing torch mid-computation
