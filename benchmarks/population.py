@@ -11,11 +11,13 @@ the truth rotates over the candidates, seeds are fixed. Cells:
 Designs: population_synthesis (trust region), population_pool (best of the 1,000-image pool),
 population_random_pool, population_random_noise. A session declares the leader at P >= .99 only
 when its held-out predictive check passes and its trial-by-trial lead over every rival exceeds
-stopping.rival_lead standard errors (PopulationComparison.declaration_blocker; ``--rival-lead 0``
-measures the check alone). The design costs are benchmarks/population_costs.py.
+stopping.rival_lead standard errors, and P(leader) still reaches .99 with each rival's evidence gap
+cut by stopping.evidence_margin standard errors (PopulationComparison.declaration_blocker;
+``--rival-lead 0 --evidence-margin 0`` measures the check alone). The design costs are
+benchmarks/population_costs.py.
 
     python benchmarks/population.py [--sessions 4] [--max-trials 80] [--quick] [--cells near_miss,standard:100]
-                                    [--jobs 2] [--rival-lead 1] > population.json
+                                    [--jobs 2] [--rival-lead 1] [--evidence-margin 0] > population.json
 
 Per design, ``median_trials_to_99`` is over the sessions that decided correctly;
 ``median_trials_censored`` counts an undecided or wrong session as ``--max-trials`` (a lower bound
@@ -50,6 +52,8 @@ def run_session(protocol: Any, base: PopulationComparison, truth_spec: str, desi
     truth = build_population_truth(protocol, truth_spec, base)
     design = make_design(protocol, seed, design_name)
     trace, decision_ms, distance = [], [], []
+    # per trial: leader, P, check passes, least rival lead, P discounted by one standard error
+    steps: list[tuple[str, float, bool, float | None, float | None]] = []
     own_check_only: tuple[int, str] | None = None  # where the predictive check alone would have declared
     for i in range(max_trials):
         t0 = time.perf_counter()
@@ -61,8 +65,14 @@ def run_session(protocol: Any, base: PopulationComparison, truth_spec: str, desi
         probs = comparison.probabilities()
         leader, p = max(probs.items(), key=lambda kv: kv[1])
         trace.append((leader, p))
+        check_passes = comparison.checks[comparison.model_names.index(leader)].blocker() is None
+        lead = min((comparison.rivals.advantage(leader, r) for r in comparison.model_names if r != leader),
+                   default=float("nan"))
+        discounted = comparison.rivals.discounted_probability(leader, comparison.log_probabilities().tolist(), 1.0)
+        steps.append((leader, round(p, 6), check_passes, None if np.isnan(lead) else round(lead, 4),
+                      None if np.isnan(discounted) else float(discounted)))
         if p >= 0.99 and i + 1 >= 3:
-            if own_check_only is None and comparison.checks[comparison.model_names.index(leader)].blocker() is None:
+            if own_check_only is None and check_passes:
                 own_check_only = (i + 1, leader)
             if comparison.declaration_blocker(leader) is None:
                 break
@@ -72,7 +82,8 @@ def run_session(protocol: Any, base: PopulationComparison, truth_spec: str, desi
             "wrong": decided and leader != truth.model_name, "trace": trace,
             "own_check_only": None if own_check_only is None else
             {"trials": own_check_only[0], "wrong": own_check_only[1] != truth.model_name},
-            "decision_ms_median": float(np.median(decision_ms)), "pool_distance_mean": float(np.mean(distance))}
+            "decision_ms_median": float(np.median(decision_ms)), "pool_distance_mean": float(np.mean(distance)),
+            "steps": steps}
 
 
 def _own_check_only(sessions: list[dict[str, Any]], max_trials: int) -> dict[str, Any]:
@@ -109,18 +120,17 @@ def cells(quick: bool, only: str = "") -> list[dict[str, Any]]:
 _CELL_CACHE: dict[str, tuple[Any, PopulationComparison]] = {}
 
 
-def _cell_session(job: tuple[dict[str, Any], str, int, int, float | None]) -> dict[str, Any]:
+def _cell_session(job: tuple[dict[str, Any], str, int, int, dict[str, float]]) -> dict[str, Any]:
     """One session of one cell and design (a process-pool job: builds its own protocol and comparison);
-    `rival_lead` overrides the protocol's stopping.rival_lead when not None."""
-    cell, design, s, max_trials, rival_lead = job
+    `stopping` overrides the protocol's stopping fields it names."""
+    cell, design, s, max_trials, stopping = job
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    key = f"{_cell_key(cell)}:{rival_lead}"
+    key = f"{_cell_key(cell)}:{sorted(stopping.items())}"
     if key not in _CELL_CACHE:  # the pool's features are computed once per cell and process
         protocol = protocol_for(cell["models"], cell["units"])
-        if rival_lead is not None:
-            protocol = protocol.model_copy(update={"stopping": protocol.stopping.model_copy(
-                update={"rival_lead": rival_lead})})
+        if stopping:
+            protocol = protocol.model_copy(update={"stopping": protocol.stopping.model_copy(update=stopping)})
         _CELL_CACHE[key] = (protocol, PopulationComparison.from_protocol(protocol, 0))
     protocol, base = _CELL_CACHE[key]
     names = [m["name"] for m in cell["models"]]
@@ -143,26 +153,39 @@ def calibration(sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=4, help="sessions per cell and design")
+    parser.add_argument("--first-session", type=int, default=0,
+                        help="index of the first session (its seeds and truth); later indices give sessions not yet seen")
     parser.add_argument("--max-trials", type=int, default=80)
+    parser.add_argument("--sessions-out", default="",
+                        help="write every session here as JSON lines (truth; per trial the leader, P, check, least "
+                             "rival lead, P discounted by one standard error): a run with strict gates lets any "
+                             "laxer rule be evaluated from it")
     parser.add_argument("--quick", action="store_true", help="two cells only")
     parser.add_argument("--designs", default=",".join(DESIGNS))
     parser.add_argument("--cells", default="", help="comma-separated cells (name or name:units); default all")
     parser.add_argument("--jobs", type=int, default=1, help="sessions run in this many processes")
     parser.add_argument("--rival-lead", type=float, default=None,
                         help="stopping.rival_lead for every session (default: the protocol's, 1.5; 0 = no lead gate)")
+    parser.add_argument("--evidence-margin", type=float, default=None,
+                        help="stopping.evidence_margin for every session (default: the protocol's, 1; 0 = none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0]},
-                              "settings": {"sessions_per_cell": args.sessions, "max_trials": args.max_trials,
+                              "settings": {"sessions_per_cell": args.sessions, "first_session": args.first_session,
+                                           "max_trials": args.max_trials,
                                            "jobs": args.jobs, "rival_lead": args.rival_lead,
+                                           "evidence_margin": args.evidence_margin,
                                            "synthesis": SYNTH, "pool_images": 1000, "image": [32, 32]},
                               "cells": []}
     all_sessions = []
     selected = cells(args.quick, args.cells)
     designs = args.designs.split(",")
-    jobs = [(cell, design, s, args.max_trials, args.rival_lead)
-            for cell in selected for design in designs for s in range(args.sessions)]
+    indices = range(args.first_session, args.first_session + args.sessions)
+    stopping = {k: v for k, v in (("rival_lead", args.rival_lead), ("evidence_margin", args.evidence_margin))
+                if v is not None}
+    jobs = [(cell, design, s, args.max_trials, stopping)
+            for cell in selected for design in designs for s in indices]
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
             done = list(pool.map(_cell_session, jobs))
@@ -173,7 +196,7 @@ def main() -> None:
         row: dict[str, Any] = {k: cell[k] for k in ("cell", "units", "ev")}
         row["models"] = [m["name"] for m in cell["models"]]
         for design in designs:
-            sessions = [by_job[(_cell_key(cell), design, s)] for s in range(args.sessions)]
+            sessions = [by_job[(_cell_key(cell), design, s)] for s in indices]
             all_sessions.extend(sessions)
             decided = [x["trials"] for x in sessions if x["decided"] and not x["wrong"]]
             censored = [x["trials"] if x["decided"] and not x["wrong"] else args.max_trials for x in sessions]
@@ -186,6 +209,11 @@ def main() -> None:
                            "own_check_only": _own_check_only(sessions, args.max_trials)}
             print(json.dumps({"progress": row["cell"], "units": row["units"], "design": design, **row[design]}), file=sys.stderr)
         result["cells"].append(row)
+    if args.sessions_out:
+        with open(args.sessions_out, "w") as fh:
+            for (cell, design, s, *_), out in zip(jobs, done):
+                fh.write(json.dumps({"cell": _cell_key(cell), "design": design, "session": s,
+                                     **{k: out[k] for k in ("truth", "trials", "decided", "wrong", "steps")}}) + "\n")
     result["calibration"] = calibration(all_sessions)
     result["machine"]["load_avg_end"] = os.getloadavg()[0]
     json.dump(result, sys.stdout, indent=1)

@@ -134,6 +134,8 @@ def main() -> None:
                         help="with --gate: also the trial-level rival test (stopping.rival_test)")
     parser.add_argument("--rival-lead", type=float, default=None,
                         help="with --gate: stopping.rival_lead (default: the protocol's, 1.5; 0 = no lead gate)")
+    parser.add_argument("--evidence-margin", type=float, default=None,
+                        help="with --gate: stopping.evidence_margin (default: the protocol's, 1; 0 = none)")
     parser.add_argument("--pixels", action="store_true", help="features through the network per image")
     parser.add_argument("--readout", default="", help="JSON readout entry for every model")
     args = parser.parse_args()
@@ -143,6 +145,8 @@ def main() -> None:
     stopping = {"rival_test": True} if args.rival_test else {}
     if args.rival_lead is not None:
         stopping["rival_lead"] = args.rival_lead
+    if args.evidence_margin is not None:
+        stopping["evidence_margin"] = args.evidence_margin
     if stopping:
         protocol = protocol.model_copy(update={"stopping": protocol.stopping.model_copy(update=stopping)})
     base = PopulationComparison.from_protocol(protocol, 0)

@@ -29,5 +29,6 @@ def protocol_for(models: list[dict], units: int, size: int = 32, noise: str = "p
            "stimulus": {"type": "image", "size": [size, size], "pool_size": 1000},
            "response": {"kind": "population", "units": units, "noise": noise, "window_s": 0.5},
            "models": models, "design": {"strategy": strategy, "settings": SYNTH},
+           "stopping": {"model_probability": 0.99, "min_trials": 3},  # the sessions' own loops stop at .99
            "safety": {"mean_luminance": {"min": 0.4, "max": 0.6}, "rms_contrast": {"max": 0.35}}}
     return parse_protocol_text(yaml.safe_dump(doc)).protocol

@@ -54,6 +54,46 @@ def test_the_lead_gate_refuses_a_lead_that_one_or_two_trials_carry() -> None:
     assert _test_with([9.0, 9.0, 9.0] + [0.0] * 7).blocker("a", min_lead=1.5) is None
 
 
+def _equal_prior_log_probs(total: float) -> list[float]:
+    """Normalised log P of two models with equal priors whose evidence differs by `total` nats."""
+    return [-float(np.logaddexp(0.0, -total)), -float(np.logaddexp(0.0, total))]
+
+
+def test_the_evidence_margin_cuts_each_rivals_gap_by_its_standard_error() -> None:
+    """stopping.evidence_margin: P(leader) recomputed with the log odds against the rival lowered by
+    margin x sqrt(T) sd(D). Twelve steady trials keep their probability; the same 12 nats from one
+    trial among even ones have a summed standard error of 12, so one standard error leaves P = .5."""
+    rng = np.random.default_rng(0)
+    steady = _test_with(list(1.0 + 0.1 * rng.standard_normal(12)))
+    lumpy = _test_with([12.0] + [0.0] * 11)
+    for test in (steady, lumpy):
+        diffs = test.log_densities[:, 0]
+        log_probs = _equal_prior_log_probs(float(diffs.sum()))
+        assert test.discounted_probability("a", log_probs, 0.0) == pytest.approx(np.exp(log_probs[0]))
+        se = float(diffs.std(ddof=1) * np.sqrt(diffs.size))
+        assert test.summed_se("a", "b") == pytest.approx(se)
+        assert test.discounted_probability("a", log_probs, 1.0) == pytest.approx(1.0 / (1.0 + np.exp(-(diffs.sum() - se))))
+    assert lumpy.summed_se("a", "b") == pytest.approx(12.0)
+    assert steady.margin_blocker("a", _equal_prior_log_probs(float(steady.log_densities[:, 0].sum())), 1.0, 0.99) is None
+    reason = lumpy.margin_blocker("a", _equal_prior_log_probs(12.0), 1.0, 0.99)
+    assert reason == ("evidence margin: P('a') is 0.5000 with each rival's evidence gap cut by 1 standard "
+                      "error(s) over 12 trials (needs 0.99)")
+    assert "needs 2 compared trials" in _test_with([5.0]).margin_blocker("a", _equal_prior_log_probs(5.0), 1.0, 0.99)
+
+
+def test_the_evidence_margin_sums_over_every_rival() -> None:
+    """With three models the discounted P(leader) is 1 / (1 + sum_r exp(-(log odds_r - margin se_r)))."""
+    test = RivalTest(["a", "b", "c"])
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        test.add([1.0 + rng.standard_normal(), 0.0, 0.5 * rng.standard_normal()])
+    table = test.log_densities
+    lp = table.sum(0) - np.logaddexp.reduce(table.sum(0))
+    gaps = [lp[0] - lp[j] - 2.0 * np.std(table[:, 0] - table[:, j], ddof=1) * np.sqrt(10) for j in (1, 2)]
+    assert test.discounted_probability("a", lp.tolist(), 2.0) == pytest.approx(1.0 / (1.0 + np.exp(-np.array(gaps)).sum()))
+    assert test.discounted_probability("a", lp.tolist(), 2.0) < test.discounted_probability("a", lp.tolist(), 1.0) < np.exp(lp[0])
+
+
 def test_the_threshold_is_the_student_t_quantile() -> None:
     from scipy.stats import t as student_t
 
@@ -114,18 +154,22 @@ def _four_random_pool_trials(protocol: object) -> PopulationComparison:
     return comparison
 
 
-def test_by_default_the_own_check_and_the_lead_gate_decide(tmp_path: Path) -> None:
-    """By default (stopping.rival_test false, rival_lead 1.5) a model passing its own check is held
-    back only while its trial-by-trial lead is 1.5 standard errors or less."""
+def test_by_default_the_own_check_the_lead_gate_and_the_evidence_margin_decide(tmp_path: Path) -> None:
+    """By default (stopping.rival_test false, rival_lead 1.5, evidence_margin 1) a model passing its
+    own check is held back while its trial-by-trial lead is 1.5 standard errors or less, and then
+    while its probability, each rival's gap cut by one standard error, is below model_probability."""
     torch.set_num_threads(1)
     path = population_protocol(tmp_path, units=8, noise="gaussian", strategy="population_random_pool")
     protocol = load_protocol(path).protocol
-    assert not protocol.stopping.rival_test and protocol.stopping.rival_lead == 1.5
+    stopping = protocol.stopping
+    assert not stopping.rival_test and stopping.rival_lead == 1.5 and stopping.evidence_margin == 1.0
     comparison = _four_random_pool_trials(protocol)
     for name in comparison.model_names:
         own = comparison.checks[comparison.model_names.index(name)].blocker()
         lead = comparison.rivals.blocker(name, min_lead=1.5)
-        assert comparison.declaration_blocker(name) == (own if own is not None else lead)
+        margin = comparison.rivals.margin_blocker(name, comparison.log_probabilities().tolist(), 1.0,
+                                                  stopping.model_probability)
+        assert comparison.declaration_blocker(name) == (own if own is not None else lead if lead is not None else margin)
     trailing = [n for n in comparison.model_names if comparison._trial_level_lead(n) <= 1.5]
     assert trailing  # at most one model can lead every rival
     for check in comparison.checks:  # what the gate does once the own checks pass
@@ -133,15 +177,23 @@ def test_by_default_the_own_check_and_the_lead_gate_decide(tmp_path: Path) -> No
         check.trials.extend(np.random.default_rng(0).standard_normal((8, 8)))
     for name in trailing:
         assert comparison.declaration_blocker(name).startswith("rival lead:")
+    comparison.protocol = protocol.model_copy(update={"stopping": stopping.model_copy(update={"rival_lead": 0.0})})
+    probs = comparison.probabilities()
+    for name in comparison.model_names:  # without the lead gate the margin alone follows the own check
+        expected = comparison.rivals.margin_blocker(name, comparison.log_probabilities().tolist(), 1.0, 0.99)
+        assert comparison.declaration_blocker(name) == expected
+        if probs[name] < 0.99:
+            assert expected.startswith(f"evidence margin: P({name!r}) is ")
 
 
 def test_without_the_lead_gate_the_own_check_alone_decides(tmp_path: Path) -> None:
-    """stopping.rival_lead: 0 and rival_test false: the rival statistics are computed for the summary, not a gate."""
+    """stopping.rival_lead and evidence_margin 0, rival_test false: the rival statistics are computed for
+    the summary, not a gate."""
     torch.set_num_threads(1)
     path = population_protocol(tmp_path, units=8, noise="gaussian", strategy="population_random_pool")
-    path.write_text(path.read_text().replace("min_trials: 3", "min_trials: 3\n  rival_lead: 0"))
+    path.write_text(path.read_text().replace("min_trials: 3", "min_trials: 3\n  rival_lead: 0\n  evidence_margin: 0"))
     protocol = load_protocol(path).protocol
-    assert not protocol.stopping.rival_test and protocol.stopping.rival_lead == 0
+    assert not protocol.stopping.rival_test and protocol.stopping.rival_lead == 0 == protocol.stopping.evidence_margin
     comparison = _four_random_pool_trials(protocol)
     for name in comparison.model_names:
         assert comparison.declaration_blocker(name) == comparison.checks[comparison.model_names.index(name)].blocker()

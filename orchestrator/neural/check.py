@@ -37,6 +37,15 @@ sqrt(2 (T - 1) / (T - 2)) (1.5 at T = 10), so by default a lead resting on one o
 not decide. ``stopping.rival_test: true`` asks instead for the Student-t quantile
 (1 - RIVAL_ALPHA, T - 1), a test at that level; it is conservative: it ignores what the models
 know about the noise, so it needs more trials than P(model) does when the readouts fit.
+
+The third gate weighs the evidence itself by how much it rests on a few images. The leader's
+log odds against a rival are the sum of D over the compared trials (plus the prior's), and
+sqrt(T) sd(D) is how much that sum would vary with other images of the same design. With each
+rival's log odds cut by ``stopping.evidence_margin`` (default 1) such standard errors, P(leader)
+must still reach ``stopping.model_probability`` (``RivalTest.discounted_probability``). A lead of
+z standard errors keeps the fraction 1 - margin / z of its log odds: a steady lead that P(model)
+carries far past the threshold passes at once, a lead just past the threshold on a z of 1.5 to 2
+(the wrong declarations of misspecified populations) does not.
 benchmarks/README.md (Population) gives what each threshold blocks and costs.
 """
 from __future__ import annotations
@@ -167,6 +176,40 @@ class RivalTest:
         if se == 0.0:
             return float("inf") if diff.mean() > 0 else float("-inf") if diff.mean() < 0 else 0.0
         return float(diff.mean() / se)
+
+    def summed_se(self, leader: str, rival: str) -> float:
+        """Standard error of the leader's summed per-trial advantage over `rival`, sqrt(T) sd(D)
+        (NaN below 2 trials): how much the evidence gap would vary with other images."""
+        if self.trials < 2:
+            return float("nan")
+        table = self.log_densities
+        diff = table[:, self.names.index(leader)] - table[:, self.names.index(rival)]
+        return float(diff.std(ddof=1) * np.sqrt(diff.size))
+
+    def discounted_probability(self, leader: str, log_probs: Sequence[float], margin: float) -> float:
+        """P(leader) from normalised `log_probs` (one per name) after every rival's log odds against
+        it are cut by `margin` standard errors of their summed trial-by-trial difference: the
+        probability at the low end of what other images would have given (NaN below 2 trials)."""
+        if self.trials < 2:
+            return float("nan")
+        i = self.names.index(leader)
+        gaps = np.array([log_probs[i] - log_probs[j] - margin * self.summed_se(leader, rival)
+                         for j, rival in enumerate(self.names) if j != i], dtype=np.float64)
+        if gaps.size == 0:
+            return 1.0
+        return float(np.exp(-np.logaddexp(0.0, np.logaddexp.reduce(-gaps))))
+
+    def margin_blocker(self, leader: str, log_probs: Sequence[float], margin: float,
+                       threshold: float) -> str | None:
+        """Why `leader`'s probability does not reach `threshold` once discounted by `margin`
+        standard errors (None = it does; see :meth:`discounted_probability`)."""
+        p = self.discounted_probability(leader, log_probs, margin)
+        if self.trials < 2:
+            return f"evidence margin needs 2 compared trials, has {self.trials}"
+        if p >= threshold:
+            return None
+        return (f"evidence margin: P({leader!r}) is {p:.4f} with each rival's evidence gap cut by "
+                f"{margin:g} standard error(s) over {self.trials} trials (needs {threshold:g})")
 
     def blocker(self, leader: str, min_lead: float | None = None) -> str | None:
         """Why `leader`'s lead is not yet shown trial by trial (None = it is, against every rival).

@@ -15,7 +15,9 @@ squared deviation from the centre), which the learned noise levels are relative 
 is declared only when its own held-out predictions pass orchestrator.neural.check and its lead
 over every rival holds trial by trial, not only summed over units: by more than
 ``stopping.rival_lead`` standard errors (default 1.5, so that one or two trials do not carry it),
-or with ``stopping.rival_test`` by the Student-t test (``declaration_blocker``).
+or with ``stopping.rival_test`` by the Student-t test, and P(model) must still reach the stopping
+threshold with each rival's evidence gap cut by ``stopping.evidence_margin`` standard errors of it
+(default 1; ``declaration_blocker``).
 
 The object quacks like orchestrator.inference.ModelComparison (update / probabilities / summary),
 so the engine, the simulator and the designs treat both alike.
@@ -211,15 +213,22 @@ class PopulationComparison:
 
     def declaration_blocker(self, name: str) -> str | None:
         """Why `name` may not be declared now (orchestrator.neural.check): its held-out predictions misfit,
-        or its lead over a rival rests on too few trials (``stopping.rival_lead`` standard errors, or
-        with ``stopping.rival_test`` the Student-t test)."""
+        its lead over a rival rests on too few trials (``stopping.rival_lead`` standard errors, or
+        with ``stopping.rival_test`` the Student-t test), or its probability falls below the
+        stopping threshold once each rival's evidence gap is cut by ``stopping.evidence_margin``
+        standard errors."""
         own = self.checks[self.model_names.index(name)].blocker()
         stopping = self.protocol.stopping
         if own is not None:
             return own
         if stopping.rival_test:
-            return self.rivals.blocker(name)
-        return self.rivals.blocker(name, min_lead=stopping.rival_lead) if stopping.rival_lead > 0 else None
+            lead = self.rivals.blocker(name)
+        else:
+            lead = self.rivals.blocker(name, min_lead=stopping.rival_lead) if stopping.rival_lead > 0 else None
+        if lead is not None or not stopping.evidence_margin or stopping.model_probability is None:
+            return lead
+        return self.rivals.margin_blocker(name, self.log_probabilities().tolist(), stopping.evidence_margin,
+                                          stopping.model_probability)
 
     # -- model probabilities ------------------------------------------------------------------------
 

@@ -31,6 +31,9 @@ class StoppingSpec(Strict):
     #: population sessions: the leader's trial-by-trial lead over every rival, in standard errors,
     #: must exceed this (1: no single trial can carry it; 1.5: nor two; 0: no such gate)
     rival_lead: float = Field(default=1.5, ge=0)
+    #: population sessions: P(leader) must reach model_probability even with each rival's evidence
+    #: gap cut by this many standard errors of its trial-by-trial sum (0: the plain P(model))
+    evidence_margin: float = Field(default=1.0, ge=0)
 
 
 class RigSpec(Strict):
