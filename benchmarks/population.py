@@ -66,10 +66,10 @@ def run_session(protocol: Any, base: PopulationComparison, truth_spec: str, desi
         leader, p = max(probs.items(), key=lambda kv: kv[1])
         trace.append((leader, p))
         check_passes = comparison.checks[comparison.model_names.index(leader)].blocker() is None
-        lead = min((comparison.rivals.advantage(leader, r) for r in comparison.model_names if r != leader),
-                   default=float("nan"))
+        least_lead = min((comparison.rivals.advantage(leader, r) for r in comparison.model_names if r != leader),
+                         default=float("nan"))
         discounted = comparison.rivals.discounted_probability(leader, comparison.log_probabilities().tolist(), 1.0)
-        steps.append((leader, round(p, 6), check_passes, None if np.isnan(lead) else round(lead, 4),
+        steps.append((leader, round(p, 6), check_passes, None if np.isnan(least_lead) else round(least_lead, 4),
                       None if np.isnan(discounted) else float(discounted)))
         if p >= 0.99 and i + 1 >= 3:
             if own_check_only is None and check_passes:

@@ -179,7 +179,7 @@ def test_by_default_the_own_check_the_lead_gate_and_the_evidence_margin_decide(t
         assert comparison.declaration_blocker(name).startswith("rival lead:")
     comparison.protocol = protocol.model_copy(update={"stopping": stopping.model_copy(update={"rival_lead": 0.0})})
     probs = comparison.probabilities()
-    for name in comparison.model_names:  # without the lead gate the margin alone follows the own check
+    for name in comparison.model_names:  # rival_lead 0: the margin alone follows the own check
         expected = comparison.rivals.margin_blocker(name, comparison.log_probabilities().tolist(), 1.0, 0.99)
         assert comparison.declaration_blocker(name) == expected
         if probs[name] < 0.99:
