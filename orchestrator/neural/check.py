@@ -203,9 +203,9 @@ class RivalTest:
                        threshold: float) -> str | None:
         """Why `leader`'s probability does not reach `threshold` once discounted by `margin`
         standard errors (None = it does; see :meth:`discounted_probability`)."""
-        p = self.discounted_probability(leader, log_probs, margin)
         if self.trials < 2:
             return f"evidence margin needs 2 compared trials, has {self.trials}"
+        p = self.discounted_probability(leader, log_probs, margin)
         if p >= threshold:
             return None
         return (f"evidence margin: P({leader!r}) is {p:.4f} with each rival's evidence gap cut by "
