@@ -166,12 +166,16 @@ class RivalTest:
         self._table[self.trials] = row
         self.trials += 1
 
+    def _differences(self, leader: str, rival: str) -> np.ndarray:
+        """D_t: the leader's log density minus the rival's on each compared trial."""
+        table = self.log_densities
+        return table[:, self.names.index(leader)] - table[:, self.names.index(rival)]
+
     def advantage(self, leader: str, rival: str) -> float:
         """mean / standard error of the leader's per-trial log density advantage over `rival` (NaN below 2 trials)."""
         if self.trials < 2:
             return float("nan")
-        table = self.log_densities
-        diff = table[:, self.names.index(leader)] - table[:, self.names.index(rival)]
+        diff = self._differences(leader, rival)
         se = diff.std(ddof=1) / np.sqrt(diff.size)
         if se == 0.0:
             return float("inf") if diff.mean() > 0 else float("-inf") if diff.mean() < 0 else 0.0
@@ -182,8 +186,7 @@ class RivalTest:
         (NaN below 2 trials): how much the evidence gap would vary with other images."""
         if self.trials < 2:
             return float("nan")
-        table = self.log_densities
-        diff = table[:, self.names.index(leader)] - table[:, self.names.index(rival)]
+        diff = self._differences(leader, rival)
         return float(diff.std(ddof=1) * np.sqrt(diff.size))
 
     def discounted_probability(self, leader: str, log_probs: Sequence[float], margin: float) -> float:
