@@ -7,13 +7,18 @@ von Mises model's prior, seeded) for each of `--designs`: the mutual-information
 the oracle, a benchmark-only reference that knows the true neuron and greedily presents the stimulus
 with the largest expected increase of log P(true) (`OracleGain`); same subjects and response seeds
 for every design, sessions spread over `--jobs` worker processes; each design also counts the
-sessions whose first model to reach .95 (.99) is not the truth. Other rules for the
-discriminating decision, benchmark code too, are named LABEL/key=value/...: `posterior_sampling`
-(the oracle's rule for hypotheses drawn from the posterior; draws, until), `joint` (I(M; y) +
-lam I(theta; y | M); lam, decay, until) and `utility` (expected utility of the next model
-posterior; kind indexes UtilityDesign.KINDS), e.g. --designs "utility/kind=3,joint/lam=0.3". Part 1b (`oracle_gap`): that
+sessions whose first model to reach .95 (.99) is not the truth, and each design's ratio to random
+gets a bootstrap interval. `pref_oracle` is the MI design told the neuron's preferred orientation.
+Other rules for the discriminating decision, benchmark code too, are named LABEL/key=value/...:
+`posterior_sampling` (the oracle's rule for hypotheses drawn from the posterior; draws, until),
+`joint` (I(M; y) + lam I(theta; y | M); lam, decay, until), `locate` (I(M; y) + lam I(pref bin;
+y | M); lam, bins, until), `utility` (expected utility of the next model posterior; kind indexes
+UtilityDesign.KINDS) and `rollout` (a planner over several trials; H, S, L, R, G, N, reward, D,
+step), e.g. --designs "utility/kind=3,joint/lam=0.3". Part 1b (`oracle_gap`): that
 expected increase at the states of MI sessions, at the MI design's choice, at the best stimulus of
-a grid, and for a random stimulus (runs with `--gap-subjects N`). Part 2 (`timing`): decision
+a grid, and for a random stimulus (runs with `--gap-subjects N`). Part 1c (`evidence`): MI sessions
+whose parametric evidence is recomputed with `--evidence-particles` particles, and the first
+crossings of .95 with it and without the GP (runs with `--evidence-subjects N`). Part 2 (`timing`): decision
 time (perf_counter and thread CPU time around `propose`) p50/p95 at trials 10, 100 and 500 of a long
 session, from repeated proposals at that exact posterior state, for the protocol's design, for the
 discriminating decision at the same state (the models with P >= 1e-6) and for the discriminating
@@ -54,7 +59,7 @@ from retention_common import censored_median, dump, environment, percentile  # n
 from orchestrator.design import information, make_design  # noqa: E402
 from orchestrator.design.acquisition import ModelDiscriminationMI, ParameterInformation, View, _mix, _OutcomeMI  # noqa: E402
 from orchestrator.design.information import NEGLIGIBLE, InformationDesign  # noqa: E402
-from orchestrator.inference import ModelComparison, generator  # noqa: E402
+from orchestrator.inference import ModelComparison, SMCPosterior, generator  # noqa: E402
 from orchestrator.models import build_truth  # noqa: E402
 from orchestrator.models.views import ParticleView  # noqa: E402
 from orchestrator.protocol import parse_protocol_text  # noqa: E402
@@ -322,6 +327,32 @@ class OracleDesign(InformationDesign):
         return acq, "oracle: max expected gain of log P(true)", self.name
 
 
+class PrefOracleDesign(InformationDesign):
+    """Benchmark reference, not a product design: the MI design told the neuron's preferred
+    orientation. Its design views weigh every particle with a `pref` by a Gaussian kernel (SD
+    `width` deg, circular) around the true value; inference and model probabilities are untouched.
+    It bounds what finding the preferred orientation can buy a design that otherwise does as MI."""
+
+    name = "pref_oracle"
+
+    def __init__(self, protocol: Any, seed: int, truth: Any, width: float = 5.0) -> None:
+        super().__init__(protocol, seed, dict(protocol.design.settings or {}))
+        self.pref, self.width = float(truth.params["pref"]), float(width)
+
+    def _acquisition(self, comparison: Any, trial_index: int) -> tuple[Any, str, str]:
+        acq, why, strategy = super()._acquisition(comparison, trial_index)
+        if not isinstance(acq, ModelDiscriminationMI):
+            return acq, why, strategy
+        views = []
+        for view in acq.views:
+            if isinstance(view, ParticleView) and "pref" in view.theta:
+                off = torch.remainder(view.theta["pref"] - self.pref + 90.0, 180.0) - 90.0
+                view = ParticleView(view.candidate, view.theta, view.logw - 0.5 * (off / self.width) ** 2)
+            views.append(view)
+        return (ModelDiscriminationMI(views, acq.log_probs, self.space, acq.likelihood),
+                f"{why} (told pref = {self.pref:.1f} deg)", self.name)
+
+
 class LookaheadDesign(InformationDesign):
     """Benchmark experiment, not a product design: two-step lookahead discrimination. For the best
     `first` of 128 Sobol points by I(M; y1), the value is I(M; y1) + E_{y1}[max over `second` Sobol
@@ -365,6 +396,121 @@ class LookaheadDesign(InformationDesign):
                 if float(now[j]) + future > best:
                     best, best_x = float(now[j]) + future, X[j:j + 1]
         return self.finish(best_x, f"two-step lookahead {best:.4f} nats", best, t0, strategy=self.name)
+
+
+def _discrimination_mi(log_w: torch.Tensor, blocks: Sequence[tuple[int, int]], tables: torch.Tensor,
+                       outcomes: int) -> torch.Tensor:
+    """I(M; y) at every grid stimulus for each of B belief states: `log_w` (B, C) joint log weights
+    (model probability included) of the C components, `blocks` each model's component range,
+    `tables` (C, G * K) outcome probabilities. Returns (B, G)."""
+    b = log_w.shape[0]
+    mixes, log_pm = [], []
+    for lo, hi in blocks:
+        lz = torch.logsumexp(log_w[:, lo:hi], 1, keepdim=True)
+        mixes.append(((log_w[:, lo:hi] - lz).exp() @ tables[lo:hi]).reshape(b, -1, outcomes))
+        log_pm.append(lz)
+    pi = torch.softmax(torch.cat(log_pm, 1), 1)  # (B, M)
+    pm = torch.stack(mixes, 1)  # (B, M, G, K)
+    tiny = torch.finfo(pm.dtype).tiny
+    log_total = torch.log((pi[:, :, None, None] * pm).sum(1).clamp_min(tiny))
+    kl = (pm * (torch.log(pm.clamp_min(tiny)) - log_total[:, None])).sum(-1)
+    return (pi[:, :, None] * kl).sum(1)
+
+
+class RolloutDesign(InformationDesign):
+    """Benchmark experiment, not a product design: non-myopic discrimination by rollout (one step of
+    policy improvement over greedy MI). Each candidate first stimulus (the MI design's own choice,
+    the best `L` - 1 of `G` Sobol points by I(M; y) and `R` random others) is scored over `S`
+    simulated futures: a hypothesis (model, particle or GP node) drawn by posterior weight answers
+    the candidate and then `H` - 1 more trials chosen by greedy MI over the grid, the beliefs
+    updated by reweighting `N` components per model (common random numbers across candidates).
+    The value is `reward` 0: E[log P(hypothesis' model)] after H trials; 1: P(it reached `level`
+    within them); 2: 1 + 0.1 x 0. With a deadline `D` > 0 the horizon runs to trial D (then D +
+    `step`, ...): the chance of deciding by a given trial, which is what a median counts."""
+
+    name = "rollout"
+
+    def __init__(self, protocol: Any, seed: int, settings: dict[str, Any] | None = None) -> None:
+        s = dict(settings or {})
+        self.horizon, self.futures = int(s.pop("H", 3)), int(s.pop("S", 64))
+        self.shortlist, self.randoms = int(s.pop("L", 16)), int(s.pop("R", 0))
+        self.grid_points, self.components = int(s.pop("G", 64)), int(s.pop("N", 128))
+        self.reward, self.level = int(s.pop("reward", 0)), float(s.pop("level", 0.95))
+        self.deadline, self.step = int(s.pop("D", 0)), int(s.pop("step", 2))
+        if self.horizon < 1 or self.futures < 1 or self.shortlist < 1 or self.reward not in (0, 1, 2):
+            raise ValueError("rollout: H, S and L must be at least 1 and reward 0, 1 or 2")
+        super().__init__(protocol, seed, s)
+
+    def _horizon(self, trial_index: int) -> int:
+        if self.deadline <= 0:
+            return self.horizon
+        due = self.deadline
+        while due <= trial_index:
+            due += self.step
+        return due - trial_index
+
+    def propose(self, comparison: Any, trial_index: int) -> Any:
+        t0 = time.perf_counter()
+        acq, _, _ = self._acquisition(comparison, trial_index)
+        if isinstance(acq, ParameterInformation):
+            return super().propose(comparison, trial_index)
+        with torch.random.fork_rng():
+            torch.manual_seed(trial_index)
+            greedy, _ = self._optimize(acq, trial_index)
+        names = comparison.model_names
+        logp = comparison.log_probabilities()
+        alive = [i for i in range(len(names)) if float(logp[i].exp()) >= NEGLIGIBLE]
+        gen = generator(self.seed, trial_index, 0x7A1)
+        views = [comparison.posteriors[i].predictive(self.components, gen) for i in alive]
+        log_pi = logp[alive] - torch.logsumexp(logp[alive], 0)
+        rng, d, lik = self.rng(trial_index), self.space.d, acq.likelihood
+        sobol = torch.quasirandom.SobolEngine(d, scramble=True, seed=int(rng.integers(2 ** 31)))
+        points = torch.cat([greedy.reshape(1, d), sobol.draw(self.grid_points, dtype=torch.float64)])
+        comps = [v(self.space.design_to_raw(points)) for v in views]
+        log_w = [w - torch.logsumexp(w, 0) + log_pi[j] for j, (w, _, _) in enumerate(comps)]
+        grid = lik.outcome_grid(torch.cat([m.reshape(-1) for _, m, _ in comps]),
+                                torch.cat([lw.exp().unsqueeze(-1).expand_as(m).reshape(-1)
+                                           for lw, (_, m, _) in zip(log_w, comps)]))
+        probs = torch.cat([lik.outcome_probs(m, grid) for _, m, _ in comps]).to(torch.float32)  # (C, G, K)
+        sizes = [m.shape[0] for _, m, _ in comps]
+        starts = np.cumsum([0] + sizes).tolist()
+        blocks = list(zip(starts[:-1], starts[1:]))
+        n_comp, n_points, n_out = probs.shape
+        tables, cdf = probs.reshape(n_comp, -1), probs.cumsum(-1)
+        log_probs = torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny))
+        prior = torch.cat(log_w).to(torch.float32)
+        with torch.no_grad():
+            now = _discrimination_mi(prior.unsqueeze(0), blocks, tables, n_out)[0]
+        cand = [0] + [g for g in torch.argsort(now, descending=True).tolist() if g != 0][: self.shortlist - 1]
+        rest = [g for g in range(n_points) if g not in cand]
+        if self.randoms and rest:
+            cand += [rest[int(j)] for j in rng.choice(len(rest), min(self.randoms, len(rest)), replace=False)]
+        horizon = self._horizon(trial_index)
+        tg = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
+        truth = torch.multinomial(torch.softmax(prior, 0), self.futures, replacement=True, generator=tg)
+        uniforms = torch.rand(self.futures, horizon, generator=tg)
+        model_of = torch.tensor([next(j for j, (lo, hi) in enumerate(blocks) if lo <= int(t) < hi) for t in truth])
+        n_cand, rows = len(cand), len(cand) * self.futures
+        truth, model_of = truth.repeat(n_cand), model_of.repeat(n_cand)
+        belief = prior.unsqueeze(0).repeat(rows, 1)
+        at = torch.tensor(cand).repeat_interleave(self.futures)
+        reached = torch.zeros(rows, dtype=torch.bool)
+        with torch.no_grad():
+            for h in range(horizon):
+                if h > 0:
+                    at = _discrimination_mi(belief, blocks, tables, n_out).argmax(1)
+                u = uniforms[:, h].repeat(n_cand).unsqueeze(1)
+                y = torch.searchsorted(cdf[truth, at].contiguous(), u).clamp(max=n_out - 1).squeeze(1)
+                belief = belief + log_probs[:, at, y].T
+                lz = torch.stack([torch.logsumexp(belief[:, lo:hi], 1) for lo, hi in blocks], 1)
+                log_true = (lz - torch.logsumexp(lz, 1, keepdim=True))[torch.arange(rows), model_of]
+                reached |= log_true >= math.log(self.level)
+        score = {0: log_true, 1: reached.float(), 2: reached.float() + 0.1 * log_true}[self.reward]
+        value = score.reshape(n_cand, self.futures).mean(1)
+        best = int(torch.argmax(value))
+        return self.finish(points[cand[best]].reshape(1, d),
+                           f"rollout over {horizon} trials: {float(value[best]):.4f}", float(value[best]), t0,
+                           strategy=self.name)
 
 
 class SampledTruthGain(_OutcomeMI):
@@ -492,6 +638,68 @@ class JointDesign(InformationDesign):
                 f"joint information, lam {lam:.3f}", self.name)
 
 
+class LocateInformation(ModelDiscriminationMI):
+    """I(M; y) + lam * I(pref bin; y | M): the discrimination MI plus what the trial says about where
+    the neuron responds. `views` are the models' particles split by preferred-orientation bin,
+    `groups[i]` the model of view i; over the split views the MI is I((M, bin); y), and the chain
+    rule gives I(pref bin; y | M) as its excess over I(M; y)."""
+
+    def __init__(self, views: list[Any], log_probs: torch.Tensor, space: Any, likelihood: Any,
+                 groups: Sequence[int], lam: float) -> None:
+        super().__init__(views, log_probs, space, likelihood)
+        self.groups, self.lam = list(groups), float(lam)
+
+    def _mi(self, ws: list[torch.Tensor], ps: list[torch.Tensor]) -> torch.Tensor:
+        joint = super()._mi(ws, ps)
+        mixes = torch.stack([_mix(w, p) for w, p in zip(ws, ps)])  # (V, b, K)
+        pi = self.log_probs.exp().to(mixes.dtype)
+        tiny = torch.finfo(mixes.dtype).tiny
+        mass, pm = [], []
+        for m in sorted(set(self.groups)):
+            idx = [i for i, g in enumerate(self.groups) if g == m]
+            mass.append(pi[idx].sum())
+            pm.append((pi[idx, None, None] * mixes[idx]).sum(0) / mass[-1])
+        mass_t, pm_t = torch.stack(mass), torch.stack(pm)
+        log_total = torch.log((mass_t[:, None, None] * pm_t).sum(0).clamp_min(tiny))
+        models = (mass_t[:, None] * (pm_t * (torch.log(pm_t.clamp_min(tiny)) - log_total)).sum(-1)).sum(0)
+        models = models.to(torch.float64)
+        return models + self.lam * (joint - models)
+
+
+class LocateDesign(InformationDesign):
+    """Benchmark experiment, not a product design: discriminate by `LocateInformation` (`bins`
+    preferred-orientation bins, weight `lam`) while max P(m) < `until`, else as `mutual_information`."""
+
+    name = "locate"
+
+    def __init__(self, protocol: Any, seed: int, settings: dict[str, Any] | None = None) -> None:
+        s = dict(settings or {})
+        self.lam, self.bins = float(s.pop("lam", 1.0)), int(s.pop("bins", 12))
+        self.until = float(s.pop("until", 1.0))
+        super().__init__(protocol, seed, s)
+
+    def _acquisition(self, comparison: Any, trial_index: int) -> tuple[Any, str, str]:
+        acq, why, strategy = super()._acquisition(comparison, trial_index)
+        if isinstance(acq, ParameterInformation) or float(acq.log_probs.exp().max()) >= self.until:
+            return acq, why, strategy
+        views: list[Any] = []
+        log_probs: list[torch.Tensor] = []
+        groups: list[int] = []
+        for m, view in enumerate(acq.views):
+            if not (isinstance(view, ParticleView) and "pref" in view.theta):
+                views.append(view), log_probs.append(acq.log_probs[m]), groups.append(m)
+                continue
+            bin_of = torch.floor(torch.remainder(view.theta["pref"], 180.0) / (180.0 / self.bins)).long()
+            logw = view.logw - torch.logsumexp(view.logw, 0)
+            for k in torch.unique(bin_of).tolist():
+                sel = bin_of == k
+                views.append(ParticleView(view.candidate, {n: t[sel] for n, t in view.theta.items()}, logw[sel]))
+                log_probs.append(acq.log_probs[m] + torch.logsumexp(logw[sel], 0))
+                groups.append(m)
+        return (LocateInformation(views, torch.stack(log_probs), self.space, acq.likelihood, groups, self.lam),
+                f"{why} + {self.lam:g} I(pref bin; y | M)", self.name)
+
+
 class DecisionUtility(ModelDiscriminationMI):
     """Expected value of a utility of the next model posterior instead of its entropy: "maxp"
     E_y[max_m P(m | y)] - max_m P(m), "brier" E_y[sum_m P(m | y)^2] - sum_m P(m)^2, "cross"
@@ -551,20 +759,24 @@ class UtilityDesign(InformationDesign):
 
 
 BENCHMARK_DESIGNS: dict[str, Any] = {"posterior_sampling": PosteriorSamplingDesign, "joint": JointDesign,
-                                     "utility": UtilityDesign}
+                                     "utility": UtilityDesign, "rollout": RolloutDesign,
+                                     "locate": LocateDesign}
 
 
 def design_for(protocol: Any, seed: int, truth: Any, design: str) -> Any:
     """A strategy by name, or one of the benchmark's references: "oracle" (knows the neuron),
     "model_oracle" (knows only which model is true: the oracle's gain with the response drawn from
-    the true model's posterior predictive; the MI design is this averaged over the models) and
-    "lookahead" (`LookaheadDesign`)."""
+    the true model's posterior predictive; the MI design is this averaged over the models),
+    "pref_oracle" (MI told the preferred orientation, `PrefOracleDesign`) and "lookahead"
+    (`LookaheadDesign`)."""
     if design == "oracle":
         return OracleDesign(protocol, seed, truth)
     if design == "model_oracle":
         return OracleDesign(protocol, seed, truth, knows_parameters=False)
     if design == "lookahead":
         return LookaheadDesign(protocol, seed)
+    if design == "pref_oracle":
+        return PrefOracleDesign(protocol, seed, truth)
     name, _, rest = design.partition("/")
     if name in BENCHMARK_DESIGNS:  # e.g. "posterior_sampling/draws=4/until=0.9"
         settings = dict(protocol.design.settings or {})
@@ -618,6 +830,61 @@ def oracle_gap(text: str, subjects: int, seed0: int, max_states: int = 15) -> di
     return {"subjects": subjects, "all_states": stats(rows), "first_trial": stats(first)}
 
 
+def evidence_check(text: str, subjects: int, seed0: int, particles: int = 64000, max_trials: int = 20) -> dict:
+    """Whether the evidence estimates cost MI trials: MI sessions (until P(true) >= .99, at most
+    `max_trials`), each parametric model's log evidence recomputed on the same trials by SMC with
+    `particles` particles (another seed), and the first trials with P(true) >= .95 under the
+    product's evidence, under the dense one, and with the GP left out of the comparison."""
+    protocol = parse_protocol_text(text, "<orientation benchmark>").protocol
+    diffs: dict[str, list[float]] = {}
+    firsts: dict[str, list[int]] = {"product": [], "dense_smc": [], "without_gp": []}
+
+    def first_crossing(evidence: np.ndarray, log_prior: np.ndarray, true_index: int) -> int:
+        for t, ev in enumerate(evidence):
+            lp = log_prior + ev
+            if math.exp(lp[true_index] - np.logaddexp.reduce(lp)) >= 0.95:
+                return t + 1
+        return max_trials + 1
+
+    for s in range(subjects):
+        seed = seed0 + s
+        truth = build_truth(protocol, truth_for(protocol, seed))
+        comparison = ModelComparison.from_protocol(protocol, seed)
+        strategy = make_design(protocol, seed)
+        trace = []
+        for i in range(max_trials):
+            d = strategy.propose(comparison, i)
+            comparison.update(d.stimulus, truth.sample(d.stimulus, np.random.default_rng([seed, i])))
+            trace.append([p.log_evidence for p in comparison.posteriors])
+            if comparison.probabilities()[truth.model_name] >= 0.99:
+                break
+        product = np.array(trace)
+        parametric = [j for j, c in enumerate(comparison.candidates) if not c.is_gp]
+        dense_posts = [SMCPosterior(comparison.candidates[j], seed + 7, n_particles=particles) for j in parametric]
+        dense = product.copy()
+        for t, (x, y) in enumerate(comparison.history):
+            for j, post in zip(parametric, dense_posts):
+                post.update(x, y)
+                dense[t, j] = post.log_evidence
+        for j in parametric:
+            diffs.setdefault(comparison.model_names[j], []).extend((product[:, j] - dense[:, j]).tolist())
+        log_prior = comparison.log_prior.numpy()
+        true_index = comparison.model_names.index(truth.model_name)
+        firsts["product"].append(first_crossing(product, log_prior, true_index))
+        firsts["dense_smc"].append(first_crossing(dense, log_prior, true_index))
+        firsts["without_gp"].append(first_crossing(product[:, parametric], log_prior[parametric],
+                                                   parametric.index(true_index)))
+        print(f"# evidence subject {s}: {[v[-1] for v in firsts.values()]}", file=sys.stderr, flush=True)
+    return {"subjects": subjects, "particles": particles, "max_trials": max_trials,
+            "log_evidence_product_minus_dense_per_trial": {
+                name: {"mean": round(float(np.mean(v)), 4), "sd": round(float(np.std(v)), 4), "trials": len(v)}
+                for name, v in diffs.items()},
+            "median_first_trial_to_0.95": {k: float(np.median(v)) for k, v in firsts.items()},
+            "subjects_whose_first_crossing_moved": {
+                k: sum(a != b for a, b in zip(firsts["product"], v)) for k, v in firsts.items() if k != "product"},
+            "first_trial_to_0.95": firsts}
+
+
 CRITERIA = (0.95, 0.99)
 
 
@@ -658,6 +925,17 @@ def _trials_job(job: tuple[str, str, int, int, int]) -> tuple[str, int, dict[str
     c0 = time.process_time()
     first, times = trials_to(protocol, spec, label, seed, cap)
     return label, seed, first, times, time.process_time() - c0, spec
+
+
+def median_ratio_interval(baseline: Sequence[float], design: Sequence[float], resamples: int = 4000,
+                          seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of median(baseline) / median(design), resampling subjects
+    (paired: both designs met the same neurons). How far a ratio of medians over a few dozen
+    subjects can be trusted: random's median moves by a third between two sets of 48."""
+    r, d = np.asarray(baseline, dtype=float), np.asarray(design, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, r.size, size=(resamples, r.size))
+    ratios = np.median(r[idx], axis=1) / np.median(d[idx], axis=1)
+    return [round(float(v), 2) for v in np.percentile(ratios, [2.5, 97.5])]
 
 
 def trials(protocol_text: str, designs: list[str], caps: dict[str, int], subjects: int, seed0: int,
@@ -710,6 +988,7 @@ def trials(protocol_text: str, designs: list[str], caps: dict[str, int], subject
                 res[f"random_over_{tag}_paired_median_ratio{sfx}"] = round(statistics.median(
                     [r / d for r, d in zip(r_vals, d_vals)]), 2)
                 res[f"random_over_{tag}_mean_ratio{sfx}"] = round(statistics.mean(r_vals) / statistics.mean(d_vals), 2)
+                res[f"random_over_{tag}_median_ratio_ci95{sfx}"] = median_ratio_interval(r_vals, d_vals)
     return res
 
 
@@ -808,7 +1087,7 @@ def gp_update_cost(protocol, truth_spec: str, seed: int, checkpoints: list[int],
 
 def run_baseline(tree: str, part: str, args: argparse.Namespace) -> dict:
     """One part of this benchmark run with `orchestrator` imported from another checkout."""
-    parts = {"timing", "gp_update", "trials", "regret", "oracle_gap", "calibration"}
+    parts = {"timing", "gp_update", "trials", "regret", "oracle_gap", "evidence", "calibration"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--skip", ",".join(sorted(parts - {part})),
            "--timing-trials", str(args.timing_trials), "--repeats", str(args.repeats), "--seed", str(args.seed),
            "--threads", str(args.threads), "--gp-trials", str(args.gp_trials)]
@@ -839,12 +1118,15 @@ def main() -> None:
                     help="comma list of the trials part's designs (strategy names, or oracle: the benchmark's "
                          "reference that knows the truth)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes for the trials part (one session each)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing,regret,oracle_gap,calibration,gp_update")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: trials,timing,regret,oracle_gap,evidence,calibration,gp_update")
     ap.add_argument("--calibration-sessions", type=int, default=12, help="sessions per truth model and treatment")
     ap.add_argument("--calibration-cap", type=int, default=60)
     ap.add_argument("--hyper", default="marginal,type2", help="GP hyperparameter treatments to calibrate")
     ap.add_argument("--regret-subjects", type=int, default=8)
     ap.add_argument("--gap-subjects", type=int, default=0, help="MI sessions of the oracle_gap part (0: skip it)")
+    ap.add_argument("--evidence-subjects", type=int, default=0,
+                    help="MI sessions of the evidence part, their evidence recomputed densely (0: skip it)")
+    ap.add_argument("--evidence-particles", type=int, default=64000, help="particles per model of the dense evidence")
     ap.add_argument("--regret-configs", default="|{refine_rounds: 3}|{optimizer: lbfgs, max_components: 512}",
                     help="'|'-separated design.settings flow mappings compared in the regret part (empty = defaults)")
     ap.add_argument("--design-settings", default="", help="YAML flow mapping merged into design.settings")
@@ -893,6 +1175,8 @@ def main() -> None:
         out["regret"] = regret(ORIENTATION_YAML, args.regret_configs.split("|"), args.regret_subjects, args.seed)
     if "oracle_gap" not in skip and args.gap_subjects > 0:
         out["oracle_gap"] = oracle_gap(text, args.gap_subjects, args.seed)
+    if "evidence" not in skip and args.evidence_subjects > 0:
+        out["evidence"] = evidence_check(text, args.evidence_subjects, args.seed, args.evidence_particles)
     if "calibration" not in skip:
         out["calibration"] = {h: calibration(text, h, args.calibration_sessions, args.seed, args.calibration_cap)
                               for h in filter(None, args.hyper.split(","))}

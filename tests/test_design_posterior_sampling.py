@@ -1,7 +1,8 @@
 """The orientation benchmark's experimental designs (benchmarks/orientation.py): posterior sampling
-over the truth, the joint objective and the decision utilities. Their gains are checked against
-the quantities they are defined from (the oracle's gain, the mutual information), and their
-decisions for determinism and the safety limits."""
+over the truth, the joint objective, the decision utilities, the rollout planner and the MI design
+told the preferred orientation. Their values are checked against the quantities they are defined
+from (the oracle's gain, the mutual information), and their decisions for determinism and the
+safety limits."""
 from __future__ import annotations
 
 import sys
@@ -124,7 +125,9 @@ def test_draws_follow_the_model_probabilities(protocol) -> None:
 
 
 @pytest.mark.parametrize("label", ["posterior_sampling", "posterior_sampling/draws=3/until=0.9",
-                                   "joint/lam=0.3", "utility/kind=3", "utility/kind=1"])
+                                   "joint/lam=0.3", "utility/kind=3", "utility/kind=1",
+                                   "rollout/S=16/L=4/R=2/G=16/N=32/reward=2/D=3", "pref_oracle",
+                                   "locate/lam=0.5/bins=6"])
 def test_benchmark_designs_are_deterministic_and_within_the_limits(protocol, label: str) -> None:
     truth = build_truth(protocol, TRUTH)
 
@@ -156,3 +159,87 @@ def test_decision_utilities_are_zero_where_the_models_agree(protocol) -> None:
         u = bench.DecisionUtility([view, view], logp, comparison.space, lik, kind)
         with torch.no_grad():
             assert float(u(X).abs().max()) < 1e-9, kind
+
+
+def test_rollout_belief_tables_give_the_mutual_information(protocol) -> None:
+    """The planner's batched I(M; y) over belief states equals the product's acquisition."""
+    comparison, _ = _state(protocol, 9, 3)
+    views = [p.predictive(64, generator(9, 1)) for p in comparison.posteriors]
+    logp = comparison.log_probabilities()
+    lik = comparison.candidates[0].likelihood
+    X = _points(16)
+    raw = comparison.space.design_to_raw(X[:, 0, :])
+    comps = [v(raw) for v in views]
+    log_w = [w - torch.logsumexp(w, 0) + logp[j] for j, (w, _, _) in enumerate(comps)]
+    grid = lik.outcome_grid(torch.cat([m.reshape(-1) for _, m, _ in comps]),
+                            torch.cat([lw.exp().unsqueeze(-1).expand_as(m).reshape(-1) for lw, (_, m, _) in zip(log_w, comps)]))
+    probs = torch.cat([lik.outcome_probs(m, grid) for _, m, _ in comps])
+    n = comps[0][1].shape[0]
+    blocks = [(0, n), (n, probs.shape[0])]
+    # the same state twice in the batch, once with a constant added to every log weight
+    belief = torch.stack([torch.cat(log_w), torch.cat(log_w) + 3.0])
+    ours = bench._discrimination_mi(belief, blocks, probs.reshape(probs.shape[0], -1), probs.shape[-1])
+    with torch.no_grad():
+        reference = ModelDiscriminationMI(views, logp, comparison.space, lik)(X)
+    assert torch.allclose(ours[0], reference, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(ours[1], reference, rtol=1e-6, atol=1e-9)
+    assert float(reference.max()) > 0.01
+
+
+def test_one_trial_rollout_values_the_greedy_stimulus_at_its_information(protocol) -> None:
+    """Over one trial, E[log P(model) after y] = I(M; y) + sum_m P(m) log P(m): the rollout's
+    Monte-Carlo value of the greedy stimulus matches it."""
+    comparison, _ = _state(protocol, 10, 2)
+    design = bench.RolloutDesign(protocol, 3, {"H": 1, "S": 6000, "L": 1, "G": 8, "N": 64, "reward": 0})
+    decision = design.propose(comparison, 0)
+    x = comparison.space.raw_to_unit(comparison.space.stimulus_to_raw(decision.stimulus).reshape(1, -1))
+    gen = generator(design.seed, 0, 0x7A1)  # the planner's own draw of each model's components
+    views = [p.predictive(64, gen) for p in comparison.posteriors]
+    logp = comparison.log_probabilities()
+    with torch.no_grad():
+        mi = float(ModelDiscriminationMI(views, logp, comparison.space, comparison.candidates[0].likelihood)(
+            x.unsqueeze(1))[0])
+    expected = mi + float((logp.exp() * logp).sum())
+    assert mi > 0.01
+    assert abs(decision.score - expected) < 0.02  # Monte-Carlo error of 6000 futures: ~0.006
+
+
+def test_told_the_preferred_orientation_the_design_presents_near_it(protocol) -> None:
+    truth = build_truth(protocol, TRUTH)
+    for pref in (40.0, 130.0):
+        told = build_truth(protocol, TRUTH.replace("pref=60", f"pref={pref:g}"))
+        comparison = ModelComparison.from_protocol(protocol, 12)
+        design = bench.PrefOracleDesign(protocol, 4, told)
+        shown = design.propose(comparison, 0).stimulus["orientation"]
+        assert abs((shown - pref + 90) % 180 - 90) < 25, (pref, shown)
+    plain = bench.design_for(protocol, 4, truth, "mutual_information").propose(
+        ModelComparison.from_protocol(protocol, 12), 0).stimulus["orientation"]
+    assert plain != shown
+
+
+def test_locate_information_is_the_chain_rule_over_preferred_orientation_bins(protocol) -> None:
+    """lam = 0 gives I(M; y); lam = 1 gives I(M; y) + sum_m P(m) I(pref bin; y | m), each model's
+    term computed on its own bins."""
+    comparison, _ = _state(protocol, 13, 2)
+    logp = comparison.log_probabilities()
+    lik = comparison.candidates[0].likelihood
+    X = _points(16)
+    with torch.no_grad():
+        for lam in (0.0, 1.0):
+            acq, _, _ = bench.LocateDesign(protocol, 5, {"lam": lam, "bins": 6})._acquisition(comparison, 0)
+            value = acq(X)
+            if lam == 0.0:
+                gen = generator(5, 0, 0xACE)  # the design's own draw of each model's components
+                views = [p.predictive(128, gen) for p in comparison.posteriors]
+                mi = ModelDiscriminationMI(views, logp, comparison.space, lik)(X)
+                assert torch.allclose(value, mi, rtol=1e-5, atol=1e-8)
+                continue
+            within = torch.zeros_like(mi)
+            for m in range(2):
+                idx = [i for i, g in enumerate(acq.groups) if g == m]
+                bins = [acq.views[i] for i in idx]
+                masses = torch.stack([acq.log_probs[i] for i in idx])
+                within += logp.exp()[m] * ModelDiscriminationMI(bins, masses, comparison.space, lik)(X)
+            # (each MI bins the Poisson tail for its own components: agreement to ~1e-5 nats)
+            assert torch.allclose(value, mi + within, rtol=0, atol=1e-4)
+            assert float((value - mi).min()) >= 0 and float(within.max()) > 0.01
