@@ -409,12 +409,16 @@ def _discrimination_mi(log_w: torch.Tensor, blocks: Sequence[tuple[int, int]], t
         lz = torch.logsumexp(log_w[:, lo:hi], 1, keepdim=True)
         mixes.append(((log_w[:, lo:hi] - lz).exp() @ tables[lo:hi]).reshape(b, -1, outcomes))
         log_pm.append(lz)
-    pi = torch.softmax(torch.cat(log_pm, 1), 1)  # (B, M)
-    pm = torch.stack(mixes, 1)  # (B, M, G, K)
+    return _model_information(torch.softmax(torch.cat(log_pm, 1), 1), torch.stack(mixes, 1))
+
+
+def _model_information(pi: torch.Tensor, pm: torch.Tensor) -> torch.Tensor:
+    """I(M; y) = sum_m pi_m KL(p_m || sum_m' pi_m' p_m') from the model probabilities `pi` (..., M)
+    and each model's outcome probabilities `pm` (..., M, G, K); returns (..., G)."""
     tiny = torch.finfo(pm.dtype).tiny
-    log_total = torch.log((pi[:, :, None, None] * pm).sum(1).clamp_min(tiny))
-    kl = (pm * (torch.log(pm.clamp_min(tiny)) - log_total[:, None])).sum(-1)
-    return (pi[:, :, None] * kl).sum(1)
+    log_total = torch.log((pi[..., None, None] * pm).sum(-3).clamp_min(tiny))
+    kl = (pm * (torch.log(pm.clamp_min(tiny)) - log_total.unsqueeze(-3))).sum(-1)
+    return (pi[..., None] * kl).sum(-2)
 
 
 class RolloutDesign(InformationDesign):
@@ -653,16 +657,12 @@ class LocateInformation(ModelDiscriminationMI):
         joint = super()._mi(ws, ps)
         mixes = torch.stack([_mix(w, p) for w, p in zip(ws, ps)])  # (V, b, K)
         pi = self.log_probs.exp().to(mixes.dtype)
-        tiny = torch.finfo(mixes.dtype).tiny
         mass, pm = [], []
         for m in sorted(set(self.groups)):
             idx = [i for i, g in enumerate(self.groups) if g == m]
             mass.append(pi[idx].sum())
             pm.append((pi[idx, None, None] * mixes[idx]).sum(0) / mass[-1])
-        mass_t, pm_t = torch.stack(mass), torch.stack(pm)
-        log_total = torch.log((mass_t[:, None, None] * pm_t).sum(0).clamp_min(tiny))
-        models = (mass_t[:, None] * (pm_t * (torch.log(pm_t.clamp_min(tiny)) - log_total)).sum(-1)).sum(0)
-        models = models.to(torch.float64)
+        models = _model_information(torch.stack(mass), torch.stack(pm)).to(torch.float64)
         return models + self.lam * (joint - models)
 
 
